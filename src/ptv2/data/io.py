@@ -1,0 +1,82 @@
+"""File and hub readers shared by every task: they fail with one line naming the file, line and field."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from ptv2.errors import UserError
+
+
+def split_file(data_dir: str | Path, filename: str) -> Path:
+    """Path of one split's file inside `task.data_dir`, checked to exist."""
+    directory = Path(data_dir).expanduser()
+    if not directory.is_dir():
+        raise UserError(f"task.data_dir={directory} is not a directory: pass the folder that holds the task's files")
+    path = directory / filename
+    if not path.is_file():
+        present = ", ".join(sorted(p.name for p in directory.iterdir())) or "nothing"
+        raise UserError(
+            f"missing split file {path} (the folder holds: {present}); add it or point task.data_dir elsewhere"
+        )
+    return path
+
+
+def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (line number, object) for each non-empty line of a JSON-lines file."""
+    with open(path, encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise UserError(
+                    f"{path}:{line_number}: malformed JSON ({error.msg}); fix or remove that line"
+                ) from None
+            if not isinstance(record, dict):
+                raise UserError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
+            yield line_number, record
+
+
+def read_json(path: str | Path) -> Any:
+    """Load a whole JSON file, naming the file when it is malformed."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except json.JSONDecodeError as error:
+        raise UserError(f"{path}:{error.lineno}: malformed JSON ({error.msg})") from None
+
+
+def field(record: dict[str, Any], name: str, where: str) -> Any:
+    """record[name], or a UserError naming the place (`file:line`) and the missing field."""
+    if name not in record:
+        raise UserError(f"{where}: missing field '{name}' (fields present: {', '.join(sorted(record))})")
+    return record[name]
+
+
+def label_id(value: Any, labels: list[str], where: str) -> int:
+    """Map an official label value (string, bool or int) to its index in `labels`."""
+    key = str(value).lower() if isinstance(value, bool) else str(value)
+    if key in labels:
+        return labels.index(key)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(labels):
+        return value
+    raise UserError(f"{where}: unknown label {value!r}; expected one of {labels}")
+
+
+def load_hub_split(path: str, name: str | None, revision: str | None, split: str) -> list[dict[str, Any]]:
+    """Rows of one split of a hub dataset (parquet-backed), with an offline hint when it cannot be reached."""
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(path, name, revision=revision, split=split)
+    except Exception as error:  # the hub client raises many types for 'offline' or 'not found'
+        raise UserError(
+            f"could not load {path}{'/' + name if name else ''} split '{split}' from the Hugging Face hub "
+            f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
+            "without the hub, pass local files with task.data_dir=DIR"
+        ) from None
+    return list(dataset)

@@ -1,0 +1,459 @@
+"""Sequence-tagging readers (NER and SRL): every supported layout becomes word-level BIO examples.
+
+Canonical example: ``{"idx": int, "tokens": [str], "tags": [str] (BIO), "predicate": int}``; ``predicate`` is the
+0-based word index of the predicate for SRL (one example per sentence and predicate) and -1 for NER.
+
+Local formats (``task.format``), read from ``task.data_dir / task.files[split]``:
+
+- ``conll`` (NER): one token per line, whitespace-separated columns, token in ``options.token_column`` (default 0),
+  tag in ``options.tag_column`` (default -1, the last); a blank line ends a sentence; ``-DOCSTART-`` lines are skipped.
+  Tags may be IOB1, IOB2, BIOES or BILOU (``options.scheme``: auto|iob1|iob2|bio|bioes|iobes|bilou, default auto);
+  all become BIO. Example: CoNLL-2003 ``token POS chunk NER``.
+- ``conll`` (SRL): CoNLL-2005 / CoNLL-2012 column files. Words in ``options.word_column`` (default 0, or 3 when the
+  rows look like OntoNotes ``*_gold_conll`` rows); every column written in bracket notation (``(A0*``, ``*``, ``*)``,
+  ``(V*)``) that holds exactly one ``V`` span is one predicate's argument column; ``#begin``/``#end`` lines skipped.
+- ``ptv2_pack``: the data pack of the official P-tuning v2 code (THUDM/P-tuning-v2 README "Data"; readers
+  tasks/ner/datasets/*.py and tasks/srl/datasets/*.py at commit b1520c9aa177ffe539a77b80fd8bca992e76513e):
+  CoNLL03/{train,valid,test}.txt ``token POS chunk NER`` (space-separated); CoNLL04/{train,dev,test}.txt
+  space-separated, token first, tag last; ontoNotes/{train,dev,test}.sd.conllx tab-separated CoNLL-X rows with the
+  token in the second column and the tag last; CoNLL05/conll05.{train,devel,test.wsj,test.brown}.txt and
+  CoNLL12/conll2012.{train,devel,test}.txt with one line per (sentence, predicate):
+  ``<predicate index> tok_1 ... tok_n ||| tag_1 ... tag_n`` (BIO tags, the predicate itself tagged ``B-V``).
+- ``json`` (NER): CoNLL04 as distributed with SpERT: a JSON array (or JSON lines) of records with ``tokens`` and
+  either ``entities`` ``[{"type", "start", "end"}]`` (``end`` exclusive) or ``tags`` (BIO or BILOU strings).
+
+Hub (NER only, when ``task.data_dir`` is unset): ``load_hub_split(hub.path, hub.name, hub.revision, split)`` then
+``convert_hub_rows``. Parquet-backed ids (the hub was unreachable when this was written, so only the conversion is
+tested, on hand-written rows):
+
+- CoNLL03: ``eriktks/conll2003``, revision ``refs/convert/parquet`` (main holds only a loading script, which
+  ``datasets`` >= 4 no longer runs), name None; splits train/validation/test (14041/3250/3453); columns ``id``,
+  ``tokens``, ``pos_tags``, ``chunk_tags``, ``ner_tags`` (ClassLabel ints, names in ``HUB_LABEL_NAMES``).
+- OntoNotes 5.0: ``tner/ontonotes5``, revision ``refs/convert/parquet``, name None; splits train/validation/test;
+  columns ``tokens``, ``tags`` (plain int32; ids from the repo's dataset/label.json, copied in ``HUB_LABEL_NAMES``).
+- CoNLL04: ``DFKI-SLT/conll04``, revision ``main`` (parquet, SpERT split 922/231/288), name None; columns
+  ``tokens``, ``entities`` ``[{"start", "end" (exclusive), "type"}]``, ``relations``, ``orig_id``.
+Pin a full commit sha as ``hub.revision`` once it can be looked up; ``options.label_names`` overrides the id table.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from ptv2.data.io import field, load_hub_split, read_json, read_jsonl, split_file
+from ptv2.errors import UserError
+
+SRL_TASKS = ("conll05", "conll12")
+
+# File names inside each folder of the official P-tuning v2 data pack (format ptv2_pack) when task.files names none.
+PACK_FILES = {
+    "conll03": {"train": "train.txt", "dev": "valid.txt", "test": "test.txt"},
+    "conll04": {"train": "train.txt", "dev": "dev.txt", "test": "test.txt"},
+    "ontonotes": {"train": "train.sd.conllx", "dev": "dev.sd.conllx", "test": "test.sd.conllx"},
+    "conll05": {
+        "train": "conll05.train.txt",
+        "dev": "conll05.devel.txt",
+        "test": "conll05.test.wsj.txt",
+        "test_brown": "conll05.test.brown.txt",
+    },
+    "conll12": {"train": "conll2012.train.txt", "dev": "conll2012.devel.txt", "test": "conll2012.test.txt"},
+}
+
+# Hub label ids -> names, for hub columns that store tag ids (the row dicts carry no names).
+HUB_LABEL_NAMES = {
+    "eriktks/conll2003": ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC"],
+    "tner/ontonotes5": [
+        "O", "B-CARDINAL", "B-DATE", "I-DATE", "B-PERSON", "I-PERSON", "B-NORP", "B-GPE", "I-GPE", "B-LAW",
+        "I-LAW", "B-ORG", "I-ORG", "B-PERCENT", "I-PERCENT", "B-ORDINAL", "B-MONEY", "I-MONEY", "B-WORK_OF_ART",
+        "I-WORK_OF_ART", "B-FAC", "B-TIME", "I-CARDINAL", "B-LOC", "B-QUANTITY", "I-QUANTITY", "I-NORP", "I-LOC",
+        "B-PRODUCT", "I-TIME", "B-EVENT", "I-EVENT", "I-FAC", "B-LANGUAGE", "I-PRODUCT", "I-ORDINAL", "I-LANGUAGE",
+    ],
+}  # fmt: skip
+HUB_LABEL_NAMES["conll2003"] = HUB_LABEL_NAMES["eriktks/conll2003"]
+
+# Tag prefixes each scheme may use; "auto" accepts them all (the conversion below is the same for every scheme).
+SCHEME_PREFIXES = {
+    "auto": "BIESLU",
+    "iob1": "BI",
+    "iob2": "BI",
+    "bio": "BI",
+    "bioes": "BIES",
+    "iobes": "BIES",
+    "bilou": "BILU",
+}
+
+DEFAULT_HUB_SPLITS = {"train": "train", "dev": "validation", "test": "test"}
+
+
+# ---------------------------------------------------------------- entry points
+
+
+def load(task: Any, split: str) -> list[dict]:
+    """Examples of one split of a tagging task, from local files (``task.data_dir``) or the hub."""
+    data_dir = _cfg(task, "data_dir")
+    if data_dir:
+        return _load_local(task, split, data_dir)
+    if _is_srl(task):
+        raise UserError(f"task {_cfg(task, 'name')}: SRL data is read from local files only; pass task.data_dir=DIR")
+    hub = _cfg(task, "hub")
+    path = _cfg(hub, "path")
+    if not path:
+        raise UserError(f"task {_cfg(task, 'name')}: set task.data_dir=DIR (local files) or task.hub.path")
+    hub_split = _cfg(_cfg(task, "hub_splits"), split) or DEFAULT_HUB_SPLITS.get(split, split)
+    rows = load_hub_split(path, _cfg(hub, "name"), _cfg(hub, "revision"), hub_split)
+    return convert_hub_rows(rows, _label_names(task, path), where=f"{path}[{hub_split}]")
+
+
+def label_set(examples: list[dict]) -> list[str]:
+    """Sorted unique tags of the examples with "O" first (the label ids the model is trained with)."""
+    tags = {tag for example in examples for tag in example["tags"]}
+    tags.discard("O")
+    return ["O", *sorted(tags)]
+
+
+def _load_local(task: Any, split: str, data_dir: str) -> list[dict]:
+    name = _cfg(task, "name")
+    fmt = _cfg(task, "format", "conll")
+    options = _cfg(task, "options", {})
+    path = split_file(data_dir, _split_filename(task, split))
+    if _is_srl(task):
+        if fmt == "ptv2_pack":
+            return read_srl_pack(path)
+        if fmt == "conll":
+            return read_srl_conll(path, word_column=_cfg(options, "word_column"))
+        raise UserError(f"task {name}: format '{fmt}' is not an SRL format; use conll or ptv2_pack")
+    scheme = _cfg(options, "scheme", "auto")
+    if fmt == "json":
+        return read_conll04_json(path, scheme=scheme)
+    tag_column = _cfg(options, "tag_column", -1)
+    if fmt == "ptv2_pack" and name == "ontonotes":
+        # The official reader splits .sd.conllx rows on tabs and takes the token from the second column.
+        return read_conll_ner(path, _cfg(options, "token_column", 1), tag_column, scheme, separator="\t")
+    if fmt in ("conll", "ptv2_pack"):
+        return read_conll_ner(path, _cfg(options, "token_column", 0), tag_column, scheme)
+    raise UserError(f"task {name}: unknown format '{fmt}'; expected conll, ptv2_pack or json")
+
+
+def _split_filename(task: Any, split: str) -> str:
+    files = _cfg(task, "files", {})
+    pack_files = PACK_FILES.get(_cfg(task, "name"), {}) if _cfg(task, "format") == "ptv2_pack" else {}
+    filename = _cfg(files, split) or pack_files.get(split)
+    if not filename:
+        known = ", ".join(sorted(files)) if files else "none"
+        raise UserError(f"task {_cfg(task, 'name')}: no file for split '{split}' (task.files has: {known})")
+    return filename
+
+
+def _is_srl(task: Any) -> bool:
+    return _cfg(task, "name") in SRL_TASKS
+
+
+def _label_names(task: Any, hub_path: str) -> list[str] | None:
+    names = _cfg(_cfg(task, "options", {}), "label_names")
+    return list(names) if names else HUB_LABEL_NAMES.get(hub_path)
+
+
+def _cfg(node: Any, key: str, default: Any = None) -> Any:
+    """node[key] for a dict or OmegaConf node (missing or null -> default), so plain dicts work in tests."""
+    if node is None:
+        return default
+    value = node.get(key, default) if hasattr(node, "get") else getattr(node, key, default)
+    return default if value is None else value
+
+
+# ---------------------------------------------------------------- tag schemes
+
+
+def to_bio(tags: list[str], where: str = "tags", scheme: str = "auto") -> list[str]:
+    """Convert IOB1 / IOB2 / BIOES / BILOU tags to BIO (IOB2): each entity starts with B-, continues with I-.
+
+    One rule serves every scheme: a tag continues an entity only when it is I-, E- or L- of the same type right
+    after a B- or I- tag; otherwise it begins one. IOB1's sentence-initial or after-O I- thus becomes B-.
+    """
+    allowed = SCHEME_PREFIXES.get(str(scheme).lower())
+    if allowed is None:
+        raise UserError(f"unknown tag scheme '{scheme}'; expected one of {', '.join(SCHEME_PREFIXES)}")
+    bio: list[str] = []
+    previous = "O"
+    for position, tag in enumerate(tags):
+        prefix, kind = _split_tag(tag, where, position, allowed)
+        if prefix is None:
+            bio.append("O")
+        elif prefix in "IEL" and previous[:1] in "BI" and previous[2:] == kind:
+            bio.append(f"I-{kind}")
+        else:
+            bio.append(f"B-{kind}")
+        # Track the raw prefix: after E-/L-/S-/U- the entity has ended even if the next tag is I- of the same type.
+        previous = tag if prefix is None or prefix in "BI" else "O"
+    return bio
+
+
+def _split_tag(tag: str, where: str, position: int, allowed: str) -> tuple[str | None, str]:
+    if tag == "O":
+        return None, ""
+    if len(tag) < 3 or tag[1] != "-" or tag[0] not in allowed:
+        raise UserError(
+            f"{where}: tag {tag!r} (word {position + 1}) is not O or one of {'/'.join(allowed)}-TYPE; "
+            "check the tag column (task.options.tag_column) and the scheme (task.options.scheme)"
+        )
+    return tag[0], tag[2:]
+
+
+def spans_to_bio(length: int, spans: list[tuple[int, int, str]], where: str) -> list[str]:
+    """BIO tags for non-overlapping (start, end exclusive, type) spans over `length` words."""
+    tags = ["O"] * length
+    for start, end, kind in sorted(spans):
+        if not (0 <= start < end <= length):
+            raise UserError(f"{where}: entity {kind} [{start}, {end}) lies outside the {length} tokens")
+        if any(tag != "O" for tag in tags[start:end]):
+            raise UserError(f"{where}: entity {kind} [{start}, {end}) overlaps another one; BIO cannot encode that")
+        tags[start] = f"B-{kind}"
+        tags[start + 1 : end] = [f"I-{kind}"] * (end - start - 1)
+    return tags
+
+
+# ---------------------------------------------------------------- NER readers
+
+
+def read_conll_ner(
+    path: str | Path, token_column: int = 0, tag_column: int = -1, scheme: str = "auto", separator: str | None = None
+) -> list[dict]:
+    """NER examples from a CoNLL column file (see the module docstring); `separator` None splits on whitespace."""
+    examples: list[dict] = []
+    for first_line, rows in _sentences(path):
+        tokens, tags = [], []
+        for line_number, line in rows:
+            columns = line.split(separator) if separator else line.split()
+            where = f"{path}:{line_number}"
+            tokens.append(_column(columns, token_column, where, "token"))
+            tags.append(_column(columns, tag_column, where, "tag").strip())
+        tags = to_bio(tags, f"{path}:{first_line}", scheme)
+        examples.append(_example(len(examples), tokens, tags))
+    return examples
+
+
+def _sentences(path: str | Path):
+    """Yield (first line number, [(line number, line)]) per blank-line separated block, skipping -DOCSTART-."""
+    rows: list[tuple[int, str]] = []
+    with open(path, encoding="utf-8") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            line = raw.rstrip("\r\n")
+            if line.strip() and not line.startswith("-DOCSTART-"):
+                rows.append((line_number, line))
+                continue
+            # A blank or -DOCSTART- line closes the current sentence, as in the official readers.
+            if rows:
+                yield rows[0][0], rows
+            rows = []
+    # The official conll04 / ontonotes readers drop a last sentence with no blank line after it; we keep it.
+    if rows:
+        yield rows[0][0], rows
+
+
+def _column(columns: list[str], index: int, where: str, what: str) -> str:
+    try:
+        return columns[index]
+    except IndexError:
+        raise UserError(
+            f"{where}: no {what} column {index} (the line has {len(columns)} columns); set task.options.{what}_column"
+        ) from None
+
+
+def read_conll04_json(path: str | Path, scheme: str = "auto") -> list[dict]:
+    """CoNLL04 in SpERT's JSON form (array or JSON lines) of {tokens, entities|tags} records."""
+    examples = []
+    for where, record in _json_records(path):
+        tokens = _string_list(field(record, "tokens", where), where, "tokens")
+        if "entities" in record:
+            tags = spans_to_bio(len(tokens), _entity_spans(record["entities"], where), where)
+        elif "tags" in record:
+            tags = to_bio(_string_list(record["tags"], where, "tags"), where, scheme)
+        else:
+            raise UserError(f"{where}: missing field 'entities' or 'tags' (fields present: {', '.join(record)})")
+        _check_lengths(tokens, tags, where)
+        examples.append(_example(len(examples), tokens, tags))
+    return examples
+
+
+def _json_records(path: str | Path):
+    """Yield (where, record): a JSON array names records by position, JSON lines by line number."""
+    with open(path, encoding="utf-8") as handle:
+        starts_as_array = handle.read(4096).lstrip().startswith("[")
+    if not starts_as_array:
+        for line_number, record in read_jsonl(path):
+            yield f"{path}:{line_number}", record
+        return
+    for position, record in enumerate(read_json(path)):
+        where = f"{path}: record {position}"
+        if not isinstance(record, dict):
+            raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        yield where, record
+
+
+def _entity_spans(entities: Any, where: str) -> list[tuple[int, int, str]]:
+    if not isinstance(entities, list):
+        raise UserError(f"{where}: 'entities' must be a list of {{type, start, end}} objects")
+    spans = []
+    for entity in entities:
+        if not isinstance(entity, dict):
+            raise UserError(f"{where}: each entity must be an object with type, start, end; got {entity!r}")
+        start, end = field(entity, "start", where), field(entity, "end", where)
+        if not isinstance(start, int) or not isinstance(end, int):
+            raise UserError(f"{where}: entity start/end must be integers, got {start!r}, {end!r}")
+        spans.append((start, end, str(field(entity, "type", where))))
+    return spans
+
+
+# ---------------------------------------------------------------- hub rows
+
+
+def convert_hub_rows(rows: list[dict], label_names: list[str] | None = None, where: str = "hub") -> list[dict]:
+    """Canonical NER examples from hub rows: tokens plus ``ner_tags``/``tags`` (ids or strings) or ``entities``.
+
+    Tag ids are mapped through `label_names` (see ``HUB_LABEL_NAMES``); string tags are used as they are.
+    """
+    examples = []
+    for position, row in enumerate(rows):
+        row_where = f"{where} row {position}"
+        tokens = _string_list(field(row, "tokens", row_where), row_where, "tokens")
+        if "entities" in row and "ner_tags" not in row and "tags" not in row:
+            tags = spans_to_bio(len(tokens), _entity_spans(row["entities"], row_where), row_where)
+        else:
+            column = "ner_tags" if "ner_tags" in row else "tags"
+            raw = field(row, column, row_where)
+            tags = to_bio([_tag_name(value, label_names, row_where) for value in raw], row_where)
+        _check_lengths(tokens, tags, row_where)
+        examples.append(_example(position, tokens, tags))
+    return examples
+
+
+def _tag_name(value: Any, label_names: list[str] | None, where: str) -> str:
+    if isinstance(value, str):
+        return value
+    if label_names is None:
+        raise UserError(f"{where}: tag ids need label names; set task.options.label_names to the id -> name list")
+    if not isinstance(value, int) or not 0 <= value < len(label_names):
+        raise UserError(f"{where}: tag id {value!r} is outside the {len(label_names)} label names")
+    return label_names[value]
+
+
+# ---------------------------------------------------------------- SRL readers
+
+
+def read_srl_pack(path: str | Path) -> list[dict]:
+    """SRL examples from the official pack's lines: ``<predicate index> tokens ||| BIO tags``."""
+    examples = []
+    with open(path, encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_number}"
+            words, separator, tag_text = line.partition("|||")
+            if not separator:
+                raise UserError(f"{where}: expected '<predicate index> tokens ||| tags' (no '|||' found)")
+            if len(words.split()) < 2:
+                raise UserError(f"{where}: expected '<predicate index> tokens ||| tags' (no tokens before '|||')")
+            index_text, *tokens = words.split()
+            tags = tag_text.split()
+            _check_lengths(tokens, tags, where)
+            predicate = _predicate_index(index_text, len(tokens), where)
+            examples.append(_example(len(examples), tokens, to_bio(tags, where, "bio"), predicate))
+    return examples
+
+
+def _predicate_index(text: str, length: int, where: str) -> int:
+    if not text.isdigit() or int(text) >= length:
+        raise UserError(f"{where}: predicate index {text!r} is not a word position in 0..{length - 1}")
+    return int(text)
+
+
+# One cell of a bracket-notation column: opening "(LABEL"s, a "*", an optional repeated label, closing ")"s.
+_BRACKET_CELL = re.compile(r"^((?:\([^()*\s]+)*)\*[^()*\s]*(\)*)$")
+
+
+def read_srl_conll(path: str | Path, word_column: int | None = None) -> list[dict]:
+    """SRL examples from CoNLL-2005/2012 column files, one per argument column (predicate) of each sentence."""
+    examples = []
+    for _, rows in _sentences(path):
+        rows = [(number, line) for number, line in rows if not line.startswith(("#begin", "#end"))]
+        if not rows:
+            continue
+        table = _table(rows, path)
+        words = [row[_word_column(table, word_column)] for row in table]
+        for cells in _argument_columns(table):
+            tags = _bracket_to_bio(cells, path, rows)
+            examples.append(_example(len(examples), words, tags, tags.index("B-V")))
+    return examples
+
+
+def _table(rows: list[tuple[int, str]], path: str | Path) -> list[list[str]]:
+    table = [line.split() for _, line in rows]
+    width = len(table[0])
+    for (line_number, _), columns in zip(rows, table, strict=True):
+        if len(columns) != width:
+            raise UserError(f"{path}:{line_number}: {len(columns)} columns where the sentence's first line has {width}")
+    return table
+
+
+def _word_column(table: list[list[str]], word_column: int | None) -> int:
+    if word_column is not None:
+        return word_column
+    # OntoNotes *_gold_conll rows: document id, part number, word number, word, ... (12 columns or more).
+    first = table[0]
+    return 3 if len(first) >= 12 and first[1].isdigit() and first[2].isdigit() else 0
+
+
+def _argument_columns(table: list[list[str]]) -> list[list[str]]:
+    """Columns in bracket notation holding exactly one V span: one per predicate, in column order."""
+    columns = []
+    for index in range(len(table[0])):
+        cells = [row[index] for row in table]
+        if all(_BRACKET_CELL.match(cell) for cell in cells):
+            openings = [label for cell in cells for label in re.findall(r"\(([^()*\s]+)", cell)]
+            if openings.count("V") == 1:
+                columns.append(cells)
+    return columns
+
+
+def _bracket_to_bio(cells: list[str], path: str | Path, rows: list[tuple[int, str]]) -> list[str]:
+    """BIO tags for one argument column; arguments of one predicate never nest, so depth stays <= 1."""
+    tags = []
+    label = None
+    for cell, (line_number, _) in zip(cells, rows, strict=True):
+        match = _BRACKET_CELL.match(cell)
+        openings = re.findall(r"\(([^()*\s]+)", match.group(1))
+        closings = len(match.group(2))
+        if len(openings) > 1 or (openings and label) or closings > len(openings) + (label is not None):
+            raise UserError(f"{path}:{line_number}: argument cell {cell!r} nests or closes a span that is not open")
+        if openings:
+            label = openings[0]
+            tags.append(f"B-{label}")
+        else:
+            tags.append(f"I-{label}" if label else "O")
+        if closings:
+            label = None
+    if label is not None:
+        raise UserError(f"{path}:{rows[-1][0]}: argument {label} is still open at the end of the sentence")
+    return tags
+
+
+# ---------------------------------------------------------------- shared helpers
+
+
+def _example(idx: int, tokens: list[str], tags: list[str], predicate: int = -1) -> dict:
+    return {"idx": idx, "tokens": tokens, "tags": tags, "predicate": predicate}
+
+
+def _check_lengths(tokens: list[str], tags: list[str], where: str) -> None:
+    if not tokens:
+        raise UserError(f"{where}: empty sentence (no tokens)")
+    if len(tokens) != len(tags):
+        raise UserError(f"{where}: {len(tokens)} tokens but {len(tags)} tags")
+
+
+def _string_list(value: Any, where: str, name: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise UserError(f"{where}: '{name}' must be a list of strings")
+    return list(value)

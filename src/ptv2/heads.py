@@ -1,0 +1,67 @@
+"""Task heads on the encoder's last hidden states, one per task type. Each maps (B, L, hidden) to logits and knows
+its loss, so the model and the training loop stay the same for every task."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+IGNORE_INDEX = -100  # label of positions that do not count in the loss (padding, non-first sub-words)
+
+
+class ClassificationHead(nn.Module):
+    """Linear layer on the first ([CLS]) token: (B, L, H) -> (B, num_labels)."""
+
+    def __init__(self, hidden_size: int, num_labels: int, dropout: float):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.linear = nn.Linear(hidden_size, num_labels)
+
+    def forward(self, hidden: torch.Tensor, batch: dict) -> torch.Tensor:
+        return self.linear(self.dropout(hidden[:, 0]))
+
+    def loss(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), batch["labels"])
+
+
+class MultipleChoiceHead(ClassificationHead):
+    """One score per (context, choice) sequence on [CLS], grouped by example: (B*C, L, H) -> (B, C)."""
+
+    def __init__(self, hidden_size: int, num_labels: int, dropout: float):
+        super().__init__(hidden_size, 1, dropout)
+
+    def forward(self, hidden: torch.Tensor, batch: dict) -> torch.Tensor:
+        return super().forward(hidden, batch).view(-1, batch["num_choices"])
+
+
+class TokenClassificationHead(ClassificationHead):
+    """Linear layer on every token: (B, L, H) -> (B, L, num_labels)."""
+
+    def forward(self, hidden: torch.Tensor, batch: dict) -> torch.Tensor:
+        return self.linear(self.dropout(hidden))
+
+    def loss(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
+        return F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
+
+
+class SpanHead(ClassificationHead):
+    """Start/end logits per token: (B, L, H) -> (B, L, 2); loss is the mean of start and end cross-entropy."""
+
+    def __init__(self, hidden_size: int, num_labels: int, dropout: float):
+        super().__init__(hidden_size, 2, dropout)
+
+    def forward(self, hidden: torch.Tensor, batch: dict) -> torch.Tensor:
+        return self.linear(self.dropout(hidden))
+
+    def loss(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
+        start, end = logits.float().unbind(dim=-1)
+        return (F.cross_entropy(start, batch["start_positions"]) + F.cross_entropy(end, batch["end_positions"])) / 2
+
+
+HEADS = {
+    "classification": ClassificationHead,
+    "multiple_choice": MultipleChoiceHead,
+    "tagging": TokenClassificationHead,
+    "span": SpanHead,
+}

