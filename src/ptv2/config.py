@@ -131,8 +131,10 @@ class RunConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
-    ckpt: Optional[str] = None  # `ptv2 eval`: checkpoint file or run directory to evaluate
-    split: str = "dev"  # `ptv2 eval`: split to evaluate
+    ckpt: Any = None  # `ptv2 eval` / `predict`: checkpoint file or run directory (predict: also a list of them)
+    split: str = "dev"  # `ptv2 eval` / `predict`: split to evaluate or predict
+    input: Optional[str] = None  # `ptv2 predict`: a file in the task's own format instead of a split
+    output_dir: Optional[str] = None  # `ptv2 predict`: where prediction files go (default: the run directory)
 
 
 def _package_path(package: str, *parts: str) -> str:
