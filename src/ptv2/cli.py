@@ -65,7 +65,7 @@ def hydra_app(config_name: str, run):
 COMMANDS = {
     "train": ("ptv2.train:run", "train", "train a prompt (or a baseline) on a task; keeps the best dev epoch"),
     "eval": ("ptv2.evaluate:run", "eval", "evaluate a trained checkpoint (ckpt=RUN_DIR_OR_FILE) on a split"),
-    "predict": ("ptv2.predict:run", "predict", "write predictions / submission files of checkpoint(s) for a split or file"),
+    "predict": ("ptv2.predict:run", "predict", "write prediction / submission files of checkpoints"),
     "bench": ("ptv2.bench:run", "bench", "time train steps, eval throughput and peak memory per prompt method"),
     "table": ("ptv2.table:main", None, "collect results.json of runs/sweeps into a Markdown table, CSV and plots"),
 }
