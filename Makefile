@@ -7,7 +7,7 @@ TORCH ?= torch
 SHARED ?= ../shared/data
 MINILM_RUN := outputs/demo
 
-.PHONY: help install test test-all lint format demo clean
+.PHONY: help install test test-all lint format demo bench bench-epoch clean reproduce-table
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -36,6 +36,38 @@ format:  ## apply ruff fixes and formatting
 demo:  ## offline demo: P-Tuning v2 on real RTE with the packaged MiniLM, 1 epoch on the CPU
 	$(BIN)/ptv2 train task=rte backbone=minilm task.data_dir=$(SHARED)/superglue/RTE \
 		trainer.epochs=1 logger=none hydra.run.dir=$(MINILM_RUN)
+
+bench:  ## train-step time, eval throughput and peak memory per method (MiniLM, CPU); ARGS=... adds overrides
+	$(BIN)/ptv2 bench backbone=minilm $(ARGS)
+
+bench-epoch:  ## one real-RTE training epoch: ptv2 defaults vs the official-style pipeline (ARGS: --repeats 2 ...)
+	$(BIN)/python scripts/bench_epoch.py --data $(SHARED)/superglue/RTE $(ARGS)
+
+# `make reproduce-table TABLE=<name>`: the experiment sweep behind a results table (conf/experiment/<name with _>),
+# then `ptv2 table` on its folder. SMOKE=1: the same pipeline in seconds, offline: tiny random backbone, 2 steps,
+# fixture data; each table narrowed to what the fixtures hold (SuperGLUE, depth: RTE only; NER: CoNLL04; SRL:
+# CoNLL05 Brown file as dev and test; QA: SQuAD 1.1). ARGS=... adds overrides to the sweep.
+TABLES := superglue-roberta-large superglue-bert-large ner srl qa prompt-length prompt-depth
+TABLE ?= prompt-length
+STAMP := $(shell date +%Y-%m-%d_%H-%M-%S)
+TABLE_DIR ?= outputs/tables/$(TABLE)$(if $(SMOKE),-smoke,/$(STAMP))
+SMOKE_ARGS := backbone=tiny trainer=smoke logger=none trainer.save_checkpoint=false
+SMOKE_superglue-roberta-large := preset=rte-roberta-large task.data_dir=tests/fixtures/superglue/RTE
+SMOKE_superglue-bert-large := preset=rte-bert-large-cased task.data_dir=tests/fixtures/superglue/RTE
+SMOKE_ner := preset=conll04-roberta-large task.data_dir=tests/fixtures/tagging/conll04_pack task.files.test=dev.txt
+SMOKE_srl := preset=conll05-roberta-large task.data_dir=tests/fixtures/tagging/conll05_pack \
+	task.files.dev=conll05.test.brown.txt task.files.test=conll05.test.brown.txt
+SMOKE_qa := preset=squad-roberta-large task.data_dir=tests/fixtures/squad
+SMOKE_prompt-length := task.data_dir=tests/fixtures/rte_small prompt.length=1,2,4
+SMOKE_prompt-depth := preset=rte-roberta-large task.data_dir=tests/fixtures/superglue/RTE \
+	prompt.layers=bottom:1,bottom:2,top:1,top:2
+
+reproduce-table:  ## run a table's sweep, then `ptv2 table` (TABLE=one of TABLES, default prompt-length; SMOKE=1)
+	@case " $(TABLES) " in *" $(TABLE) "*) ;; *) echo "unknown TABLE=$(TABLE); one of: $(TABLES)" >&2; exit 2;; esac
+	$(if $(SMOKE),rm -rf $(TABLE_DIR))
+	$(BIN)/ptv2 train -m experiment=$(subst -,_,$(TABLE)) hydra.sweep.dir=$(TABLE_DIR) \
+		$(if $(SMOKE),$(SMOKE_ARGS) $(SMOKE_$(TABLE))) $(ARGS); status=$$?; \
+		$(BIN)/ptv2 table $(TABLE_DIR) && exit $$status
 
 clean:  ## remove caches (not outputs/)
 	rm -rf .pytest_cache .ruff_cache build *.egg-info src/*.egg-info

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig
+from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer, PretrainedConfig
 
 from ptv2 import injection
 from ptv2.errors import UserError
@@ -48,9 +48,8 @@ def load_tokenizer(cfg):
 def load_encoder(cfg, config: PretrainedConfig | None = None) -> torch.nn.Module:
     """The bare encoder (no pooler, no task head) that accepts per-layer prefixes."""
     config = config or load_config(cfg)
-    family = injection.family_of(config)
-    # DeBERTa-v2 only has its own eager attention; the others get the prefix-aware SDPA function.
-    attention = injection.ATTENTION_KEY if family.injection == "attention_interface" else "eager"
+    # DeBERTa-v2 only has its own eager attention; the others get the prefix-aware SDPA (or eager) function.
+    attention = injection.attention_key(config, cfg.get("attention", "sdpa"))
     options = {"attn_implementation": attention, "dtype": DTYPES[cfg.dtype]}
     if cfg.random_init:
         encoder = AutoModel.from_config(config, **options)
@@ -63,3 +62,79 @@ def load_encoder(cfg, config: PretrainedConfig | None = None) -> torch.nn.Module
         encoder.pooler = None  # heads read token states; an unused pooler would only inflate parameter counts
     injection.prepare_encoder(encoder)
     return encoder
+
+
+class MaskedLMHead(torch.nn.Module):
+    """The backbone's pretrained MLM head: hidden states (..., H) -> vocabulary logits (..., V).
+
+    Holds the masked-LM model's modules other than its encoder (BERT `cls`, RoBERTa `lm_head`, ELECTRA
+    `generator_predictions` + `generator_lm_head`, DeBERTa-v2 `cls` or `lm_predictions`). Decoder weights stay tied
+    to the encoder's word embeddings, so they train or stay frozen with the encoder.
+    """
+
+    def __init__(self, masked_lm: torch.nn.Module):
+        super().__init__()
+        encoder = masked_lm.base_model
+        self.parts = torch.nn.ModuleList(child for child in masked_lm.children() if child is not encoder)
+        # DeBERTa-v2's non-legacy head takes the word embeddings as an argument instead of owning a decoder. A tuple
+        # keeps them out of this module's parameters: the encoder owns them.
+        self.takes_embeddings = masked_lm.config.model_type == "deberta-v2" and not masked_lm.config.legacy
+        self.word_embeddings = (encoder.get_input_embeddings(),)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.takes_embeddings:
+            return self.parts[0](hidden, self.word_embeddings[0])
+        for part in self.parts:
+            hidden = part(hidden)
+        return hidden
+
+
+def split_masked_lm(masked_lm: torch.nn.Module) -> tuple[torch.nn.Module, MaskedLMHead]:
+    """(prompt-ready encoder, MLM head) of a loaded masked-LM model (loaded with attn_implementation=ATTENTION_KEY
+    for the attention-interface families, as load_encoder does)."""
+    encoder = masked_lm.base_model
+    head = MaskedLMHead(masked_lm)
+    injection.prepare_encoder(encoder)
+    return encoder, head
+
+
+def load_masked_lm(cfg, config: PretrainedConfig | None = None) -> tuple[torch.nn.Module, MaskedLMHead]:
+    """The encoder (prompt-ready, as load_encoder) together with its pretrained MLM head, for verbalizer heads.
+
+    A checkpoint without MLM weights (e.g. a sentence-embedding model) gets a randomly initialised head, with
+    transformers' warning in the log.
+    """
+    config = config or load_config(cfg)
+    attention = injection.attention_key(config, cfg.get("attention", "sdpa"))
+    options = {"attn_implementation": attention, "dtype": DTYPES[cfg.dtype]}
+    if cfg.random_init:
+        masked_lm = AutoModelForMaskedLM.from_config(config, **options)
+    else:
+        try:
+            masked_lm = AutoModelForMaskedLM.from_pretrained(
+                cfg.name_or_path, config=config, revision=cfg.revision, **options
+            )
+        except (OSError, ValueError) as error:
+            raise _not_loadable("masked-LM weights", cfg, error) from None
+    return split_masked_lm(masked_lm)
+
+
+def label_word_ids(tokenizer, words: list[str], where: str) -> list[int]:
+    """Vocabulary ids of verbalizer label words, each of which must be one token of the backbone's vocabulary.
+
+    A word is looked up as it appears after a space (RoBERTa's "Ġyes", SentencePiece's "▁yes"), which is how it
+    follows the "?" before the mask slot.
+    """
+    ids = []
+    for word in words:
+        pieces = tokenizer(f" {word}", add_special_tokens=False)["input_ids"]
+        if len(pieces) != 1 or pieces[0] == tokenizer.unk_token_id:
+            found = tokenizer.convert_ids_to_tokens(pieces)
+            raise UserError(
+                f"{where}: label word '{word}' is not one token of the backbone's vocabulary (it becomes {found}); "
+                "choose single-token words"
+            )
+        ids.append(pieces[0])
+    if len(set(ids)) != len(ids):
+        raise UserError(f"{where}: label words {list(words)} must be different tokens")
+    return ids

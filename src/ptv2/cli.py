@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -34,7 +35,7 @@ def _job(function, cfg: DictConfig):
     sweeping = hydra_cfg.mode == RunMode.MULTIRUN
     try:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        return function(cfg, run_dir)
+        return objective(function(cfg, run_dir))
     except UserError as error:
         message = f"ptv2: error: {error}"
         if not sweeping:
@@ -48,6 +49,15 @@ def _job(function, cfg: DictConfig):
     failed_jobs.append(f"job {hydra_cfg.job.num} ({run_dir})")
     (run_dir / "FAILED").write_text("see the job's log\n")
     return None
+
+
+def objective(result):
+    """What a job hands back to Hydra's sweeper: a results dict becomes its selection value ("best_value", the dev
+    metric that picked the best epoch), the float that optimizing sweepers (hydra/sweeper=optuna) maximize; the
+    basic sweeper ignores it. Anything else passes through; a failed job returns None, which Optuna records as FAIL."""
+    if isinstance(result, dict) and "best_value" in result:
+        return float(result["best_value"])
+    return result
 
 
 def hydra_app(config_name: str, run):
@@ -69,6 +79,22 @@ COMMANDS = {
     "bench": ("ptv2.bench:run", "bench", "time train steps, eval throughput and peak memory per prompt method"),
     "table": ("ptv2.table:main", None, "collect results.json of runs/sweeps into a Markdown table, CSV and plots"),
 }
+
+
+def unwritable_run_dir(args: list[str]) -> str | None:
+    """Why the run directory named on the command line (hydra.run.dir / hydra.sweep.dir, else ./outputs) cannot be
+    created, or None. Checked up front: Hydra would fail with a traceback when it creates the folder."""
+    if any(arg in ("-h", "--help", "-c", "--cfg", "--info", "--hydra-help") for arg in args):
+        return None
+    key = "hydra.sweep.dir=" if ("-m" in args or "--multirun" in args) else "hydra.run.dir="
+    path = Path(next((arg[len(key) :] for arg in args if arg.startswith(key)), "outputs")).expanduser().absolute()
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.is_dir() and os.access(existing, os.W_OK | os.X_OK):
+        return None
+    what = "not a folder" if not existing.is_dir() else "not writable"
+    return f"cannot create the run directory {path}: {existing} is {what}; pass {key}DIR with a writable DIR"
 
 
 def usage() -> str:
@@ -95,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     function = getattr(importlib.import_module(module_name), function_name)
     if config_name is None:
         return function(argv[1:])
+    problem = unwritable_run_dir(argv[1:])
+    if problem:
+        print(f"ptv2: error: {problem}", file=sys.stderr)
+        return 2
     register()
     sys.argv = [f"ptv2 {command}", *argv[1:]]
     hydra_app(config_name, function)()

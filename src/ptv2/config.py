@@ -18,6 +18,7 @@ from ptv2.errors import UserError
 
 METHODS = ("ptv2", "prompt_tuning", "ptuning_v1", "finetune", "linear_probe")
 INPUT_PROMPT_METHODS = ("prompt_tuning", "ptuning_v1")
+HEADS = ("linear", "verbalizer")  # task.head
 
 
 @dataclass
@@ -29,6 +30,7 @@ class BackboneConfig:
     dtype: str = "float32"  # weights of the backbone: float32 | bfloat16 | float16
     dropout: Optional[float] = None  # overrides the backbone's hidden_dropout_prob (official scripts: 0.1)
     attention_dropout: Optional[float] = None  # overrides attention_probs_dropout_prob
+    attention: str = "sdpa"  # sdpa | eager (written-out attention, as the official code ran; speed comparisons)
 
 
 @dataclass
@@ -58,6 +60,9 @@ class TaskConfig:
     metric: str = "accuracy"  # selects the best epoch
     max_length: int = 128
     head_dropout: float = 0.1
+    # linear: a linear layer on [CLS] (multiple choice: one score per choice) | verbalizer: the backbone's MLM head
+    # scores the label words of `options.verbalizer` at a mask slot appended to the input (see heads.VerbalizerHead)
+    head: str = "linear"
     eval_split: str = "dev"
     test_split: Optional[str] = None  # also evaluated at the best dev epoch when set (tagging protocol)
     options: dict[str, Any] = field(default_factory=dict)  # reader/template options
@@ -105,9 +110,12 @@ class TrainerConfig:
     precision: str = "no"  # no | bf16 | fp16 (autocast via accelerate)
     cpu: bool = False  # force CPU even when a GPU is present
     group_by_length: bool = True  # batches of similar length: less padding
+    pad_to_max_length: bool = False  # pad every training batch to task.max_length, as the official scripts did
     limit_train: Optional[int] = None  # first N training examples only (demos, smoke runs)
     limit_eval: Optional[int] = None
     save_checkpoint: bool = True
+    save_every_steps: Optional[int] = None  # also save the full training state (state/) every N steps
+    resume: Any = False  # true: continue the run in hydra.run.dir from its state/; or the run dir to continue from
     progress: bool = True
     cache_dir: Optional[str] = None  # tokenized-data cache; default $PTV2_CACHE or ~/.cache/ptv2
 
@@ -120,6 +128,26 @@ class LoggerConfig:
     mode: str = "auto"  # auto (online when logged in, else offline) | online | offline | disabled
     group: Optional[str] = None
     tags: list[str] = field(default_factory=list)
+    init_timeout: float = 60  # seconds W&B may take to start before falling back to offline
+
+
+@dataclass
+class BenchConfig:
+    """`ptv2 bench`: synthetic train steps and eval batches per method (see bench.py)."""
+
+    methods: list[str] = field(default_factory=lambda: ["ptv2", "finetune", "prompt_tuning", "linear_probe"])
+    batch_size: int = 32
+    seq_length: int = 128  # every synthetic example is this long (no padding)
+    prompt_length: Optional[int] = None  # prompt.length of the prompt methods (None: each method's own)
+    warmup_steps: int = 3
+    steps: int = 10  # timed train steps: median / min / max are reported
+    eval_batches: int = 5
+    eval_batch_size: Optional[int] = None  # None: trainer.eval_batch_size
+    device: str = "auto"  # auto (cuda when present) | cpu | cuda
+    frozen_dtype: Optional[str] = None  # backbone weights of the frozen methods (finetune keeps backbone.dtype)
+    isolate: bool = True  # each method in its own process, so its peak memory is its own
+    threads: Optional[int] = None  # torch CPU threads (None: torch's default)
+    profile: bool = False  # also write a torch.profiler table per method
 
 
 @dataclass
@@ -131,6 +159,7 @@ class RunConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
     ckpt: Any = None  # `ptv2 eval` / `predict`: checkpoint file or run directory (predict: also a list of them)
     split: str = "dev"  # `ptv2 eval` / `predict`: split to evaluate or predict
     input: Optional[str] = None  # `ptv2 predict`: a file in the task's own format instead of a split
@@ -187,6 +216,9 @@ def validate(cfg, backbone_config) -> None:
             )
 
     task = cfg.task
+    for name, member in task_members(task):
+        if member.get("head", "linear") not in HEADS:
+            raise UserError(f"task.head={member.head} (task {name}) is unknown; choose one of {', '.join(HEADS)}")
     # Input prompts occupy positions like tokens; the official-style shift moves every token by P.
     shift = prompt.length if (prompt.method == "ptv2" and prompt.shift_positions) else 0
     extra = prompt.length if prompt.method in INPUT_PROMPT_METHODS else 0

@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 from accelerate import Accelerator
+from accelerate.utils import set_seed
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -16,7 +17,7 @@ from ptv2.errors import UserError
 from ptv2.train import build, evaluate_all
 
 log = logging.getLogger("ptv2")
-OWN_KEYS = ("ckpt", "split")
+OWN_KEYS = ("ckpt", "split", "input", "output_dir")  # this command's own keys, not the run's
 
 
 def checkpoint_config(cfg: DictConfig) -> DictConfig:
@@ -43,6 +44,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         raise UserError("ptv2 eval needs a checkpoint: ckpt=RUN_DIR (or a prompt.safetensors file)")
     saved = checkpoint_config(cfg)
     split = cfg.split
+    set_seed(saved.trainer.seed)  # a random-init backbone (backbone.random_init) is rebuilt as in training
     tokenizer, members, _, model = build(saved, lambda task: [split])
     metadata = checkpoint.load(cfg.ckpt, model)
     accelerator = Accelerator(mixed_precision=saved.trainer.precision, cpu=saved.trainer.cpu)

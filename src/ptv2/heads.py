@@ -59,6 +59,32 @@ class SpanHead(ClassificationHead):
         return (F.cross_entropy(start, batch["start_positions"]) + F.cross_entropy(end, batch["end_positions"])) / 2
 
 
+class VerbalizerHead(nn.Module):
+    """The backbone's MLM head at the mask slot, read at the label words: (B, L, H) -> (B, num_labels).
+
+    logits[b, k] = MLM logit of label word k at position batch["mask_positions"][b] (the mask the task type
+    appended to the input). No new parameters: the MLM head is the pretrained one (PromptModel decides whether it
+    trains). Multiple choice (batch["num_choices"] = C): one label word scores each (context, choice) sequence,
+    (B*C, L, H) -> (B, C).
+    """
+
+    def __init__(self, lm_head: nn.Module, label_word_ids: list[int]):
+        super().__init__()
+        self.lm_head = lm_head
+        self.register_buffer("label_word_ids", torch.tensor(label_word_ids), persistent=False)
+
+    def forward(self, hidden: torch.Tensor, batch: dict) -> torch.Tensor:
+        positions = batch["mask_positions"]  # (B,)
+        at_mask = hidden[torch.arange(hidden.shape[0], device=hidden.device), positions]  # (B, H)
+        logits = self.lm_head(at_mask)[:, self.label_word_ids]  # (B, num_labels)
+        if "num_choices" in batch:
+            return logits.view(-1, batch["num_choices"])
+        return logits
+
+    def loss(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), batch["labels"])
+
+
 HEADS = {
     "classification": ClassificationHead,
     "multiple_choice": MultipleChoiceHead,

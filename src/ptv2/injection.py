@@ -14,7 +14,9 @@ picked per model family in `FAMILIES`:
 
 With no prefix for a layer, both paths run the stock computation unchanged.
 
-A prefix is `dict[layer_index, (key, value)]`, each of shape (batch or 1, heads, P, head_dim).
+A prefix is `dict[layer_index, (key, value)]`, each of shape (batch or 1, heads, P, head_dim). Serving several
+prompts in one batch adds a third element, a boolean (batch, P) mask of the prefix columns each example may attend
+to (shorter prompts are zero-padded and their padded columns hidden: they get exactly zero attention weight).
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from ptv2.errors import UserError
 
 ATTENTION_KEY = "ptv2_prefix_sdpa"
+# backbone.attention=eager: the same prefix handling with the attention written out (matmul, softmax, dropout,
+# matmul) as the official implementation's eager BERT attention ran it; for official-style speed comparisons.
+EAGER_ATTENTION_KEY = "ptv2_prefix_eager"
 
 Prefix = dict[int, tuple[torch.Tensor, torch.Tensor]]
 
@@ -64,26 +69,88 @@ def _expand_to_batch(tensor: torch.Tensor, batch_size: int, dtype: torch.dtype) 
     return tensor.to(dtype).expand(batch_size, -1, -1, -1)
 
 
-def _prefix_sdpa_attention(module, query, key, value, attention_mask, prefix_key_values: Prefix | None = None, **kw):
-    """Stock SDPA attention over [prefix; keys] for layers that have a prefix."""
+def _prefix_sdpa_attention(
+    module, query, key, value, attention_mask, prefix_key_values: Prefix | None = None, eager: bool = False, **kw
+):
+    """Stock SDPA attention over [prefix; keys] for layers that have a prefix; the same math written out when
+    `eager` (backbone.attention=eager) and for prefixed layers training with dropout on the CPU (see
+    _written_out_attention). Without a prefix and not eager: the stock SDPA call, unchanged."""
     layer_prefix = prefix_key_values.get(module.layer_idx) if prefix_key_values else None
     if layer_prefix is not None:
-        prefix_key, prefix_value = layer_prefix
+        prefix_key, prefix_value, *prefix_mask = layer_prefix
         batch_size, prefix_length = key.shape[0], prefix_key.shape[2]
+        key_length = key.shape[2]
         key = torch.cat([_expand_to_batch(prefix_key, batch_size, key.dtype), key], dim=2)
         value = torch.cat([_expand_to_batch(prefix_value, batch_size, value.dtype), value], dim=2)
-        if attention_mask is not None:  # None means "no padding in this batch": nothing to extend
+        if prefix_mask:  # per-example prompts (serving): hide each example's padded prefix columns
+            attention_mask = _with_prefix_mask(attention_mask, prefix_mask[0], query.shape[2], key_length)
+        elif attention_mask is not None:  # None means "no padding in this batch": nothing to extend
             # Every query may attend to every prefix column: True for boolean masks, 0 for additive ones.
             visible = torch.ones if attention_mask.dtype == torch.bool else torch.zeros
             columns = visible(
                 *attention_mask.shape[:-1], prefix_length, dtype=attention_mask.dtype, device=attention_mask.device
             )
             attention_mask = torch.cat([columns, attention_mask], dim=-1)
+        if kw.get("dropout", 0.0) > 0 and query.device.type == "cpu" and not prefix_mask:
+            eager = True
+    if eager:
+        return _written_out_attention(query, key, value, attention_mask, kw.get("dropout", 0.0), kw.get("scaling"))
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kw)
+
+
+def _prefix_eager_attention(module, query, key, value, attention_mask, **kw):
+    return _prefix_sdpa_attention(module, query, key, value, attention_mask, eager=True, **kw)
+
+
+def _written_out_attention(query, key, value, attention_mask, dropout: float, scaling: float | None):
+    """Attention as SDPA's math kernel computes it, minus two costs; used for training with a prefix on the CPU.
+
+    With dropout on, CPU SDPA always falls back to its math kernel, which scales queries and keys separately and
+    guards against fully masked rows (isneginf + all + where over the whole score tensor). Prefix columns are
+    visible to every query, so no row is ever fully masked: scaling the queries once and a plain softmax give the
+    same result for three fewer passes over the (B, H, L, P + L) scores per layer (and a row that is fully masked
+    anyway gets uniform weights instead of zeros). Returns (B, L, H, D), None.
+    """
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    scores = torch.matmul(query * scale, key.transpose(-1, -2))
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + attention_mask
+    probs = torch.softmax(scores, dim=-1)
+    if dropout > 0:
+        probs = torch.nn.functional.dropout(probs, dropout, training=True)
+    return torch.matmul(probs, value).transpose(1, 2).contiguous(), None
+
+
+def _with_prefix_mask(attention_mask, prefix_mask: torch.Tensor, queries: int, keys: int) -> torch.Tensor:
+    """The attention mask (B, 1, queries, P + keys) with prefix columns visible where prefix_mask (B, P) is True."""
+    batch_size = prefix_mask.shape[0]
+    if attention_mask is None:
+        attention_mask = torch.ones(batch_size, 1, queries, keys, dtype=torch.bool, device=prefix_mask.device)
+    attention_mask = attention_mask.expand(batch_size, *attention_mask.shape[1:])
+    columns = prefix_mask[:, None, None, :].expand(*attention_mask.shape[:-1], prefix_mask.shape[1])
+    if attention_mask.dtype != torch.bool:  # additive mask: 0 where visible, the dtype's minimum where hidden
+        hidden = torch.finfo(attention_mask.dtype).min
+        columns = torch.zeros(columns.shape, dtype=attention_mask.dtype, device=columns.device).masked_fill(
+            ~columns, hidden
+        )
+    return torch.cat([columns, attention_mask], dim=-1)
 
 
 AttentionInterface.register(ATTENTION_KEY, _prefix_sdpa_attention)
 AttentionMaskInterface.register(ATTENTION_KEY, sdpa_mask)
+AttentionInterface.register(EAGER_ATTENTION_KEY, _prefix_eager_attention)
+AttentionMaskInterface.register(EAGER_ATTENTION_KEY, sdpa_mask)
+
+
+def attention_key(config: PretrainedConfig, attention: str = "sdpa") -> str:
+    """attn_implementation to load a backbone with: prefix-aware SDPA (or written-out eager) for the attention-
+    interface families, the model's own eager attention for DeBERTa-v2 (which prepare_encoder then patches)."""
+    if family_of(config).injection != "attention_interface":
+        return "eager"
+    return EAGER_ATTENTION_KEY if attention == "eager" else ATTENTION_KEY
 
 
 class _PrefixSlot:
@@ -105,7 +172,8 @@ def _deberta_prefix_attention(self, hidden_states, attention_mask, output_attent
     value = self.transpose_for_scores(self.value_proj(hidden_states), heads)
     batch_size, length = hidden_states.shape[:2]
     prefix_key, prefix_value = (
-        _expand_to_batch(t, batch_size, key.dtype).reshape(batch_size * heads, -1, key.shape[-1]) for t in layer_prefix
+        _expand_to_batch(t, batch_size, key.dtype).reshape(batch_size * heads, -1, key.shape[-1])
+        for t in layer_prefix[:2]
     )
     prefix_length = prefix_key.shape[1]
 
@@ -121,7 +189,10 @@ def _deberta_prefix_attention(self, hidden_states, attention_mask, output_attent
     scores = scores.view(batch_size, heads, length, prefix_length + length)
 
     mask = attention_mask.bool()  # (B, 1, L, L)
-    mask = torch.cat([mask.new_ones(*mask.shape[:-1], prefix_length), mask], dim=-1)
+    if len(layer_prefix) > 2:  # per-example prompts (serving): hide each example's padded prefix columns
+        mask = _with_prefix_mask(mask.expand(batch_size, *mask.shape[1:]), layer_prefix[2], length, length)
+    else:
+        mask = torch.cat([mask.new_ones(*mask.shape[:-1], prefix_length), mask], dim=-1)
     scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
     probs = self.dropout(torch.softmax(scores, dim=-1))
     context = torch.bmm(probs.view(batch_size * heads, length, -1), torch.cat([prefix_value, value], dim=1))
@@ -133,7 +204,7 @@ def prepare_encoder(encoder: torch.nn.Module) -> None:
     """Make a loaded encoder accept prefixes (call once, after loading)."""
     family = family_of(encoder.config)
     if family.injection == "attention_interface":
-        if encoder.config._attn_implementation != ATTENTION_KEY:
+        if encoder.config._attn_implementation not in (ATTENTION_KEY, EAGER_ATTENTION_KEY):
             encoder.set_attn_implementation(ATTENTION_KEY)
         return
     slot = _PrefixSlot()

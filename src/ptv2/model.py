@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ptv2.heads import HEADS
+from ptv2.heads import HEADS, VerbalizerHead
 from ptv2.injection import encoder_shape, run_encoder, shifted_position_ids
 from ptv2.prompts import InputPrompt, PrefixEncoder
 
@@ -32,8 +32,11 @@ class PromptModel(nn.Module):
     attention_mask (B, L), optionally token_type_ids (B, L), plus whatever the head needs (e.g. num_choices).
     """
 
-    def __init__(self, encoder: nn.Module, prompt_cfg, heads: dict[str, tuple[str, int]], head_dropout: float):
-        """heads: {name: (task type, number of labels)} — one head per dataset, all on the same prompt."""
+    def __init__(
+        self, encoder: nn.Module, prompt_cfg, heads: dict[str, tuple[str, int] | nn.Module], head_dropout: float
+    ):
+        """heads: {name: (task type, number of labels) or a built head (VerbalizerHead)} — one head per dataset, all
+        on the same prompt."""
         super().__init__()
         self.encoder = encoder
         self.method = prompt_cfg.method
@@ -59,11 +62,24 @@ class PromptModel(nn.Module):
 
         self.heads = nn.ModuleDict(
             {
-                name: HEADS[kind](config.hidden_size, num_labels, head_dropout)
-                for name, (kind, num_labels) in heads.items()
+                name: spec if isinstance(spec, nn.Module) else HEADS[spec[0]](config.hidden_size, spec[1], head_dropout)
+                for name, spec in heads.items()
             }
         )
         self.encoder.requires_grad_(self.method not in FROZEN_METHODS)
+        self._set_verbalizer_trainability()
+
+    def _set_verbalizer_trainability(self) -> None:
+        """A verbalizer's MLM head is pretrained backbone: it stays frozen with a frozen encoder. A linear probe has
+        no other head, so there the MLM head's own layers train (never the word embeddings its decoder shares with
+        the encoder, which `requires_grad_` on the encoder already decided)."""
+        shared = {id(p) for p in self.encoder.parameters()}
+        trains = self.method not in FROZEN_METHODS or self.method == "linear_probe"
+        for head in self.heads.values():
+            if isinstance(head, VerbalizerHead):
+                for parameter in head.lm_head.parameters():
+                    if id(parameter) not in shared:
+                        parameter.requires_grad_(trains)
 
     def forward(self, batch: dict, head: str | None = None) -> torch.Tensor:
         input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]

@@ -56,8 +56,10 @@ class PrefixEncoder(nn.Module):
         # Dropout per example on the batch-expanded prefix, as the official implementation applies it.
         prefix = self.dropout(prefix) if self.training and self.dropout.p > 0 else prefix
         prefix = prefix.view(batch_size, self.length, len(self.layers) * 2, self.heads, self.head_dim)
-        prefix = prefix.permute(2, 0, 3, 1, 4)  # (layers*2, batch, heads, length, head_dim)
-        return {layer: (prefix[2 * i], prefix[2 * i + 1]) for i, layer in enumerate(self.layers)}
+        # (batch, heads, length, head_dim) per layer and key/value. unbind, not indexing: its backward stacks the
+        # 2 x layers gradients once, where each index would zero-fill and add a gradient the size of all prefixes.
+        parts = prefix.permute(2, 0, 3, 1, 4).unbind(0)
+        return {layer: (parts[2 * i], parts[2 * i + 1]) for i, layer in enumerate(self.layers)}
 
     @torch.no_grad()
     def fold(self) -> torch.Tensor:

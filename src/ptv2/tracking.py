@@ -30,10 +30,31 @@ def run_name(cfg) -> str:
     return f"{cfg.task.name}-{cfg.backbone.name}-{cfg.prompt.method}"
 
 
-class Tracker:
-    """Logs config, per-epoch metrics and the final summary; a no-op with logger=none."""
+def hydra_job() -> dict:
+    """What W&B should know of the Hydra job this process runs: its command-line overrides (in a sweep, the swept
+    values), and in a multirun its job number and a default group shared by the sweep's jobs: the sweep folder
+    below outputs/multirun (e.g. 'rte/tiny/2025-01-01_12-00-00'), or its name. Empty outside Hydra."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
-    def __init__(self, cfg, run_dir: Path, job_type: str = "train", group: str | None = None, enabled: bool = True):
+    if not HydraConfig.initialized():
+        return {}
+    hydra_cfg = HydraConfig.get()
+    job = {"overrides": list(hydra_cfg.overrides.task)}
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        parts = Path(hydra_cfg.sweep.dir).parts
+        below = parts[parts.index("multirun") + 1 :] if "multirun" in parts else parts[-1:]
+        job.update(num=hydra_cfg.job.num, group="/".join(below) or "sweep", sweep_dir=str(hydra_cfg.sweep.dir))
+    return job
+
+
+class Tracker:
+    """Logs config, per-epoch metrics and the final summary; a no-op with logger=none.
+
+    In a multirun every job is a run of job_type 'sweep-job' in one group (logger.group, else the sweep folder),
+    named after its job number, with the job's overrides in its config ('overrides') so the swept keys show."""
+
+    def __init__(self, cfg, run_dir: Path, job_type: str | None = None, group: str | None = None, enabled: bool = True):
         self.run = None
         settings = cfg.logger
         if settings.name == "none" or not enabled:
@@ -45,20 +66,26 @@ class Tracker:
             return
         import wandb
 
+        job = hydra_job()
+        sweeping = "num" in job
         options = dict(
             project=settings.project,
             entity=settings.entity,
-            name=run_name(cfg),
-            group=settings.group or group,
-            job_type=job_type,
+            name=f"{run_name(cfg)}-job{job['num']}" if sweeping else run_name(cfg),
+            group=settings.group or group or job.get("group"),
+            job_type=job_type or ("sweep-job" if sweeping else "train"),
             tags=list(settings.tags),
-            config=OmegaConf.to_container(cfg, resolve=True),
+            config={
+                **OmegaConf.to_container(cfg, resolve=True),
+                **{k: job[k] for k in ("overrides", "sweep_dir") if k in job},
+            },
             dir=str(run_dir),
             reinit="finish_previous",  # sweeps run several jobs in one process
         )
         for attempt in dict.fromkeys([mode, "offline"]):
             try:
-                self.run = wandb.init(mode=attempt, settings=wandb.Settings(init_timeout=60, silent=True), **options)
+                wandb_settings = wandb.Settings(init_timeout=settings.get("init_timeout", 60), silent=True)
+                self.run = wandb.init(mode=attempt, settings=wandb_settings, **options)
                 return
             except Exception as error:  # wandb raises many types for network and auth problems
                 log.warning(

@@ -18,15 +18,17 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from ptv2 import backbone, checkpoint
+from ptv2 import state as training_state
 from ptv2.config import task_members, validate
 from ptv2.data import LengthGroupedBatches, Split, prepare_split, sorted_batches, timed
 from ptv2.errors import UserError
+from ptv2.heads import VerbalizerHead
 from ptv2.model import PromptModel
 from ptv2.tasks import task_type
 from ptv2.tracking import Tracker
@@ -61,16 +63,34 @@ class IndexedFeatures(torch.utils.data.Dataset):
         return [{**{k: v[i] for k, v in rows.items()}, "index": index} for i, index in enumerate(indices)]
 
 
-def make_collate(kind, tokenizer):
+def make_collate(kind, tokenizer, pad_to: int | None = None):
+    """Batches of features; pad_to right-pads the token dimension to a fixed length (trainer.pad_to_max_length)."""
+
     def collate(items: list[dict]) -> dict:
         indices = torch.tensor([item.pop("index") for item in items])
-        return {**kind.collate(items, tokenizer), "index": indices}
+        batch = kind.collate(items, tokenizer)
+        return {**(pad_to_length(batch, pad_to, tokenizer.pad_token_id) if pad_to else batch), "index": indices}
 
     return collate
 
 
+def pad_to_length(batch: dict, length: int, pad_id: int) -> dict:
+    """Token-aligned (rows, tokens) tensors right-padded to `length`: every batch as long as the longest possible,
+    as the official scripts padded (padding="max_length"). Only for speed comparisons: results are unchanged."""
+    fills = {"input_ids": pad_id, "attention_mask": 0, "token_type_ids": 0, "labels": -100}
+    padded = dict(batch)
+    for key, fill in fills.items():
+        tensor = batch.get(key)
+        if torch.is_tensor(tensor) and tensor.dim() == 2 and tensor.shape[1] < length:
+            if key == "labels" and tensor.shape != batch["input_ids"].shape:
+                continue  # labels that are not per token
+            padded[key] = torch.nn.functional.pad(tensor, (0, length - tensor.shape[1]), value=fill)
+    return padded
+
+
 def feature_lengths(features) -> list[int]:
-    return [len(ids) for ids in features["input_ids"]]
+    """Token count of each feature (multiple choice: of its longest choice)."""
+    return [max(map(len, ids)) if ids and isinstance(ids[0], list) else len(ids) for ids in features["input_ids"]]
 
 
 def build(cfg: DictConfig, splits_of):
@@ -103,13 +123,35 @@ def build(cfg: DictConfig, splits_of):
         with open_dict(cfg.task):
             for member in members:
                 cfg.task.members[member.name] = member.task
-    model = PromptModel(
-        backbone.load_encoder(cfg.backbone, backbone_config),
-        cfg.prompt,
-        heads={m.name: (m.task.type, len(m.task.labels)) for m in members},
-        head_dropout=cfg.task.head_dropout,
-    )
+    if any(m.task.get("head") == "verbalizer" for m in members):
+        encoder, lm_head = backbone.load_masked_lm(cfg.backbone, backbone_config)
+    else:
+        encoder, lm_head = backbone.load_encoder(cfg.backbone, backbone_config), None
+    heads = {m.name: head_spec(m, tokenizer, lm_head) for m in members}
+    model = PromptModel(encoder, cfg.prompt, heads=heads, head_dropout=cfg.task.head_dropout)
     return tokenizer, members, prep_seconds, model
+
+
+VERBALIZER_TYPES = ("classification", "multiple_choice")
+
+
+def head_spec(member: Member, tokenizer, lm_head):
+    """PromptModel's head for a member: (task type, label count) for a linear head, or a VerbalizerHead on the
+    backbone's MLM head reading `task.options.verbalizer` (one word per label; multiple choice: one word, whose
+    logit scores each choice)."""
+    task = member.task
+    if task.get("head") != "verbalizer":  # configs saved before task.head existed have linear heads
+        return task.type, len(task.labels)
+    if task.type not in VERBALIZER_TYPES:
+        raise UserError(f"task.head=verbalizer works for task types {', '.join(VERBALIZER_TYPES)}, not {task.type}")
+    if tokenizer.mask_token_id is None:
+        raise UserError(f"task.head=verbalizer needs a backbone with a mask token; {tokenizer.name_or_path} has none")
+    words = [str(word) for word in (task.options.get("verbalizer") or [])]
+    expected = 1 if task.type == "multiple_choice" else len(task.labels)
+    if len(words) != expected:
+        wanted = "one word" if expected == 1 else f"{expected} words, one per label of {list(task.labels)}"
+        raise UserError(f"task {member.name}: task.options.verbalizer={words} needs {wanted}")
+    return VerbalizerHead(lm_head, backbone.label_word_ids(tokenizer, words, f"task {member.name}"))
 
 
 @torch.inference_mode()
@@ -127,9 +169,10 @@ def predict(model, member: Member, split: str, tokenizer, accelerator: Accelerat
     for batch in loader:
         result = member.kind.outputs(model(batch, head=member.name), batch)
         if accelerator.num_processes > 1:
-            # Ragged outputs (per-token) are padded to one width; repeated rows that even out the last batches
-            # across processes carry an index already seen and simply overwrite it.
-            result = accelerator.pad_across_processes(result, dim=1, pad_index=0) if result.dim() > 2 else result
+            # Ragged outputs (per-token: (B, L) tag ids, (B, L, 2) span logits) are padded to one width (a no-op
+            # for (B, labels) scores); repeated rows that even out the last batches across processes carry an
+            # index already seen and simply overwrite it.
+            result = accelerator.pad_across_processes(result, dim=1, pad_index=0) if result.dim() >= 2 else result
             result, index = accelerator.gather((result, batch["index"]))
         else:
             index = batch["index"]
@@ -189,6 +232,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     accelerator = Accelerator(mixed_precision=cfg.trainer.precision, cpu=cfg.trainer.cpu)
     set_seed(cfg.trainer.seed)
     tokenizer, members, prep_seconds, model = build(cfg, lambda task: ["train", task.eval_split, task.test_split])
+    if accelerator.is_main_process:  # again, now with the label names derived from the training data
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     if cfg.prompt.init_from:
         checkpoint.load(cfg.prompt.init_from, model, strict_heads=False)
     counts = model.parameter_counts()
@@ -212,7 +257,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         loaders[member.name] = DataLoader(
             IndexedFeatures(features),
             batch_sampler=samplers[member.name],
-            collate_fn=make_collate(member.kind, tokenizer),
+            collate_fn=make_collate(
+                member.kind, tokenizer, member.task.max_length if cfg.trainer.pad_to_max_length else None
+            ),
         )
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
@@ -234,13 +281,40 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     tracker.summary(counts)
     history, best, best_value, best_epoch, best_state, step = [], None, -math.inf, -1, None, 0
     labels = {m.name: list(m.task.labels) for m in members}
-    for epoch in range(cfg.trainer.epochs):
+    # trainer.resume: restore everything the loop carries; the interrupted epoch is replayed below.
+    resumed = training_state.restore(cfg, run_dir, unwrapped, optimizer, scheduler)
+    start_epoch, losses = 0, []
+    if resumed:
+        history, best, best_value, best_epoch, best_state, step, losses = (
+            resumed[k] for k in ("history", "best", "best_value", "best_epoch", "best_state", "step", "losses")
+        )
+        start_epoch = resumed["epoch"]
+
+    def save_state(epoch: int, batches_done: int) -> None:
+        if accelerator.is_main_process:
+            progress = dict(epoch=epoch, batches_done=batches_done, step=step, losses=losses if batches_done else [])
+            progress.update(history=history, best=best, best_value=best_value, best_epoch=best_epoch)
+            training_state.save(run_dir, unwrapped, optimizer, scheduler, cfg, {**progress, "best_state": best_state})
+
+    stop = training_state.StopRequests().install()  # SIGTERM/SIGINT: save the state, then stop
+    for epoch in range(start_epoch, cfg.trainer.epochs):
+        epoch_started = time.perf_counter()  # the epoch's training time is logged apart from its evaluation
         model.train()
         for sampler in samplers.values():
             sampler.set_epoch(epoch)
-        losses = []
+        batches, done = interleaved(loaders, cfg.trainer.seed, epoch), 0
+        if resumed and epoch == start_epoch:
+            # Same batch order as the interrupted run: skip its finished batches, then take its RNG states (the
+            # data iterators draw from the torch generator when they start).
+            done = resumed["batches_done"]
+            for _ in range(done):
+                next(batches)
+            training_state.set_rng_states(resumed["rng"])
+        else:
+            losses = []
         bar = tqdm(
-            interleaved(loaders, cfg.trainer.seed, epoch),
+            batches,
+            initial=done,
             total=sum(len(x) for x in loaders.values()),
             desc=f"epoch {epoch + 1}/{cfg.trainer.epochs}",
             leave=False,
@@ -249,9 +323,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         for name, batch in bar:
             loss = unwrapped.head_for(name).loss(model(batch, head=name), batch)
             if not torch.isfinite(loss):
+                save_state(epoch, done)  # the parameters are still those of the last good step
                 raise UserError(
                     f"the loss became {loss.item()} at step {step + 1} (epoch {epoch + 1}); lower optimizer.lr "
-                    f"or use trainer.precision=no; the best checkpoint so far is kept in {run_dir}"
+                    f"or use trainer.precision=no; the best checkpoint so far and the training state of step {step} "
+                    f"are kept in {run_dir}"
                 )
             accelerator.backward(loss)
             if cfg.trainer.max_grad_norm:
@@ -261,12 +337,23 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                 scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            done += 1
             losses.append(loss.item())
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+            if cfg.trainer.save_every_steps and step % cfg.trainer.save_every_steps == 0:
+                save_state(epoch, done)
+            training_state.maybe_die(step)
+            if stop.signal_name:
+                save_state(epoch, done)
+                raise UserError(
+                    f"stopped by {stop.signal_name} at step {step}; the training state is saved in "
+                    f"{run_dir / training_state.STATE_DIR}: continue with trainer.resume={run_dir}"
+                )
             if cfg.trainer.max_steps and step >= cfg.trainer.max_steps:
                 break
         if schedule_unit == "epoch":
             scheduler.step()
+        train_seconds = time.perf_counter() - epoch_started
 
         metrics = evaluate_all(model, members, lambda m: m.task.eval_split, tokenizer, accelerator, cfg)
         value = selection_value(members, metrics)
@@ -274,6 +361,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             "epoch": epoch + 1,
             "step": step,
             "train_loss": float(np.mean(losses)) if losses else math.nan,
+            "train_seconds": train_seconds,
             **flatten("dev", members, metrics),
         }
         history.append(record)
@@ -284,8 +372,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             best_state = {k: v.detach().clone() for k, v in unwrapped.trainable_state_dict().items()}
             if cfg.trainer.save_checkpoint and accelerator.is_main_process:
                 checkpoint.save(run_dir / checkpoint.FILENAME, unwrapped, cfg, labels)
+        save_state(epoch + 1, 0)
         if cfg.trainer.max_steps and step >= cfg.trainer.max_steps:
             break
+    stop.uninstall()
 
     single = len(members) == 1
     results = {

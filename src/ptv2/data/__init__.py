@@ -10,6 +10,7 @@ import hashlib
 import importlib
 import json
 import os
+import pickle
 import shutil
 import time
 from dataclasses import dataclass
@@ -56,8 +57,26 @@ def _files_fingerprint(task) -> list:
 
 def _tokenizer_fingerprint(tokenizer) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    text = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    if backend is None:
+        text = json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    else:
+        # Without the truncation/padding state: encoding a split sets it on the backend, so a job that tokenized
+        # its train split would otherwise key the dev split differently from a job whose train split was cached.
+        # The state is switched off around to_str() and restored (parsing the JSON instead costs ~0.5 s a call).
+        truncation, padding = backend.truncation, backend.padding
+        backend.no_truncation()
+        backend.no_padding()
+        try:
+            text = backend.to_str()
+        finally:
+            if truncation:
+                backend.enable_truncation(**truncation)
+            if padding:
+                backend.enable_padding(**padding)
     return hashlib.sha256(f"{type(tokenizer).__name__}{text}".encode()).hexdigest()
+
+
+EXAMPLES_FILE = "ptv2_examples.pickle"  # canonical examples of a cached split, next to its features
 
 
 def cache_dir(configured: str | None) -> Path:
@@ -65,10 +84,11 @@ def cache_dir(configured: str | None) -> Path:
 
 
 def prepare_split(task, split: str, tokenizer, task_type, cache_root: str | None, limit: int | None = None) -> Split:
-    """Read and tokenize one split; tokenized features are cached on disk keyed by everything they depend on."""
-    examples = load_examples(task, split)
-    if limit:
-        examples = examples[:limit]
+    """Read and tokenize one split; tokenized features are cached on disk keyed by everything they depend on.
+
+    The examples are cached beside the features, so a cache hit (every job of a sweep after the first) neither
+    reads nor parses the data files: the key already covers their size and modification time.
+    """
     key_parts = {
         "task": OmegaConf.to_container(task, resolve=True),
         "split": split,
@@ -76,11 +96,17 @@ def prepare_split(task, split: str, tokenizer, task_type, cache_root: str | None
         "files": _files_fingerprint(task),
         "tokenizer": _tokenizer_fingerprint(tokenizer),
         "encoder": task_type.__name__,
-        "version": 1,
+        "version": 2,
     }
     key = hashlib.sha256(json.dumps(key_parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
     path = cache_dir(cache_root) / "features" / f"{task.name}-{split}-{key}"
-    if path.exists():
+    if (path / EXAMPLES_FILE).exists():
+        examples = pickle.loads((path / EXAMPLES_FILE).read_bytes())
+        return Split(split, examples, datasets.load_from_disk(str(path)))
+    examples = load_examples(task, split)
+    if limit:
+        examples = examples[:limit]
+    if path.exists():  # features cached by an older version, without their examples
         return Split(split, examples, datasets.load_from_disk(str(path)))
     rows = datasets.Dataset.from_list(examples)
     features = rows.map(
@@ -88,6 +114,7 @@ def prepare_split(task, split: str, tokenizer, task_type, cache_root: str | None
     )
     partial = path.with_name(path.name + f".tmp{os.getpid()}")
     features.save_to_disk(str(partial))
+    (partial / EXAMPLES_FILE).write_bytes(pickle.dumps(examples))
     if path.exists():  # another job of a sweep finished the same features first
         shutil.rmtree(partial)
     else:

@@ -1,26 +1,71 @@
-"""Sentence(-pair) classification with a linear head on [CLS]: examples have text_a, text_b ("" if none), label."""
+"""Sentence(-pair) classification with a linear head on [CLS]: examples have text_a, text_b ("" if none), label.
+
+With `task.head=verbalizer` every sequence also gets a mask slot, "? <mask>", before its closing separator
+("[CLS] a [SEP] b ? [MASK] [SEP]"), where the verbalizer head reads its label words.
+"""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from ptv2.checkpoint import atomic_write
 from ptv2.data import Split
 
 
 def encode(batch: dict[str, list], tokenizer, task) -> dict[str, list]:
     pairs = any(batch["text_b"])
+    slot = mask_slot(tokenizer) if task.get("head") == "verbalizer" else []
     features = tokenizer(
-        batch["text_a"], batch["text_b"] if pairs else None, truncation=True, max_length=task.max_length
+        batch["text_a"], batch["text_b"] if pairs else None, truncation=True, max_length=task.max_length - len(slot)
     )
+    if slot:
+        insert_mask_slot(features, slot)
     features["labels"] = batch["label"]
     return features
 
 
+def mask_slot(tokenizer) -> list[int]:
+    """Token ids of "? <mask>": the question mark makes the label word a natural answer for the MLM head."""
+    return tokenizer(" ?", add_special_tokens=False)["input_ids"] + [tokenizer.mask_token_id]
+
+
+def insert_mask_slot(features, slot: list[int]) -> None:
+    """Insert `slot` before the closing separator of every tokenized sequence (in place) and record where its mask
+    is in "mask_position". The slot takes the segment (token type) of the last text."""
+    rows = len(features["input_ids"])
+    features["mask_position"] = [0] * rows
+    for row in range(rows):
+        at = len(features["input_ids"][row]) - 1  # every supported tokenizer ends a sequence with a separator
+        fillers = {"input_ids": slot, "attention_mask": [1] * len(slot)}
+        if "token_type_ids" in features:
+            fillers["token_type_ids"] = [features["token_type_ids"][row][at - 1]] * len(slot)
+        for key, filler in fillers.items():
+            values = features[key][row]
+            features[key][row] = values[:at] + filler + values[at:]
+        features["mask_position"][row] = at + len(slot) - 1
+
+
+def pad(features: list[dict], tokenizer) -> dict[str, torch.Tensor]:
+    """Pad token features (B, L); with mask slots also "mask_positions" (B,), moved along by left padding."""
+    batch = tokenizer.pad(
+        [{k: v for k, v in f.items() if k not in ("labels", "mask_position")} for f in features], return_tensors="pt"
+    )
+    if "mask_position" in features[0]:
+        width = batch["input_ids"].shape[1]
+        left = tokenizer.padding_side == "left"
+        batch["mask_positions"] = torch.tensor(
+            [f["mask_position"] + (width - len(f["input_ids"]) if left else 0) for f in features]
+        )
+    return dict(batch)
+
+
 def collate(features: list[dict], tokenizer) -> dict[str, torch.Tensor]:
     labels = torch.tensor([f["labels"] for f in features])
-    batch = tokenizer.pad([{k: v for k, v in f.items() if k != "labels"} for f in features], return_tensors="pt")
-    return {**batch, "labels": labels}
+    return {**pad(features, tokenizer), "labels": labels}
 
 
 def outputs(logits: torch.Tensor, batch: dict) -> torch.Tensor:
@@ -36,3 +81,29 @@ def metrics(task, split: Split, outputs: list[np.ndarray]) -> dict[str, float]:
         return superglue_metrics(task.name, split.examples, scores)
     labels = np.array([example["label"] for example in split.examples])
     return {"accuracy": float((scores.argmax(-1) == labels).mean())}
+
+
+def write_predictions(task, split: Split, outputs: list[np.ndarray], out_dir) -> list[Path]:
+    """Prediction file(s) of one split: the SuperGLUE leaderboard file for SuperGLUE tasks (e.g. RTE.jsonl),
+    otherwise <task>-<split>.jsonl with one {"idx", "label": label name} line per example."""
+    scores = np.stack(outputs)  # (examples, labels)
+    out_dir = Path(out_dir)
+    if task.reader == "superglue":
+        from ptv2.data import superglue
+
+        path = out_dir / superglue.SUBMISSION_NAMES[task.name]
+        superglue.write_submission(task.name, split.examples, scores, path, labels=list(task.labels))
+        return [path]
+    labels = list(task.labels)
+    lines = [
+        {"idx": example.get("idx", i), "label": labels[int(predicted)]}
+        for i, (example, predicted) in enumerate(zip(split.examples, scores.argmax(-1), strict=True))
+    ]
+    return [write_jsonl(out_dir / f"{task.name}-{split.name}.jsonl", lines)]
+
+
+def write_jsonl(path: Path, lines: list[dict]) -> Path:
+    """Write one JSON object per line, atomically (a killed run leaves no half-written file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: tmp.write_text("".join(json.dumps(line) + "\n" for line in lines)))
+    return path

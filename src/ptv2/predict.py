@@ -1,0 +1,121 @@
+"""`ptv2 predict ckpt=...`: predictions of one or several trained prompts on a split or on a file.
+
+Several checkpoints (ckpt=[a,b,c]) are served on ONE frozen backbone (see serving.py); each writes its task's
+official prediction file when its task type has `write_predictions`, else a generic JSON-lines file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+from accelerate import Accelerator
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+
+from ptv2 import checkpoint
+from ptv2.config import task_members
+from ptv2.data import prepare_split
+from ptv2.errors import UserError
+from ptv2.evaluate import checkpoint_config
+from ptv2.serving import PromptServer
+from ptv2.tasks import task_type
+from ptv2.train import Member, predict
+
+log = logging.getLogger("ptv2")
+INPUT_SPLIT = "test"  # input=FILE is read as the test split: labels optional, readers know the format
+
+
+def checkpoint_paths(ckpt) -> list[str]:
+    if not ckpt:
+        raise UserError("ptv2 predict needs a checkpoint: ckpt=RUN_DIR (or ckpt=[RUN_A,RUN_B] for several)")
+    paths = [str(p) for p in ckpt] if isinstance(ckpt, (list, tuple, ListConfig)) else [str(ckpt)]
+    for path in paths:
+        checkpoint.resolve(path)  # a clear error for a missing one before any loading
+    return paths
+
+
+def with_input_file(saved: DictConfig, input_file: str) -> DictConfig:
+    """The run config with its task reading `input_file` (in the task's own format) as the split INPUT_SPLIT."""
+    path = Path(input_file).expanduser().resolve()
+    if not path.is_file():
+        raise UserError(f"input={input_file} is not a file: pass a file in the task's own format")
+    if saved.task.members:
+        raise UserError("input=FILE needs a single-task checkpoint: a multi-task one does not say which task it is")
+    with open_dict(saved.task):
+        saved.task.data_dir = str(path.parent)
+        saved.task.files = {**saved.task.files, INPUT_SPLIT: path.name}
+    return saved
+
+
+def output_folder(cfg: DictConfig, run_dir: Path) -> Path:
+    folder = Path(cfg.output_dir).expanduser() if cfg.output_dir else run_dir
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".ptv2-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise UserError(f"cannot write predictions to {folder} ({error.strerror}); pass output_dir=DIR") from None
+    return folder
+
+
+def write_generic(member: Member, split: str, outputs: list[np.ndarray], folder: Path) -> list[Path]:
+    """<name>-<split>.jsonl: one line per feature, the argmax label name (a list of them for per-token outputs)."""
+    labels = list(member.task.labels)
+    examples = member.splits[split].examples
+    lines = []
+    for index, scores in enumerate(outputs):
+        predicted = np.asarray(scores).argmax(-1)
+        names = [labels[int(i)] if int(i) < len(labels) else int(i) for i in np.atleast_1d(predicted)]
+        line = {"index": index, "label": names if np.ndim(predicted) else names[0]}
+        if len(outputs) == len(examples) and "idx" in examples[index]:
+            line["idx"] = examples[index]["idx"]
+        lines.append(json.dumps(line) + "\n")
+    path = folder / f"{member.name}-{split}.jsonl"
+    checkpoint.atomic_write(path, lambda tmp: tmp.write_text("".join(lines)))
+    return [path]
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    paths = checkpoint_paths(cfg.ckpt)
+    configs = [checkpoint_config(OmegaConf.merge(cfg, {"ckpt": path})) for path in paths]
+    split = cfg.split
+    if cfg.input:
+        if len(paths) > 1:
+            raise UserError("input=FILE takes one checkpoint (its task's format); run predict once per checkpoint")
+        configs[0], split = with_input_file(configs[0], cfg.input), INPUT_SPLIT
+    folder = output_folder(cfg, run_dir)
+    server = PromptServer.from_checkpoints(paths, configs)
+    first = configs[0]
+    accelerator = Accelerator(mixed_precision=first.trainer.precision, cpu=first.trainer.cpu)
+    model = accelerator.prepare(server)
+    summary = {"split": split, "input": cfg.input, "served": []}
+    for (model_name, saved), path in zip(server.configs.items(), paths, strict=True):
+        for head_name, task in task_members(saved.task):
+            served = model_name if len(task_members(saved.task)) == 1 else f"{model_name}/{head_name}"
+            kind = task_type(task.type)
+            prepared = prepare_split(task, split, server.tokenizer, kind, saved.trainer.cache_dir)
+            member = Member(served, task, kind, {split: prepared})
+            outputs = predict(model, member, split, server.tokenizer, accelerator, saved.trainer.eval_batch_size)
+            target = folder / served if len(server.owner) > 1 else folder
+            target.mkdir(parents=True, exist_ok=True)
+            if hasattr(kind, "write_predictions"):
+                files = kind.write_predictions(task, prepared, outputs, target)
+            else:
+                files = write_generic(member, split, outputs, target)
+            summary["served"].append(
+                {
+                    "name": served,
+                    "checkpoint": str(checkpoint.resolve(path)),
+                    "task": task.name,
+                    "examples": len(prepared.examples),
+                    "files": [str(f) for f in files],
+                }
+            )
+            log.info(
+                "%s: %d predictions on %s -> %s", served, len(prepared.examples), split, ", ".join(map(str, files))
+            )
+    checkpoint.atomic_write(folder / "predict.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
+    return summary

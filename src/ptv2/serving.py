@@ -1,0 +1,240 @@
+"""Serve several trained prompts on ONE frozen backbone, with a different task per example in the same batch.
+
+    from ptv2.serving import PromptServer
+
+    server = PromptServer.from_checkpoints(["runs/rte", "runs/boolq"])     # run dirs or prompt.safetensors files
+    server.classify([("A man sleeps.", "Nobody sleeps."), ("Is water wet?", "Water is a liquid.")],
+                    tasks=["rte", "boolq"])                               # -> ["not_entailment", "True"]
+    logits = server(batch, tasks=["rte", "boolq", "rte"])                 # one output row per example
+
+Every checkpoint must come from the same backbone (same config hash) and keep that backbone frozen (ptv2 or
+linear_probe; input-prompt methods and fine-tuning change the token sequence or the weights, so they are served
+alone). A mixed batch stacks each example's own key/value prefix per layer. Prompts of different lengths (or on
+different layers) are zero-padded to the longest one and the padded prefix columns are masked out of the
+attention, so they get exactly zero weight: each row's result equals running its own prompt alone, up to
+floating-point summation order. Each row then goes through its own task's head.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+from accelerate.utils import set_seed
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from ptv2 import backbone, checkpoint
+from ptv2.config import task_members, validate
+from ptv2.errors import UserError
+from ptv2.injection import family_of, run_encoder, shifted_position_ids
+from ptv2.model import PromptModel
+from ptv2.prompts import PrefixEncoder
+
+MIXABLE_METHODS = ("ptv2", "linear_probe")  # methods whose backbone and token sequence are untouched
+
+
+def checkpoint_configs(paths) -> list[DictConfig]:
+    """The run configs stored in checkpoints (run dirs or files)."""
+    return [OmegaConf.create(json.loads(checkpoint.read_metadata(path)["config"])) for path in paths]
+
+
+def load_backbone(cfg: DictConfig):
+    """(encoder, tokenizer, lm_head or None) of a run config; the encoder's random init (tiny test backbones)
+    is reproduced by seeding as training did."""
+    backbone_config = backbone.load_config(cfg.backbone)
+    validate(cfg, backbone_config)
+    tokenizer = backbone.load_tokenizer(cfg.backbone)
+    set_seed(cfg.trainer.seed)
+    if any(task.get("head", "linear") == "verbalizer" for _, task in task_members(cfg.task)):
+        encoder, lm_head = backbone.load_masked_lm(cfg.backbone, backbone_config)
+    else:
+        encoder, lm_head = backbone.load_encoder(cfg.backbone, backbone_config), None
+    return encoder, tokenizer, lm_head
+
+
+def model_for(cfg: DictConfig, encoder: nn.Module, tokenizer, lm_head) -> PromptModel:
+    """A PromptModel for a checkpoint's config on an already-loaded encoder (its heads as training built them)."""
+    from ptv2.tasks import task_type
+    from ptv2.train import Member, head_spec
+
+    heads = {
+        name: head_spec(Member(name, task, task_type(task.type), {}), tokenizer, lm_head)
+        for name, task in task_members(cfg.task)
+    }
+    return PromptModel(encoder, cfg.prompt, heads=heads, head_dropout=cfg.task.head_dropout)
+
+
+class PromptServer(nn.Module):
+    """One encoder, several prompt models sharing it; `tasks` names one served head per example.
+
+    forward(batch, tasks=None, head=None): batch holds input_ids and attention_mask (B, L), optionally
+    token_type_ids (B, L) and whatever the heads read. With `tasks` (B names) it returns a list of B output rows
+    (row i: head tasks[i] applied to example i, e.g. (num_labels,) for classification, (L, num_labels) for
+    tagging); with `head` (one name for the whole batch) it returns that head's output tensor, computed exactly as
+    the trained model computes it.
+    """
+
+    def __init__(self, encoder: nn.Module, tokenizer, models: dict[str, PromptModel], configs: dict[str, DictConfig]):
+        """models: {name: PromptModel on `encoder`} (one per checkpoint); configs: their run configs by the same
+        names. A model with one head serves it under the model's name; one with several (multi-task) serves
+        "<name>/<head>" for each."""
+        super().__init__()
+        self.encoder, self.tokenizer, self.configs = encoder, tokenizer, configs
+        self.models = nn.ModuleDict(models)
+        self.owner: dict[str, tuple[str, str]] = {}  # served name -> (model name, head name)
+        for model_name, model in models.items():
+            for head in model.heads:
+                self.owner[model_name if len(model.heads) == 1 else f"{model_name}/{head}"] = (model_name, head)
+        self.eval()
+
+    @classmethod
+    def from_checkpoints(cls, paths, configs: list[DictConfig] | None = None, use_folded: bool = True):
+        """Load one backbone and every checkpoint's prompt + heads onto it.
+
+        paths: run dirs or prompt.safetensors files (a dict {name: path} names them; else the task names).
+        configs: the run configs to build from (default: the ones stored in the checkpoints).
+        """
+        names = list(paths) if isinstance(paths, dict) else None
+        paths = list(paths.values()) if isinstance(paths, dict) else list(paths)
+        if not paths:
+            raise UserError("no checkpoint to serve: pass ckpt=RUN_DIR or ckpt=[RUN_DIR,RUN_DIR,...]")
+        configs = configs or checkpoint_configs(paths)
+        hashes = {str(p): checkpoint.read_metadata(p)["backbone_hash"] for p in paths}
+        if len(set(hashes.values())) > 1:
+            listing = ", ".join(f"{p} ({checkpoint.read_metadata(p)['backbone']})" for p in hashes)
+            raise UserError(f"checkpoints from different backbones cannot share one: {listing}")
+        if len(paths) > 1:
+            for path, cfg in zip(paths, configs, strict=True):
+                if cfg.prompt.method not in MIXABLE_METHODS:
+                    raise UserError(
+                        f"{path} uses prompt.method={cfg.prompt.method}, which changes the backbone or its input; "
+                        f"only {' and '.join(MIXABLE_METHODS)} checkpoints share a backbone (serve it alone)"
+                    )
+        encoder, tokenizer, lm_head = load_backbone(configs[0])
+        models, served = {}, {}
+        for index, (path, cfg) in enumerate(zip(paths, configs, strict=True)):
+            validate(cfg, encoder.config)
+            model = model_for(cfg, encoder, tokenizer, lm_head)
+            checkpoint.load(path, model, use_folded=use_folded)
+            name = names[index] if names else cfg.task.name
+            if name in models:
+                name = f"{name}-{index}"
+            models[name], served[name] = model, cfg
+        return cls(encoder, tokenizer, models, served)
+
+    def head_names(self) -> list[str]:
+        return list(self.owner)
+
+    def forward(self, batch: dict, tasks: list[str] | None = None, head: str | None = None):
+        if tasks is None:
+            name = head or self.head_names()[0]
+            return self._model_of(name)(batch, head=self.owner[name][1])
+        if len(tasks) != batch["input_ids"].shape[0]:
+            raise UserError(f"{len(tasks)} task names for a batch of {batch['input_ids'].shape[0]} examples")
+        groups = self._groups(tasks)
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        if batch.get("token_type_ids") is not None:
+            inputs["token_type_ids"] = batch["token_type_ids"]
+        positions = self._position_ids(groups, batch["attention_mask"])
+        if positions is not None:
+            inputs["position_ids"] = positions
+        hidden = run_encoder(self.encoder, self._mixed_prefix(groups, len(tasks)), **inputs)
+        rows_out: list[torch.Tensor | None] = [None] * len(tasks)
+        for name, rows in groups.items():
+            index = torch.tensor(rows, device=hidden.device)
+            sub_batch = {
+                k: v[index] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == len(tasks) else v
+                for k, v in batch.items()
+            }
+            out = self._model_of(name).head_for(self.owner[name][1])(hidden[index], sub_batch)
+            for position, row in enumerate(rows):
+                rows_out[row] = out[position]
+        return rows_out
+
+    def _model_of(self, head: str) -> PromptModel:
+        if head not in self.owner:
+            raise UserError(f"no served task named {head}; served: {', '.join(self.owner)}")
+        return self.models[self.owner[head][0]]
+
+    def _groups(self, tasks: list[str]) -> dict[str, list[int]]:
+        """{head name: row indices} in order of first appearance."""
+        groups: dict[str, list[int]] = {}
+        for row, name in enumerate(tasks):
+            self._model_of(name)  # fails early on an unknown name
+            groups.setdefault(name, []).append(row)
+        return groups
+
+    def _mixed_prefix(self, groups: dict[str, list[int]], batch_size: int):
+        """{layer: (key, value, visible)}: key/value (B, heads, P_max, head_dim) holding each row's own prefix,
+        zero-padded; visible (B, P_max) is True on a row's real prefix columns only. None without prompts."""
+        prompts = {}
+        for name in groups:
+            prompt = self._model_of(name).prompt
+            if isinstance(prompt, PrefixEncoder):
+                prompts[name] = prompt(1)  # eval mode: no dropout; {layer: (key, value)} each (1, H, P, D)
+        if not prompts:
+            return None
+        longest = max(next(iter(p.values()))[0].shape[2] for p in prompts.values())
+        layers = sorted({layer for p in prompts.values() for layer in p})
+        sample = next(iter(next(iter(prompts.values())).values()))[0]
+        _, heads, _, head_dim = sample.shape
+        prefix = {}
+        for layer in layers:
+            key = sample.new_zeros(batch_size, heads, longest, head_dim)
+            value = sample.new_zeros(batch_size, heads, longest, head_dim)
+            visible = torch.zeros(batch_size, longest, dtype=torch.bool, device=sample.device)
+            for name, prompt in prompts.items():
+                if layer not in prompt:
+                    continue  # this task has no prompt on this layer: its rows see no prefix columns here
+                rows = torch.tensor(groups[name], device=sample.device)
+                length = prompt[layer][0].shape[2]
+                key[rows, :, :length] = prompt[layer][0][0]
+                value[rows, :, :length] = prompt[layer][1][0]
+                visible[rows, :length] = True
+            prefix[layer] = (key, value, visible)
+        return prefix
+
+    def _position_ids(self, groups: dict[str, list[int]], attention_mask: torch.Tensor) -> torch.Tensor | None:
+        """Per-row position ids when some served prompt numbers tokens after its prefix (shift_positions)."""
+        config = self.encoder.config
+        shifts = {}
+        for name in groups:
+            model = self._model_of(name)
+            shifts[name] = model.prompt.length if model.shift_positions else 0
+        if not any(shifts.values()) or family_of(config).positions == "relative":
+            return None
+        positions = torch.zeros_like(attention_mask)
+        for name, rows in groups.items():
+            mask = attention_mask[rows]
+            shifted = shifted_position_ids(config, mask, shifts[name])
+            if shifted is None:  # no shift for this task: the stock numbering
+                if family_of(config).positions == "padding_offset":
+                    shifted = torch.cumsum(mask, dim=1) * mask + config.pad_token_id
+                else:
+                    shifted = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+            positions[rows] = shifted
+        return positions
+
+    @torch.inference_mode()
+    def classify(self, texts: list, tasks: list[str]) -> list[str]:
+        """Label names for raw texts (a string or a (text_a, text_b) pair each) of classification tasks, served in
+        one mixed batch; each text is truncated to its own task's max_length."""
+        rows = []
+        for text, name in zip(texts, tasks, strict=True):
+            pair = (text, None) if isinstance(text, str) else tuple(text)
+            task = self._task_config(name)
+            rows.append(self.tokenizer(*pair, truncation=True, max_length=task.max_length))
+        batch = dict(self.tokenizer.pad(rows, return_tensors="pt"))
+        device = next(self.encoder.parameters()).device
+        batch = {k: v.to(device) for k, v in batch.items()}
+        outputs = self(batch, tasks=tasks)
+        return [
+            str(self._task_config(name).labels[int(np.argmax(out.float().cpu().numpy()))])
+            for out, name in zip(outputs, tasks, strict=True)
+        ]
+
+    def _task_config(self, head: str) -> DictConfig:
+        model_name, head_name = self.owner[head]
+        return dict(task_members(self.configs[model_name].task))[head_name]

@@ -1,0 +1,487 @@
+"""`ptv2 table DIR`: collect the results.json of runs and sweeps under DIR into a results table and plots.
+
+Rows are tasks (one per split and metric), columns method x backbone. Runs that differ only in their seed are one
+config: the cell is their mean ± std (sample std) and n. When runs of the same task, method and backbone also
+differ in other config keys (a prompt-length sweep), those keys become row columns, so every config has its row.
+Each cell is set beside the published number for the same task, backbone, method, split and metric
+(src/ptv2/references.yaml, every number with its source) and the difference. Failed jobs (FAILED marker) and jobs
+without results are listed, with the error line of their log.
+
+Writes into --out (default DIR): table.md, table.csv (the same table, one number per column), runs.csv (one row
+per run), plots (PNG, chosen from what varies: metric vs prompt length, vs prompt depth, method bars) and
+plots.json (the plotted points).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import re
+import statistics
+import sys
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from ptv2.errors import UserError
+
+REFERENCES = Path(__file__).parent / "references.yaml"
+# Config keys that never make two runs different configs: the seed (seeds are aggregated), bookkeeping and logging.
+IGNORED = ("trainer.seed", "trainer.progress", "trainer.cache_dir", "logger.", "task.labels", "backbone.name_or_path")
+IGNORED += ("ckpt", "split", "input", "output_dir")
+PROTOCOL = (
+    "Selection protocol: every run keeps its best dev epoch (results.json `best_epoch`, chosen by the task's "
+    "selection metric). The score is the dev score at that epoch; for tasks with a test split (tagging) it is the "
+    "test score at the best dev epoch (`test_at_best`). Multi-task runs: the mean over members. Scores in percent. "
+    "Runs that differ only in `trainer.seed` are aggregated: mean ± sample std (n runs)."
+)
+
+
+@dataclass
+class Run:
+    path: Path
+    task: str
+    backbone: str
+    method: str
+    split: str
+    metric: str
+    score: float  # percent
+    seed: object
+    config: dict[str, str]  # flattened, values as short strings
+    results: dict = field(repr=False, default_factory=dict)
+
+    @property
+    def cell(self) -> tuple:
+        return (self.task, self.split, self.metric, self.method, self.backbone)
+
+
+# ---------------------------------------------------------------------------------------------- collecting runs
+
+
+def flatten(node, prefix: str = "") -> dict[str, str]:
+    if isinstance(node, dict):
+        out = {}
+        for key, value in node.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+        return out
+    text = json.dumps(node) if isinstance(node, list) else str(node)
+    return {prefix[:-1]: text}
+
+
+def _metric_of(select, member: str | None = None) -> str:
+    return select if isinstance(select, str) else select[member]
+
+
+def score_of(results: dict, config: dict) -> tuple[str, str, float]:
+    """(split, metric, score in percent) of a run under the selection protocol (see PROTOCOL)."""
+    task = config.get("task", {})
+    select = results["select_metric"]
+    metric = select if isinstance(select, str) else "/".join(sorted(set(select.values())))
+    if "test_at_best" in results:
+        tested, split = results["test_at_best"], task.get("test_split") or "test"
+        if isinstance(select, str):
+            value = tested[select]
+        else:  # one dict per member
+            value = statistics.fmean(tested[m][_metric_of(select, m)] for m in tested)
+    else:
+        split, value = task.get("eval_split") or "dev", results["best_value"]
+    # SQuAD metrics (span tasks) are percentages already; the others are fractions.
+    scale = 1.0 if task.get("type") == "span" else 100.0
+    return split, metric, float(value) * scale
+
+
+def load_run(results_path: Path) -> Run:
+    results = json.loads(results_path.read_text())
+    config_path = results_path.with_name("config.yaml")
+    config = yaml.safe_load(config_path.read_text()) if config_path.exists() else {}
+    split, metric, score = score_of(results, config)
+    return Run(
+        path=results_path.parent,
+        task=results["task"],
+        backbone=results["backbone"],
+        method=results["method"],
+        split=split,
+        metric=metric,
+        score=score,
+        seed=config.get("trainer", {}).get("seed"),
+        config=flatten(config),
+        results=results,
+    )
+
+
+def failure_reason(job_dir: Path) -> str:
+    """The error line of a failed job's log: the one-line user error, else the exception of the traceback."""
+    logs = sorted(job_dir.glob("*.log"))
+    if not logs:
+        return "no log"
+    lines = logs[0].read_text(errors="replace").splitlines()
+    for line in lines:
+        if "ptv2: error:" in line:
+            return line[line.index("ptv2: error:") + len("ptv2: error: ") :]
+    if any(line.startswith("Traceback") for line in lines):
+        plain = [line for line in lines if line.strip() and not line.startswith(("[", " "))]
+        return plain[-1] if plain else "traceback in the log"
+    return f"see {logs[0].name}"
+
+
+def job_overrides(job_dir: Path) -> str:
+    overrides = job_dir / ".hydra" / "overrides.yaml"
+    return " ".join(yaml.safe_load(overrides.read_text()) or []) if overrides.exists() else ""
+
+
+def collect(root: Path) -> tuple[list[Run], list[dict]]:
+    """(runs with results, failures) under root; W&B folders are skipped."""
+    runs, failures = [], []
+    for path in sorted(root.rglob("results.json")):
+        if "wandb" in path.relative_to(root).parts:
+            continue
+        try:
+            runs.append(load_run(path))
+        except (KeyError, TypeError, ValueError, yaml.YAMLError) as error:
+            failures.append({"dir": path.parent, "reason": f"unreadable results.json ({error!r})", "overrides": ""})
+    seen = {run.path for run in runs}
+    for marker in sorted(root.rglob("FAILED")):
+        failures.append({"dir": marker.parent, "reason": failure_reason(marker.parent)})
+        seen.add(marker.parent)
+    # A training job folder (its train.log and config.yaml) with neither: killed, crashed hard or still running.
+    for log_file in sorted(root.rglob("train.log")):
+        job = log_file.parent
+        if job not in seen and (job / "config.yaml").exists():
+            failures.append({"dir": job, "reason": "no results.json (killed, crashed or still running)"})
+    for failure in failures:
+        failure.setdefault("overrides", job_overrides(failure["dir"]))
+    return runs, failures
+
+
+# ---------------------------------------------------------------------------------------------- the table
+
+
+def _ignored(key: str) -> bool:
+    return any(key == name or (name.endswith(".") and key.startswith(name)) for name in IGNORED)
+
+
+def varying_keys(runs: list[Run]) -> list[str]:
+    """Config keys whose values differ among runs of one cell (task, split, metric, method, backbone)."""
+    cells = defaultdict(list)
+    for run in runs:
+        cells[run.cell].append(run)
+    keys = set()
+    for members in cells.values():
+        for key in set().union(*(run.config for run in members)):
+            if not _ignored(key) and len({run.config.get(key) for run in members}) > 1:
+                keys.add(key)
+    first = ["prompt.length", "prompt.layers", "prompt.projection", "optimizer.lr"]
+    return [k for k in first if k in keys] + sorted(keys - set(first))
+
+
+def natural(value) -> tuple:
+    """Sort key: numbers by value ('bottom:6' before 'bottom:12'), None last."""
+    if value is None:
+        return ((2, ""),)
+    number = r"(-?\d+(?:\.\d+)?(?:e-?\d+)?)"
+    return tuple((0, float(p)) if re.fullmatch(number, p) else (1, p) for p in re.split(number, value) if p)
+
+
+@dataclass
+class Cell:
+    scores: list[float]
+    runs: list[Run]
+    reference: dict | None = None
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.scores)
+
+    @property
+    def std(self) -> float:
+        return statistics.stdev(self.scores) if len(self.scores) > 1 else math.nan
+
+    @property
+    def delta(self) -> float:
+        return self.mean - self.reference["value"] if self.reference else math.nan
+
+
+def load_references(path: Path | None) -> tuple[list[dict], dict]:
+    if path is None:
+        return [], {}
+    if not path.exists():
+        raise UserError(f"reference file {path} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    references, sources = data.get("references", []), data.get("sources", {})
+    for entry in references:
+        missing = {"task", "backbone", "method", "split", "metric", "value", "source"} - set(entry)
+        if missing or entry["source"] not in sources:
+            raise UserError(f"{path}: reference {entry} lacks {sorted(missing) or 'a source listed under sources'}")
+    return references, sources
+
+
+def find_reference(references: list[dict], cell: tuple) -> dict | None:
+    for entry in references:
+        if (entry["task"], entry["split"], entry["metric"], entry["method"], entry["backbone"]) == cell:
+            return entry
+    return None
+
+
+def build_table(runs: list[Run], references: list[dict]):
+    """(row keys, column keys, {(row, column): Cell}, descriptor keys)."""
+    descriptors = varying_keys(runs)
+    cells: dict[tuple, Cell] = {}
+    for run in runs:
+        row = (run.task, run.split, run.metric, *(run.config.get(k) for k in descriptors))
+        column = (run.method, run.backbone)
+        cell = cells.setdefault((row, column), Cell([], [], find_reference(references, run.cell)))
+        cell.scores.append(run.score)
+        cell.runs.append(run)
+    rows = sorted({row for row, _ in cells}, key=lambda r: (r[0], r[1], r[2], *(natural(v) for v in r[3:])))
+    columns = sorted({column for _, column in cells})
+    return rows, columns, cells, descriptors
+
+
+def _fmt(value: float, signed: bool = False) -> str:
+    return "" if math.isnan(value) else (f"{value:+.1f}" if signed else f"{value:.1f}")
+
+
+def cell_text(cell: Cell | None) -> str:
+    if cell is None:
+        return ""
+    text = _fmt(cell.mean) if len(cell.scores) == 1 else f"{_fmt(cell.mean)} ± {_fmt(cell.std)} (n={len(cell.scores)})"
+    if cell.reference:
+        text += f" · ref {cell.reference['value']:.1f} (Δ {_fmt(cell.delta, signed=True)})"
+    return text
+
+
+def write_markdown(path, root, rows, columns, cells, descriptors, failures, sources, plots) -> None:
+    lines = [f"# Results: {root}", "", PROTOCOL, ""]
+    if any(cell.reference for cell in cells.values()):
+        lines += ["`ref`: the published number for this task, backbone, method, split and metric; Δ = ours − ref.", ""]
+    header = ["task", "split", "metric", *descriptors, *(f"{m} / {b}" for m, b in columns)]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        values = [v if v is not None else "" for v in row]
+        lines.append("| " + " | ".join([*values, *(cell_text(cells.get((row, c))) for c in columns)]) + " |")
+    used = sorted({cell.reference["source"] for cell in cells.values() if cell.reference})
+    if used:
+        lines += ["", "## Reference sources", ""] + [f"- `{name}`: {sources[name]}" for name in used]
+    if plots:
+        names = [Path(plot["file"]).name for plot in plots]
+        lines += ["", "## Plots", ""] + [f"- [{n}]({n}): {p['title']}" for n, p in zip(names, plots, strict=True)]
+    lines += ["", f"## Failures ({len(failures)})", ""]
+    for failure in failures:
+        where = failure["dir"].relative_to(root) if failure["dir"].is_relative_to(root) else failure["dir"]
+        lines.append(f"- `{where}` ({failure['overrides'] or 'no overrides'}): {failure['reason']}")
+    lines += [] if failures else ["none"]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_csv(path, rows, columns, cells, descriptors) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        parts = ("mean", "std", "n", "reference", "delta")
+        writer.writerow(["task", "split", "metric", *descriptors, *(f"{m}/{b} {p}" for m, b in columns for p in parts)])
+        for row in rows:
+            values = [v if v is not None else "" for v in row]
+            for column in columns:
+                cell = cells.get((row, column))
+                if cell is None:
+                    values += [""] * len(parts)
+                    continue
+                reference = cell.reference["value"] if cell.reference else ""
+                values += [round(cell.mean, 4), _round(cell.std), len(cell.scores), reference, _round(cell.delta)]
+            writer.writerow(values)
+
+
+def _round(value: float):
+    return "" if math.isnan(value) else round(value, 4)
+
+
+def write_runs_csv(path, runs: list[Run], descriptors: list[str], root: Path) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["dir", "task", "split", "metric", "method", "backbone", *descriptors, "seed", "score",
+                         "best_epoch", "trainable_percent", "wall_time_seconds"])  # fmt: skip
+        for run in sorted(runs, key=lambda r: str(r.path)):
+            r = run.results
+            writer.writerow([run.path.relative_to(root) if run.path.is_relative_to(root) else run.path,
+                             run.task, run.split, run.metric, run.method, run.backbone,
+                             *(run.config.get(k, "") for k in descriptors), run.seed, round(run.score, 4),
+                             r.get("best_epoch"), r.get("trainable_percent"), r.get("wall_time_seconds")])  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- plots
+
+
+def plot_series(rows, columns, cells, descriptors, kind: str) -> dict | None:
+    """The points of one plot kind: {series label: [(x, mean, std), ...]}, or None when the runs lack that axis.
+
+    length: x = prompt.length, one line per task x column (x other varying keys);
+    depth: x = K of prompt.layers bottom:K (ascending) / top:K (descending), one line per task x column x order;
+    methods: one bar per method, grouped by task x backbone.
+    """
+    series = defaultdict(list)
+    if kind == "length" and "prompt.length" in descriptors:
+        at = descriptors.index("prompt.length")
+        for (row, column), cell in cells.items():
+            others = [f"{k}={v}" for k, v in zip(descriptors, row[3:], strict=True) if k != "prompt.length" and v]
+            label = " ".join([row[0], f"{column[0]}/{column[1]}", *others])
+            series[label].append((float(row[3 + at]), cell.mean, cell.std))
+    elif kind == "depth" and "prompt.layers" in descriptors:
+        at = descriptors.index("prompt.layers")
+        for (row, column), cell in cells.items():
+            match = re.fullmatch(r"(bottom|top):(\d+)", str(row[3 + at]))
+            if match:
+                order = "ascending (bottom:K)" if match[1] == "bottom" else "descending (top:K)"
+                series[f"{row[0]} {column[0]}/{column[1]} {order}"].append((float(match[2]), cell.mean, cell.std))
+    elif kind == "methods" and len({m for m, _ in columns}) > 1:
+        for (row, column), cell in cells.items():
+            others = [str(v) for v in row[3:] if v]
+            series[" ".join([row[0], column[1], *others])].append((column[0], cell.mean, cell.std))
+    if not series:
+        return None
+    return {label: sorted(points, key=lambda p: natural(str(p[0]))) for label, points in sorted(series.items())}
+
+
+PLOTS = {
+    "length": ("plot_prompt_length.png", "score vs prompt length", "prompt length (log scale)"),
+    "depth": ("plot_prompt_depth.png", "score vs number of layers with prompts", "K layers with prompts"),
+    "methods": ("plot_methods.png", "method comparison", "method"),
+}
+
+
+def draw(kind: str, series: dict, out: Path, ylabel: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    filename, title, xlabel = PLOTS[kind]
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    if kind == "methods":
+        methods = sorted({p[0] for points in series.values() for p in points})
+        width = 0.8 / len(series)
+        for i, (label, points) in enumerate(series.items()):
+            found = {p[0]: p for p in points}
+            xs = [j + i * width for j, m in enumerate(methods) if m in found]
+            means = [found[m][1] for m in methods if m in found]
+            errors = [0 if math.isnan(found[m][2]) else found[m][2] for m in methods if m in found]
+            axes.bar(xs, means, width, yerr=errors, label=label, capsize=3)
+        axes.set_xticks([j + 0.4 - width / 2 for j in range(len(methods))], methods)
+    else:
+        for label, points in series.items():
+            xs, means, stds = zip(*points, strict=True)
+            errors = [0 if math.isnan(s) else s for s in stds]
+            axes.errorbar(xs, means, yerr=errors, marker="o", capsize=3, label=label)
+        if kind == "length":  # lengths grow geometrically; label the lengths themselves
+            axes.set_xscale("log", base=2)
+            lengths = sorted({p[0] for points in series.values() for p in points})
+            axes.set_xticks(lengths, [f"{x:g}" for x in lengths])
+            axes.minorticks_off()
+    axes.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    path = out / filename
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def make_plots(rows, columns, cells, descriptors, out: Path, choice: str) -> list[dict]:
+    kinds = list(PLOTS) if choice == "auto" else [] if choice == "none" else [choice]
+    wanted = {kind: plot_series(rows, columns, cells, descriptors, kind) for kind in kinds}
+    wanted = {kind: series for kind, series in wanted.items() if series}
+    if choice not in ("auto", "none") and not wanted:
+        print(f"ptv2 table: no plot '{choice}': the runs do not vary along that axis", file=sys.stderr)
+    if not wanted:
+        return []
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("ptv2 table: plots skipped: matplotlib is missing (pip install -e '.[sweeps]')", file=sys.stderr)
+        return []
+    metrics = sorted({row[2] for row in rows})
+    ylabel = f"{'/'.join(metrics)} (%)"
+    plots = []
+    for kind, series in wanted.items():
+        path = draw(kind, series, out, ylabel)
+        points = {
+            label: [[x, mean, None if math.isnan(std) else std] for x, mean, std in p] for label, p in series.items()
+        }
+        plots.append({"kind": kind, "file": str(path), "title": PLOTS[kind][1], "series": points})
+    (out / "plots.json").write_text(json.dumps(plots, indent=2))
+    return plots
+
+
+# ---------------------------------------------------------------------------------------------- W&B
+
+
+def log_to_wandb(out: Path, root: Path, project: str, plots: list[dict]) -> None:
+    """The table as a W&B Table (in the run and as an artifact with the CSV/Markdown files) and the plots."""
+    import wandb
+
+    from ptv2.tracking import _has_api_key
+
+    mode = os.environ.get("WANDB_MODE") or ("online" if _has_api_key() else "offline")
+    with (out / "table.csv").open() as handle:
+        header, *data = list(csv.reader(handle))
+    run = wandb.init(project=project, job_type="table", name=f"table-{root.name}", dir=str(out), mode=mode)
+    table = wandb.Table(columns=header, data=data)
+    images = {f"plots/{p['kind']}": wandb.Image(p["file"]) for p in plots}
+    run.log({"results": table, **images})
+    artifact = wandb.Artifact(re.sub(r"[^\w.-]", "_", f"table-{root.name}"), type="results-table")
+    artifact.add(table, "results")
+    for name in ("table.md", "table.csv", "runs.csv"):
+        artifact.add_file(str(out / name))
+    run.log_artifact(artifact)
+    run.finish()
+
+
+# ---------------------------------------------------------------------------------------------- command
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="ptv2 table", description=__doc__.split("\n\n")[0])
+    parser.add_argument("dir", type=Path, help="folder searched recursively for results.json (a sweep, outputs/)")
+    parser.add_argument("--out", type=Path, help="where table.md, table.csv, runs.csv and plots go (default: DIR)")
+    parser.add_argument("--reference", type=Path, default=REFERENCES, help="reference numbers (YAML, with sources)")
+    parser.add_argument("--no-reference", action="store_true", help="no reference column")
+    parser.add_argument("--plot", choices=["auto", *PLOTS, "none"], default="auto", help="auto: all that apply")
+    parser.add_argument("--wandb", action="store_true", help="also log table and plots to W&B")
+    parser.add_argument("--project", default="ptv2", help="W&B project for --wandb")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except UserError as error:
+        print(f"ptv2: error: {error}", file=sys.stderr)
+        return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    root = args.dir
+    if not root.is_dir():
+        raise UserError(f"{root} is not a folder")
+    runs, failures = collect(root)
+    if not runs and not failures:
+        raise UserError(f"no results.json under {root}")
+    references, sources = load_references(None if args.no_reference else args.reference)
+    out = args.out or root
+    out.mkdir(parents=True, exist_ok=True)
+    rows, columns, cells, descriptors = build_table(runs, references)
+    plots = make_plots(rows, columns, cells, descriptors, out, args.plot)
+    write_markdown(out / "table.md", root, rows, columns, cells, descriptors, failures, sources, plots)
+    write_csv(out / "table.csv", rows, columns, cells, descriptors)
+    write_runs_csv(out / "runs.csv", runs, descriptors, root)
+    if args.wandb:
+        log_to_wandb(out, root, args.project, plots)
+    print(f"ptv2 table: {len(runs)} run(s), {len(rows)} row(s), {len(failures)} failure(s) -> {out / 'table.md'}")
+    for plot in plots:
+        print(f"  plot: {plot['file']}")
+    return 0

@@ -1,0 +1,84 @@
+"""Multiple choice (COPA): examples have text_a, choices [str, ...], label (the right choice's index, -1 if none).
+
+Each (text_a, choice) pair is one sequence; a feature holds one token list per choice. Batches are flattened to
+(B*C, L) with batch["num_choices"] = C, the head scores every sequence and regroups the scores to (B, C), and the
+loss is a softmax over the choices. With `task.head=verbalizer` each sequence gets the mask slot of
+classification.py and one label word's MLM logit is its score.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ptv2.data import Split
+from ptv2.errors import UserError
+from ptv2.tasks.classification import insert_mask_slot, mask_slot, pad, write_jsonl
+
+TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mask_position")
+
+
+def encode(batch: dict[str, list], tokenizer, task) -> dict[str, list]:
+    """Tokenize every (text_a, choice) pair; feature values are lists with one entry per choice."""
+    counts = [len(choices) for choices in batch["choices"]]
+    firsts = [text for text, count in zip(batch["text_a"], counts, strict=True) for _ in range(count)]
+    seconds = [choice for choices in batch["choices"] for choice in choices]
+    slot = mask_slot(tokenizer) if task.get("head") == "verbalizer" else []
+    flat = tokenizer(firsts, seconds, truncation=True, max_length=task.max_length - len(slot))
+    if slot:
+        insert_mask_slot(flat, slot)
+    features = {key: [] for key in TOKEN_KEYS if key in flat}
+    start = 0
+    for count in counts:
+        for key in features:
+            features[key].append(flat[key][start : start + count])
+        start += count
+    features["labels"] = batch["label"]
+    return features
+
+
+def collate(features: list[dict], tokenizer) -> dict[str, torch.Tensor]:
+    """(B*C, L) token tensors, example-major (the C choices of example 0 first), plus num_choices and labels (B,)."""
+    num_choices = len(features[0]["input_ids"])
+    if any(len(f["input_ids"]) != num_choices for f in features):
+        raise UserError("every example of a multiple-choice task needs the same number of choices")
+    keys = [key for key in TOKEN_KEYS if key in features[0]]
+    sequences = [{key: f[key][c] for key in keys} for f in features for c in range(num_choices)]
+    labels = torch.tensor([f["labels"] for f in features])
+    return {**pad(sequences, tokenizer), "labels": labels, "num_choices": num_choices}
+
+
+def outputs(logits: torch.Tensor, batch: dict) -> torch.Tensor:
+    """(B, C) choice scores."""
+    return logits.float()
+
+
+def metrics(task, split: Split, outputs: list[np.ndarray]) -> dict[str, float]:
+    """Accuracy, or the SuperGLUE task's official metrics when the task comes from the SuperGLUE reader."""
+    scores = np.stack(outputs)  # (examples, choices)
+    if task.reader == "superglue":
+        from ptv2.metrics import superglue_metrics
+
+        return superglue_metrics(task.name, split.examples, scores)
+    labels = np.array([example["label"] for example in split.examples])
+    return {"accuracy": float((scores.argmax(-1) == labels).mean())}
+
+
+def write_predictions(task, split: Split, outputs: list[np.ndarray], out_dir) -> list[Path]:
+    """Prediction file(s) of one split: COPA.jsonl ({"idx", "label": choice 0|1}) for SuperGLUE COPA, otherwise
+    <task>-<split>.jsonl with one {"idx", "label": the chosen index} line per example."""
+    scores = np.stack(outputs)  # (examples, choices)
+    out_dir = Path(out_dir)
+    if task.reader == "superglue":
+        from ptv2.data import superglue
+
+        path = out_dir / superglue.SUBMISSION_NAMES[task.name]
+        superglue.write_submission(task.name, split.examples, scores, path)
+        return [path]
+    lines = [
+        {"idx": example.get("idx", i), "label": int(choice)}
+        for i, (example, choice) in enumerate(zip(split.examples, scores.argmax(-1), strict=True))
+    ]
+    return [write_jsonl(out_dir / f"{task.name}-{split.name}.jsonl", lines)]

