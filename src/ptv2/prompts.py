@@ -52,7 +52,13 @@ class PrefixEncoder(nn.Module):
         return self.projection(prefix) if self.projection is not None else prefix
 
     def forward(self, batch_size: int) -> Prefix:
-        prefix = self.key_values().expand(batch_size, -1, -1)
+        prefix = self.key_values()
+        device = prefix.device.type
+        if torch.is_autocast_enabled(device):
+            # Attention consumes the prefix in the autocast dtype anyway; casting before the batch expansion halves
+            # the largest tensor of a deep-prompt step (batch x P x layers x 2 x hidden) and its dropout mask.
+            prefix = prefix.to(torch.get_autocast_dtype(device))
+        prefix = prefix.expand(batch_size, -1, -1)
         # Dropout per example on the batch-expanded prefix, as the official implementation applies it.
         prefix = self.dropout(prefix) if self.training and self.dropout.p > 0 else prefix
         prefix = prefix.view(batch_size, self.length, len(self.layers) * 2, self.heads, self.head_dim)
