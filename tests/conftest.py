@@ -27,6 +27,18 @@ FAMILY_CONFIGS = {
     ),
 }
 
+# Official SuperGLUE folder name of each task (fixtures under tests/fixtures/superglue/<folder>).
+SUPERGLUE_FOLDERS = {
+    "boolq": "BoolQ",
+    "cb": "CB",
+    "copa": "COPA",
+    "multirc": "MultiRC",
+    "record": "ReCoRD",
+    "rte": "RTE",
+    "wic": "WiC",
+    "wsc": "WSC",
+}
+
 SHARED = Path(os.environ.get("PTV2_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SUPERGLUE_FOLDERS
 from omegaconf import OmegaConf
 
 from ptv2.data import superglue
@@ -19,16 +20,7 @@ from ptv2.errors import UserError
 from ptv2.metrics import macro_f1, normalize_answer, superglue_metrics
 
 FIXTURES = Path(__file__).parent / "fixtures" / "superglue"
-FOLDERS = {
-    "boolq": "BoolQ",
-    "cb": "CB",
-    "copa": "COPA",
-    "multirc": "MultiRC",
-    "record": "ReCoRD",
-    "rte": "RTE",
-    "wic": "WiC",
-    "wsc": "WSC",
-}
+FOLDERS = SUPERGLUE_FOLDERS
 
 
 def config(name: str, data_dir: str | None = "fixtures", template: str | None = None):

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import FAMILY_CONFIGS, padded_batch
+from conftest import FAMILY_CONFIGS, SUPERGLUE_FOLDERS, padded_batch
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 from safetensors import safe_open
@@ -31,16 +31,7 @@ from ptv2.tasks import classification, multiple_choice
 from ptv2.train import Member, head_spec
 
 FIXTURES = Path(__file__).parent / "fixtures" / "superglue"
-FOLDERS = {
-    "boolq": "BoolQ",
-    "cb": "CB",
-    "copa": "COPA",
-    "multirc": "MultiRC",
-    "record": "ReCoRD",
-    "rte": "RTE",
-    "wic": "WiC",
-    "wsc": "WSC",
-}
+FOLDERS = SUPERGLUE_FOLDERS
 CONF = Path(str(importlib.resources.files("ptv2.conf")))  # conf/, installed as the package ptv2.conf
 TINY_BERT = Path(ptv2.config.__file__).parent / "assets" / "tiny-bert"
 # The tiny vocabulary has no "yes"/"no": single-token stand-ins for the label words.

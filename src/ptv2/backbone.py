@@ -45,19 +45,22 @@ def load_tokenizer(cfg):
         raise _not_loadable("tokenizer", cfg, error) from None
 
 
-def load_encoder(cfg, config: PretrainedConfig | None = None) -> torch.nn.Module:
-    """The bare encoder (no pooler, no task head) that accepts per-layer prefixes."""
-    config = config or load_config(cfg)
+def _load_model(auto_class, cfg, config: PretrainedConfig, what: str) -> torch.nn.Module:
+    """`auto_class` from the hub/folder, or from the config alone with backbone.random_init."""
     # DeBERTa-v2 only has its own eager attention; the others get the prefix-aware SDPA (or eager) function.
     attention = injection.attention_key(config, cfg.get("attention", "sdpa"))
     options = {"attn_implementation": attention, "dtype": DTYPES[cfg.dtype]}
     if cfg.random_init:
-        encoder = AutoModel.from_config(config, **options)
-    else:
-        try:
-            encoder = AutoModel.from_pretrained(cfg.name_or_path, config=config, revision=cfg.revision, **options)
-        except (OSError, ValueError) as error:
-            raise _not_loadable("weights", cfg, error) from None
+        return auto_class.from_config(config, **options)
+    try:
+        return auto_class.from_pretrained(cfg.name_or_path, config=config, revision=cfg.revision, **options)
+    except (OSError, ValueError) as error:
+        raise _not_loadable(what, cfg, error) from None
+
+
+def load_encoder(cfg, config: PretrainedConfig | None = None) -> torch.nn.Module:
+    """The bare encoder (no pooler, no task head) that accepts per-layer prefixes."""
+    encoder = _load_model(AutoModel, cfg, config or load_config(cfg), "weights")
     if getattr(encoder, "pooler", None) is not None:
         encoder.pooler = None  # heads read token states; an unused pooler would only inflate parameter counts
     injection.prepare_encoder(encoder)
@@ -104,18 +107,7 @@ def load_masked_lm(cfg, config: PretrainedConfig | None = None) -> tuple[torch.n
     A checkpoint without MLM weights (e.g. a sentence-embedding model) gets a randomly initialised head, with
     transformers' warning in the log.
     """
-    config = config or load_config(cfg)
-    attention = injection.attention_key(config, cfg.get("attention", "sdpa"))
-    options = {"attn_implementation": attention, "dtype": DTYPES[cfg.dtype]}
-    if cfg.random_init:
-        masked_lm = AutoModelForMaskedLM.from_config(config, **options)
-    else:
-        try:
-            masked_lm = AutoModelForMaskedLM.from_pretrained(
-                cfg.name_or_path, config=config, revision=cfg.revision, **options
-            )
-        except (OSError, ValueError) as error:
-            raise _not_loadable("masked-LM weights", cfg, error) from None
+    masked_lm = _load_model(AutoModelForMaskedLM, cfg, config or load_config(cfg), "masked-LM weights")
     return split_masked_lm(masked_lm)
 
 

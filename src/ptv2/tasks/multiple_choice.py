@@ -15,9 +15,14 @@ import torch
 
 from ptv2.data import Split
 from ptv2.errors import UserError
+from ptv2.tasks import classification
 from ptv2.tasks.classification import insert_mask_slot, mask_slot, pad, write_jsonl
 
 TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mask_position")
+
+# Scores are one row per example here too ((B, C) choice scores instead of (B, labels)), so outputs and metrics
+# are classification's.
+outputs, metrics = classification.outputs, classification.metrics
 
 
 def encode(batch: dict[str, list], tokenizer, task) -> dict[str, list]:
@@ -48,22 +53,6 @@ def collate(features: list[dict], tokenizer) -> dict[str, torch.Tensor]:
     sequences = [{key: f[key][c] for key in keys} for f in features for c in range(num_choices)]
     labels = torch.tensor([f["labels"] for f in features])
     return {**pad(sequences, tokenizer), "labels": labels, "num_choices": num_choices}
-
-
-def outputs(logits: torch.Tensor, batch: dict) -> torch.Tensor:
-    """(B, C) choice scores."""
-    return logits.float()
-
-
-def metrics(task, split: Split, outputs: list[np.ndarray]) -> dict[str, float]:
-    """Accuracy, or the SuperGLUE task's official metrics when the task comes from the SuperGLUE reader."""
-    scores = np.stack(outputs)  # (examples, choices)
-    if task.reader == "superglue":
-        from ptv2.metrics import superglue_metrics
-
-        return superglue_metrics(task.name, split.examples, scores)
-    labels = np.array([example["label"] for example in split.examples])
-    return {"accuracy": float((scores.argmax(-1) == labels).mean())}
 
 
 def write_predictions(task, split: Split, outputs: list[np.ndarray], out_dir) -> list[Path]:
