@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -18,6 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from ptv2 import __version__
+from ptv2.data.io import atomic_write  # also used by train/evaluate/state as checkpoint.atomic_write
 from ptv2.errors import UserError
 
 FILENAME = "prompt.safetensors"
@@ -28,14 +28,6 @@ def backbone_hash(config) -> str:
     """Hash of the backbone's architecture-defining config (a checkpoint only fits the backbone it was made on)."""
     keys = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
     return hashlib.sha256(json.dumps({k: getattr(config, k, None) for k in keys}).encode()).hexdigest()[:16]
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call write(temporary_path) then rename over `path`, so a killed run never leaves a half-written file."""
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write(temporary)
-    os.replace(temporary, path)
 
 
 def save(path: Path, model, cfg: DictConfig, labels: dict[str, list[str]]) -> None:

@@ -15,12 +15,12 @@ null-minus-span logit differences `postprocess` returns, whose predictions alrea
 from __future__ import annotations
 
 import json
-import os
 import re
 import string
-import tempfile
 from collections import Counter
 from pathlib import Path
+
+from ptv2.data.io import atomic_write
 
 _PUNCTUATION = set(string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
@@ -133,15 +133,6 @@ def write_null_odds(path: str | Path, null_odds: dict[str, float]) -> Path:
 
 
 def _write_json_atomically(path: str | Path, content: dict) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            json.dump(content, stream, ensure_ascii=False, indent=2)
-            stream.write("\n")
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    text = json.dumps(content, ensure_ascii=False, indent=2) + "\n"
+    atomic_write(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
+    return Path(path)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -80,3 +81,17 @@ def load_hub_split(path: str, name: str | None, revision: str | None, split: str
             "without the hub, pass local files with task.data_dir=DIR"
         ) from None
     return list(dataset)
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> None:
+    """Call write(temporary_path) in the target's folder, then rename over `path`: a killed run never leaves a
+    half-written file, and a failed write leaves no temporary behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise

@@ -42,15 +42,12 @@ Sources, which give the same examples and label ids:
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ptv2.data.io import field, label_id, load_hub_split, read_jsonl, split_file
+from ptv2.data.io import atomic_write, field, label_id, load_hub_split, read_jsonl, split_file
 from ptv2.errors import UserError
 from ptv2.metrics import record_predictions
 
@@ -514,15 +511,5 @@ def _multirc_lines(examples: list[dict], predicted: list[str]) -> list[dict]:
 
 
 def _write_jsonl_atomic(path, lines: list[dict]) -> None:
-    """Write to a temporary file in the target folder, then rename over the target: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            for line in lines:
-                out.write(json.dumps(line) + "\n")
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    text = "".join(json.dumps(line) + "\n" for line in lines)
+    atomic_write(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
