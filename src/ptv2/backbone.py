@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -58,13 +59,19 @@ def _load_model(auto_class, cfg, config: PretrainedConfig, what: str) -> torch.n
         raise _not_loadable(what, cfg, error) from None
 
 
-def load_encoder(cfg, config: PretrainedConfig | None = None) -> torch.nn.Module:
-    """The bare encoder (no pooler, no task head) that accepts per-layer prefixes."""
+def load_encoder(cfg, config: PretrainedConfig | None = None) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+    """(the bare encoder that accepts per-layer prefixes, its pooler or None).
+
+    The pooler (dense + tanh on [CLS]) is taken out of the encoder: a pooler head owns it. It holds the
+    checkpoint's weights where the checkpoint has them; otherwise (RoBERTa) transformers initialised it with the
+    backbone's own `_init_weights`, N(0, initializer_range), as the official RoBERTa models got it.
+    """
     encoder = _load_model(AutoModel, cfg, config or load_config(cfg), "weights")
-    if getattr(encoder, "pooler", None) is not None:
-        encoder.pooler = None  # heads read token states; an unused pooler would only inflate parameter counts
+    pooler = getattr(encoder, "pooler", None)
+    if pooler is not None:
+        encoder.pooler = None
     injection.prepare_encoder(encoder)
-    return encoder
+    return encoder, pooler
 
 
 class MaskedLMHead(torch.nn.Module):
@@ -130,3 +137,23 @@ def label_word_ids(tokenizer, words: list[str], where: str) -> list[int]:
     if len(set(ids)) != len(ids):
         raise UserError(f"{where}: label words {list(words)} must be different tokens")
     return ids
+
+
+@dataclass
+class BackboneHeads:
+    """Pretrained parts of the backbone that heads read: the MLM head (task.head=verbalizer), the pooler
+    (task.head=pooler). None where the run needs none or the backbone has none."""
+
+    lm_head: MaskedLMHead | None = None
+    pooler: torch.nn.Module | None = None
+
+
+def load_with_heads(cfg, config: PretrainedConfig, head_kinds: set[str]) -> tuple[torch.nn.Module, BackboneHeads]:
+    """The prompt-ready encoder and the backbone parts that the run's heads (`task.head` values) need."""
+    if "verbalizer" in head_kinds:
+        if "pooler" in head_kinds:
+            raise UserError("task.head=verbalizer and task.head=pooler cannot share a run; choose one for all members")
+        encoder, lm_head = load_masked_lm(cfg, config)
+        return encoder, BackboneHeads(lm_head=lm_head)
+    encoder, pooler = load_encoder(cfg, config)
+    return encoder, BackboneHeads(pooler=pooler if "pooler" in head_kinds else None)

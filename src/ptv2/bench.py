@@ -128,7 +128,7 @@ def peak_memory(device: torch.device) -> int:
 def build_model(cfg: DictConfig, device: torch.device) -> PromptModel:
     config = backbone.load_config(cfg.backbone)
     validate(cfg, config)
-    encoder = backbone.load_encoder(cfg.backbone, config)
+    encoder, _ = backbone.load_encoder(cfg.backbone, config)
     model = PromptModel(encoder, cfg.prompt, heads={"bench": ("classification", 2)}, head_dropout=cfg.task.head_dropout)
     return model.to(device)
 

@@ -31,7 +31,7 @@ def backbone_hash(config) -> str:
 
 
 def save(path: Path, model, cfg: DictConfig, labels: dict[str, list[str]]) -> None:
-    tensors = {name: tensor.contiguous().cpu() for name, tensor in model.trainable_state_dict().items()}
+    tensors = {name: tensor.contiguous().cpu() for name, tensor in model.prompt_state_dict().items()}
     prompt = getattr(model, "prompt", None)
     if prompt is not None and getattr(prompt, "projection", None) is not None:
         tensors[FOLDED_KEY] = prompt.fold().cpu()

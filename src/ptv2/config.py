@@ -18,7 +18,7 @@ from ptv2.errors import UserError
 
 METHODS = ("ptv2", "prompt_tuning", "ptuning_v1", "finetune", "linear_probe")
 INPUT_PROMPT_METHODS = ("prompt_tuning", "ptuning_v1")
-HEADS = ("linear", "verbalizer")  # task.head
+HEADS = ("linear", "pooler", "verbalizer")  # task.head
 
 
 @dataclass
@@ -43,6 +43,8 @@ class PromptConfig:
     layers: Any = "all"  # ptv2 depth: all | top:K | bottom:K | [i, j, ...]
     shift_positions: bool = False  # number tokens P..P+L-1 as the official cache-based code did
     encoder: str = "lstm"  # ptuning_v1 prompt encoder: lstm | mlp
+    # std of the N(0, std) prompt embeddings; None: the backbone's initializer_range, as the official models started
+    init_std: Optional[float] = None
     init_from: Optional[str] = None  # run dir or checkpoint whose prompt (and matching heads) start training
 
 
@@ -60,7 +62,8 @@ class TaskConfig:
     metric: str = "accuracy"  # selects the best epoch
     max_length: int = 128
     head_dropout: float = 0.1
-    # linear: a linear layer on [CLS] (multiple choice: one score per choice) | verbalizer: the backbone's MLM head
+    # linear: a linear layer on [CLS] (multiple choice: one score per choice) | pooler: the backbone's pooler (frozen
+    # with the encoder), dropout, a linear layer: the official models' head | verbalizer: the backbone's MLM head
     # scores the label words of `options.verbalizer` at a mask slot appended to the input (see heads.VerbalizerHead)
     head: str = "linear"
     eval_split: str = "dev"

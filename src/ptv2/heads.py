@@ -11,15 +11,21 @@ IGNORE_INDEX = -100  # label of positions that do not count in the loss (padding
 
 
 class ClassificationHead(nn.Module):
-    """Linear layer on the first ([CLS]) token: (B, L, H) -> (B, num_labels)."""
+    """Linear layer on the first ([CLS]) token: (B, L, H) -> (B, num_labels).
 
-    def __init__(self, hidden_size: int, num_labels: int, dropout: float):
+    With a `pooler` (task.head=pooler, the official models' head) the [CLS] state goes through the backbone's pooler
+    (dense + tanh; PromptModel freezes it with the encoder) before dropout and the linear layer.
+    """
+
+    def __init__(self, hidden_size: int, num_labels: int, dropout: float, pooler: nn.Module | None = None):
         super().__init__()
+        self.pooler = pooler
         self.dropout = nn.Dropout(dropout)
         self.linear = nn.Linear(hidden_size, num_labels)
 
     def forward(self, hidden: torch.Tensor, batch: dict) -> torch.Tensor:
-        return self.linear(self.dropout(hidden[:, 0]))
+        features = self.pooler(hidden) if self.pooler is not None else hidden[:, 0]
+        return self.linear(self.dropout(features))
 
     def loss(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
         return F.cross_entropy(logits.float(), batch["labels"])
@@ -28,8 +34,8 @@ class ClassificationHead(nn.Module):
 class MultipleChoiceHead(ClassificationHead):
     """One score per (context, choice) sequence on [CLS], grouped by example: (B*C, L, H) -> (B, C)."""
 
-    def __init__(self, hidden_size: int, num_labels: int, dropout: float):
-        super().__init__(hidden_size, 1, dropout)
+    def __init__(self, hidden_size: int, num_labels: int, dropout: float, pooler: nn.Module | None = None):
+        super().__init__(hidden_size, 1, dropout, pooler)
 
     def forward(self, hidden: torch.Tensor, batch: dict) -> torch.Tensor:
         return super().forward(hidden, batch).view(-1, batch["num_choices"])
@@ -37,6 +43,9 @@ class MultipleChoiceHead(ClassificationHead):
 
 class TokenClassificationHead(ClassificationHead):
     """Linear layer on every token: (B, L, H) -> (B, L, num_labels)."""
+
+    def __init__(self, hidden_size: int, num_labels: int, dropout: float):
+        super().__init__(hidden_size, num_labels, dropout)
 
     def forward(self, hidden: torch.Tensor, batch: dict) -> torch.Tensor:
         return self.linear(self.dropout(hidden))
@@ -84,6 +93,9 @@ class VerbalizerHead(nn.Module):
     def loss(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
         return F.cross_entropy(logits.float(), batch["labels"])
 
+
+# Task types whose head may read the backbone's pooler (task.head=pooler), as the official sentence-level models do.
+POOLER_TYPES = ("classification", "multiple_choice")
 
 HEADS = {
     "classification": ClassificationHead,

@@ -7,7 +7,7 @@ from torch import nn
 
 from ptv2.heads import HEADS, VerbalizerHead
 from ptv2.injection import encoder_shape, run_encoder, shifted_position_ids
-from ptv2.prompts import InputPrompt, PrefixEncoder
+from ptv2.prompts import InputPrompt, PrefixEncoder, official_init_
 
 # Which methods freeze the encoder, and which prompt each one builds.
 FROZEN_METHODS = {"ptv2", "prompt_tuning", "ptuning_v1", "linear_probe"}
@@ -33,10 +33,13 @@ class PromptModel(nn.Module):
     """
 
     def __init__(
-        self, encoder: nn.Module, prompt_cfg, heads: dict[str, tuple[str, int] | nn.Module], head_dropout: float
+        self, encoder: nn.Module, prompt_cfg, heads: dict[str, tuple | nn.Module], head_dropout: float
     ):
-        """heads: {name: (task type, number of labels) or a built head (VerbalizerHead)} — one head per dataset, all
-        on the same prompt."""
+        """heads: {name: (task type, number of labels[, pooler]) or a built head (VerbalizerHead)} — one head per
+        dataset, all on the same prompt. A pooler (the backbone's, task.head=pooler) is shared by the heads given it.
+
+        New modules (prompt, heads) start as the official models' did: N(0, initializer_range) weights, zero biases;
+        `prompt.init_std` overrides the std of the prompt embeddings."""
         super().__init__()
         self.encoder = encoder
         self.method = prompt_cfg.method
@@ -60,26 +63,36 @@ class PromptModel(nn.Module):
             encoder_kind = INPUT_PROMPT_ENCODERS[self.method] or prompt_cfg.encoder
             self.prompt = InputPrompt(config.hidden_size, prompt_cfg.length, encoder_kind, prompt_cfg.dropout)
 
-        self.heads = nn.ModuleDict(
-            {
-                name: spec if isinstance(spec, nn.Module) else HEADS[spec[0]](config.hidden_size, spec[1], head_dropout)
-                for name, spec in heads.items()
-            }
-        )
+        self.heads = nn.ModuleDict({name: self._build_head(spec, config, head_dropout) for name, spec in heads.items()})
+        std = config.initializer_range
+        if self.prompt is not None:
+            official_init_(self.prompt, std, embedding_std=prompt_cfg.get("init_std"))
         self.encoder.requires_grad_(self.method not in FROZEN_METHODS)
-        self._set_verbalizer_trainability()
+        self._set_backbone_head_trainability()
 
-    def _set_verbalizer_trainability(self) -> None:
-        """A verbalizer's MLM head is pretrained backbone: it stays frozen with a frozen encoder. A linear probe has
-        no other head, so there the MLM head's own layers train (never the word embeddings its decoder shares with
-        the encoder, which `requires_grad_` on the encoder already decided)."""
+    @staticmethod
+    def _build_head(spec, config, dropout: float) -> nn.Module:
+        if isinstance(spec, nn.Module):
+            return spec
+        task_type, num_labels, *pooler = spec
+        head = HEADS[task_type](config.hidden_size, num_labels, dropout, *pooler)
+        official_init_(head.linear, config.initializer_range)  # the pooler is the backbone's, left as loaded
+        return head
+
+    def _set_backbone_head_trainability(self) -> None:
+        """Head parts that come from the backbone train with it. The pooler stays frozen with a frozen encoder (as
+        in the official models). A verbalizer's MLM head also does, except for a linear probe, which has no other
+        head: there the MLM head's own layers train (never the word embeddings its decoder shares with the encoder,
+        which `requires_grad_` on the encoder already decided)."""
         shared = {id(p) for p in self.encoder.parameters()}
-        trains = self.method not in FROZEN_METHODS or self.method == "linear_probe"
+        frozen = self.method in FROZEN_METHODS
         for head in self.heads.values():
             if isinstance(head, VerbalizerHead):
                 for parameter in head.lm_head.parameters():
                     if id(parameter) not in shared:
-                        parameter.requires_grad_(trains)
+                        parameter.requires_grad_(not frozen or self.method == "linear_probe")
+            elif getattr(head, "pooler", None) is not None:
+                head.pooler.requires_grad_(not frozen)
 
     def forward(self, batch: dict, head: str | None = None) -> torch.Tensor:
         input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
@@ -121,9 +134,15 @@ class PromptModel(nn.Module):
     def head_for(self, name: str | None) -> nn.Module:
         return self.heads[name] if name is not None else next(iter(self.heads.values()))
 
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """The parameters that training changes (prompt + heads; everything for full fine-tuning)."""
-        return {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
+    def prompt_state_dict(self) -> dict[str, torch.Tensor]:
+        """What a prompt checkpoint holds: the parameters that training changes (prompt + heads; everything for full
+        fine-tuning), and a pooler head's frozen pooler, which is not always in the backbone's checkpoint (RoBERTa's
+        starts random)."""
+        return {
+            name: p.detach()
+            for name, p in self.named_parameters()
+            if p.requires_grad or (name.startswith("heads.") and ".pooler." in name)
+        }
 
     def parameter_counts(self) -> dict[str, float]:
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)

@@ -8,14 +8,31 @@ from torch import nn
 from ptv2.injection import Prefix
 
 
+def official_init_(module: nn.Module, std: float, embedding_std: float | None = None) -> None:
+    """Initialise a module's new Linear and Embedding layers as the official models got them.
+
+    The official models were built with `from_pretrained`, which passes every module missing from the checkpoint
+    (prefix embedding, reparameterization MLP, classifier) through the backbone's `_init_weights`: weights
+    N(0, initializer_range), biases zero. `embedding_std` overrides the std of the prompt embeddings
+    (`prompt.init_std`). Other layers (the P-tuning v1 LSTM) keep PyTorch's defaults, as they did there.
+    """
+    for layer in module.modules():
+        if isinstance(layer, nn.Linear):
+            nn.init.normal_(layer.weight, mean=0.0, std=std)
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
+        elif isinstance(layer, nn.Embedding):
+            nn.init.normal_(layer.weight, mean=0.0, std=std if embedding_std is None else embedding_std)
+
+
 class PrefixEncoder(nn.Module):
     """Learned key/value prefixes for a set of layers (P-Tuning v2).
 
     forward(batch_size) -> {layer: (key, value)}, each (batch_size, heads, length, head_dim).
 
     With `projection="mlp"` a two-layer MLP (the paper's reparameterization) maps `length` embeddings of width
-    `hidden_size` to all layers' key/values; otherwise the key/values are the parameters themselves. Both start
-    from N(0, 1) embeddings, as the official implementation does.
+    `hidden_size` to all layers' key/values; otherwise the key/values are the parameters themselves. PromptModel
+    initialises the parameters as the official models got them (see `official_init_`).
     """
 
     def __init__(

@@ -41,26 +41,24 @@ def checkpoint_configs(paths) -> list[DictConfig]:
 
 
 def load_backbone(cfg: DictConfig):
-    """(encoder, tokenizer, lm_head or None) of a run config; the encoder's random init (tiny test backbones)
+    """(encoder, tokenizer, backbone head parts) of a run config; the encoder's random init (tiny test backbones)
     is reproduced by seeding as training did."""
     backbone_config = backbone.load_config(cfg.backbone)
     validate(cfg, backbone_config)
     tokenizer = backbone.load_tokenizer(cfg.backbone)
     set_seed(cfg.trainer.seed)
-    if any(task.get("head", "linear") == "verbalizer" for _, task in task_members(cfg.task)):
-        encoder, lm_head = backbone.load_masked_lm(cfg.backbone, backbone_config)
-    else:
-        encoder, lm_head = backbone.load_encoder(cfg.backbone, backbone_config), None
-    return encoder, tokenizer, lm_head
+    head_kinds = {task.get("head", "linear") for _, task in task_members(cfg.task)}
+    encoder, parts = backbone.load_with_heads(cfg.backbone, backbone_config, head_kinds)
+    return encoder, tokenizer, parts
 
 
-def model_for(cfg: DictConfig, encoder: nn.Module, tokenizer, lm_head) -> PromptModel:
+def model_for(cfg: DictConfig, encoder: nn.Module, tokenizer, parts) -> PromptModel:
     """A PromptModel for a checkpoint's config on an already-loaded encoder (its heads as training built them)."""
     from ptv2.tasks import task_type
     from ptv2.train import Member, head_spec
 
     heads = {
-        name: head_spec(Member(name, task, task_type(task.type), {}), tokenizer, lm_head)
+        name: head_spec(Member(name, task, task_type(task.type), {}), tokenizer, parts)
         for name, task in task_members(cfg.task)
     }
     return PromptModel(encoder, cfg.prompt, heads=heads, head_dropout=cfg.task.head_dropout)
@@ -112,11 +110,11 @@ class PromptServer(nn.Module):
                         f"{path} uses prompt.method={cfg.prompt.method}, which changes the backbone or its input; "
                         f"only {' and '.join(MIXABLE_METHODS)} checkpoints share a backbone (serve it alone)"
                     )
-        encoder, tokenizer, lm_head = load_backbone(configs[0])
+        encoder, tokenizer, parts = load_backbone(configs[0])
         models, served = {}, {}
         for index, (path, cfg) in enumerate(zip(paths, configs, strict=True)):
             validate(cfg, encoder.config)
-            model = model_for(cfg, encoder, tokenizer, lm_head)
+            model = model_for(cfg, encoder, tokenizer, parts)
             checkpoint.load(path, model, use_folded=use_folded)
             name = names[index] if names else cfg.task.name
             if name in models:

@@ -60,7 +60,7 @@ def save(run_dir: Path, model, optimizer, scheduler, cfg, progress: dict) -> Pat
     path = Path(run_dir) / STATE_DIR / STATE_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {
-        "trainable": {k: v.detach().cpu().clone() for k, v in model.trainable_state_dict().items()},
+        "trainable": {k: v.detach().cpu().clone() for k, v in model.prompt_state_dict().items()},
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "rng": rng_states(),

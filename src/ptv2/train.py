@@ -28,7 +28,7 @@ from ptv2 import state as training_state
 from ptv2.config import task_members, validate
 from ptv2.data import LengthGroupedBatches, Split, prepare_split, sorted_batches, timed
 from ptv2.errors import UserError
-from ptv2.heads import VerbalizerHead
+from ptv2.heads import POOLER_TYPES, VerbalizerHead
 from ptv2.model import PromptModel
 from ptv2.tasks import task_type
 from ptv2.tracking import Tracker
@@ -123,11 +123,9 @@ def build(cfg: DictConfig, splits_of):
         with open_dict(cfg.task):
             for member in members:
                 cfg.task.members[member.name] = member.task
-    if any(m.task.get("head") == "verbalizer" for m in members):
-        encoder, lm_head = backbone.load_masked_lm(cfg.backbone, backbone_config)
-    else:
-        encoder, lm_head = backbone.load_encoder(cfg.backbone, backbone_config), None
-    heads = {m.name: head_spec(m, tokenizer, lm_head) for m in members}
+    head_kinds = {m.task.get("head", "linear") for m in members}
+    encoder, parts = backbone.load_with_heads(cfg.backbone, backbone_config, head_kinds)
+    heads = {m.name: head_spec(m, tokenizer, parts) for m in members}
     model = PromptModel(encoder, cfg.prompt, heads=heads, head_dropout=cfg.task.head_dropout)
     return tokenizer, members, prep_seconds, model
 
@@ -135,13 +133,24 @@ def build(cfg: DictConfig, splits_of):
 VERBALIZER_TYPES = ("classification", "multiple_choice")
 
 
-def head_spec(member: Member, tokenizer, lm_head):
-    """PromptModel's head for a member: (task type, label count) for a linear head, or a VerbalizerHead on the
-    backbone's MLM head reading `task.options.verbalizer` (one word per label; multiple choice: one word, whose
-    logit scores each choice)."""
+def head_spec(member: Member, tokenizer, parts: backbone.BackboneHeads):
+    """PromptModel's head for a member: (task type, label count) for a linear head, (task type, label count,
+    pooler) for a pooler head, or a VerbalizerHead on the backbone's MLM head reading `task.options.verbalizer`
+    (one word per label; multiple choice: one word, whose logit scores each choice)."""
     task = member.task
-    if task.get("head") != "verbalizer":  # configs saved before task.head existed have linear heads
+    kind = task.get("head", "linear")  # configs saved before task.head existed have linear heads
+    if kind == "pooler":
+        if task.type not in POOLER_TYPES:
+            raise UserError(f"task.head=pooler works for task types {', '.join(POOLER_TYPES)}, not {task.type}")
+        if parts.pooler is None:
+            raise UserError(
+                f"task.head=pooler: backbone {tokenizer.name_or_path} has no pooler (ELECTRA and DeBERTa have none); "
+                "use task.head=linear"
+            )
+        return task.type, len(task.labels), parts.pooler
+    if kind != "verbalizer":
         return task.type, len(task.labels)
+    lm_head = parts.lm_head
     if task.type not in VERBALIZER_TYPES:
         raise UserError(f"task.head=verbalizer works for task types {', '.join(VERBALIZER_TYPES)}, not {task.type}")
     if tokenizer.mask_token_id is None:
@@ -369,7 +378,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k}={v:.4f}" for k, v in record.items() if k != "epoch"))
         if value > best_value:
             best, best_value, best_epoch = metrics, value, epoch + 1
-            best_state = {k: v.detach().clone() for k, v in unwrapped.trainable_state_dict().items()}
+            best_state = {k: v.detach().clone() for k, v in unwrapped.prompt_state_dict().items()}
             if cfg.trainer.save_checkpoint and accelerator.is_main_process:
                 checkpoint.save(run_dir / checkpoint.FILENAME, unwrapped, cfg, labels)
         save_state(epoch + 1, 0)
