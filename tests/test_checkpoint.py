@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,8 +12,9 @@ from omegaconf import OmegaConf
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from test_cli import RTE, SMOKE, ptv2
+from test_config import compose_train
 
-from ptv2 import __version__, checkpoint
+from ptv2 import __version__, checkpoint, evaluate
 from ptv2.errors import UserError
 from ptv2.model import PromptModel
 
@@ -153,9 +155,48 @@ def test_eval_errors_for_wrong_missing_and_corrupt_checkpoints(run_dir, tmp_path
     message = eval_error(f"ckpt={cb}")
     assert "does not fit this model (unexpected tensors: heads.cb." in message and "holds task cb" in message
     # Another task group is refused before anything loads.
-    assert "would change the task group of a trained checkpoint" in eval_error(f"ckpt={run_dir}", "task=rte")
+    message = eval_error(f"ckpt={run_dir}", "task=cb")
+    assert "would change the task group of a trained checkpoint (trained with task=rte)" in message
     # Missing and corrupt files.
     assert f"no checkpoint at {tmp_path / 'nope'}: pass a" in eval_error(f"ckpt={tmp_path / 'nope'}")
     corrupt = tmp_path / "corrupt.safetensors"
     corrupt.write_bytes((run_dir / checkpoint.FILENAME).read_bytes()[:100])
     assert "is not a readable safetensors checkpoint" in eval_error(f"ckpt={corrupt}")
+
+
+def command_config(monkeypatch, command: str, *overrides: str):
+    """The checkpoint config `ptv2 <command>` builds from these command-line overrides (Hydra's record of them
+    stubbed, as inside a running job)."""
+    monkeypatch.setattr(evaluate.HydraConfig, "get", lambda: SimpleNamespace(overrides=SimpleNamespace(task=overrides)))
+    return evaluate.checkpoint_config(compose_train(*overrides, config_name=command))
+
+
+def test_habitual_options_are_harmless_and_model_changes_refused(run_dir, tmp_path, monkeypatch):
+    # A checkpoint trained with seed 3 and W&B on (the run_dir fixture's config, edited).
+    tensors, metadata = load_file(str(run_dir / checkpoint.FILENAME)), checkpoint.read_metadata(run_dir)
+    config = json.loads(metadata["config"])
+    config["trainer"]["seed"], config["logger"]["name"] = 3, "wandb"
+    seeded = tmp_path / "seeded.safetensors"
+    save_file(tensors, str(seeded), metadata={**metadata, "config": json.dumps(config)})
+
+    habits = ["logger=none", "trainer=default", "optimizer=adamw", "scheduler=constant", "task=rte", "backbone=tiny"]
+    saved = command_config(monkeypatch, "predict", f"ckpt={seeded}", *habits, "trainer.eval_batch_size=5")
+    assert saved.logger.name == "none" and saved.scheduler.name == "constant"
+    assert saved.trainer.limit_eval is None and saved.trainer.eval_batch_size == 5  # trainer=default, then the key
+    assert saved.trainer.seed == 3  # rebuilds a random-init backbone as in training
+    assert (
+        saved.task.name == "rte" and saved.backbone.name == "tiny" and saved.prompt.length == config["prompt"]["length"]
+    )
+    assert saved.task.data_dir == config["task"]["data_dir"]
+
+    for refused, trained in (
+        ("backbone=minilm", "backbone=tiny"),
+        ("prompt=finetune", "prompt=ptv2"),
+        ("task=cb", "task=rte"),
+    ):
+        with pytest.raises(
+            UserError, match=f"would change the .* group of a trained checkpoint \\(trained with {trained}\\)"
+        ):
+            command_config(monkeypatch, "eval", f"ckpt={seeded}", refused)
+    with pytest.raises(UserError, match="would change the preset group"):
+        command_config(monkeypatch, "eval", f"ckpt={seeded}", "preset=rte-roberta-large")

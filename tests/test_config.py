@@ -17,10 +17,10 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = ["backbone", "task", "prompt", "optimizer", "scheduler", "trainer", "logger", "preset", "experiment"]
 
 
-def compose_train(*overrides: str):
+def compose_train(*overrides: str, config_name: str = "train"):
     register()
     with initialize_config_module(config_module="ptv2.conf", version_base="1.3"):
-        return compose(config_name="train", overrides=list(overrides))
+        return compose(config_name=config_name, overrides=list(overrides))
 
 
 def options(group: str) -> list[str]:

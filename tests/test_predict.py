@@ -118,7 +118,9 @@ def test_predict_writes_submission_and_serves_several_checkpoints(two_runs, tmp_
         assert len(alone[run.name]) == 3 and all("label" in json.loads(line) for line in alone[run.name])
 
     both = tmp_path / "both"
-    ptv2("predict", f"ckpt=[{a},{b}]", "split=test", f"task.data_dir={RTE}", f"hydra.run.dir={both}")
+    # Options passed to every command out of habit are accepted: harmless groups, the checkpoints' own backbone.
+    habits = ["logger=none", "trainer=smoke", "optimizer=adamw", "backbone=tiny"]
+    ptv2("predict", f"ckpt=[{a},{b}]", "split=test", f"task.data_dir={RTE}", *habits, f"hydra.run.dir={both}")
     summary = json.loads((both / "predict.json").read_text())
     assert [entry["name"] for entry in summary["served"]] == ["rte", "rte-1"]
     for entry, run in zip(summary["served"], (a, b), strict=True):

@@ -18,10 +18,18 @@ from ptv2.train import build, evaluate_all
 
 log = logging.getLogger("ptv2")
 OWN_KEYS = ("ckpt", "split", "input", "output_dir")  # this command's own keys, not the run's
+# Groups that change neither the model nor its inputs: a group option passed out of habit (logger=none,
+# trainer=smoke) is taken from this command's config. The trainer's seed stays the checkpoint's: it rebuilds a
+# random-init backbone (backbone.random_init) exactly as in training.
+COMMAND_GROUPS = ("trainer", "logger", "optimizer", "scheduler")
+# Groups that define the model or its inputs: accepted only when they name what the checkpoint already has.
+MODEL_GROUPS = {"backbone": "name", "task": "name", "prompt": "method"}
 
 
 def checkpoint_config(cfg: DictConfig) -> DictConfig:
-    """The checkpoint's run config with this command's `key=value` overrides applied on top."""
+    """The checkpoint's run config with this command's overrides applied on top: `key=value` overrides as they are,
+    harmless groups (COMMAND_GROUPS) from this command's config; a group that would change the trained model (another
+    backbone, task, prompt method, a preset or an experiment) is refused."""
     metadata = checkpoint.read_metadata(cfg.ckpt)
     saved = OmegaConf.create(json.loads(metadata["config"]))
     parser = OverridesParser.create()
@@ -29,10 +37,21 @@ def checkpoint_config(cfg: DictConfig) -> DictConfig:
         key = override.key_or_group
         if key in OWN_KEYS:
             continue
+        if key in COMMAND_GROUPS:
+            with open_dict(saved):
+                seed = saved.get("trainer", {}).get("seed")
+                saved[key] = cfg[key]
+                if key == "trainer" and seed is not None:
+                    saved.trainer.seed = seed
+            continue
+        if key in MODEL_GROUPS and OmegaConf.select(saved, f"{key}.{MODEL_GROUPS[key]}") == cfg[key][MODEL_GROUPS[key]]:
+            continue  # names the checkpoint's own backbone / task / method: nothing changes
         if "." not in key:
+            trained = OmegaConf.select(saved, f"{key}.{MODEL_GROUPS[key]}") if key in MODEL_GROUPS else None
             raise UserError(
-                f"'{override.input_line}' would change the {key} group of a trained checkpoint; "
-                f"override single keys instead (e.g. {key}.some_key=value)"
+                f"'{override.input_line}' would change the {key} group of a trained checkpoint"
+                + (f" (trained with {key}={trained})" if trained is not None else "")
+                + f"; override single keys instead (e.g. {key}.some_key=value)"
             )
         with open_dict(saved):
             OmegaConf.update(saved, key, override.value(), merge=True)
