@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from ptv2 import backbone, checkpoint
@@ -30,6 +30,7 @@ from ptv2.data import LengthGroupedBatches, Split, prepare_split, sorted_batches
 from ptv2.errors import UserError
 from ptv2.heads import POOLER_TYPES, VerbalizerHead
 from ptv2.model import PromptModel
+from ptv2.progress import progress
 from ptv2.tasks import task_type
 from ptv2.tracking import Tracker
 
@@ -238,11 +239,12 @@ def interleaved(loaders: dict[str, DataLoader], seed: int, epoch: int):
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     started = time.perf_counter()
+    preset = HydraConfig.get().runtime.choices.get("preset") if HydraConfig.initialized() else None
+    if preset:
+        log.info("preset %s: the official run's settings, with the command line's overrides on top", preset)
     accelerator = Accelerator(mixed_precision=cfg.trainer.precision, cpu=cfg.trainer.cpu)
     set_seed(cfg.trainer.seed)
     tokenizer, members, prep_seconds, model = build(cfg, lambda task: ["train", task.eval_split, task.test_split])
-    if accelerator.is_main_process:  # again, now with the label names derived from the training data
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     if cfg.prompt.init_from:
         checkpoint.load(cfg.prompt.init_from, model, strict_heads=False)
     counts = model.parameter_counts()
@@ -298,6 +300,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             resumed[k] for k in ("history", "best", "best_value", "best_epoch", "best_state", "step", "losses")
         )
         start_epoch = resumed["epoch"]
+    # Again, now with the label names derived from the training data; only after the resume check, so a refused
+    # resume leaves the folder's config as it was.
+    if accelerator.is_main_process:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
     def save_state(epoch: int, batches_done: int) -> None:
         if accelerator.is_main_process:
@@ -306,7 +312,18 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             training_state.save(run_dir, unwrapped, optimizer, scheduler, cfg, {**progress, "best_state": best_state})
 
     stop = training_state.StopRequests().install()  # SIGTERM/SIGINT: save the state, then stop
+    patience, stopped_early = cfg.trainer.early_stopping_patience, False
     for epoch in range(start_epoch, cfg.trainer.epochs):
+        # Checked before the epoch rather than after the last one, so a resumed run stops where it had stopped.
+        if patience and best_epoch > 0 and epoch - best_epoch >= patience:
+            stopped_early = True
+            log.info(
+                "early stopping: no better dev %s in the %d epochs after epoch %d",
+                cfg.task.metric,
+                patience,
+                best_epoch,
+            )
+            break
         epoch_started = time.perf_counter()  # the epoch's training time is logged apart from its evaluation
         model.train()
         for sampler in samplers.values():
@@ -321,13 +338,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             training_state.set_rng_states(resumed["rng"])
         else:
             losses = []
-        bar = tqdm(
+        bar = progress(  # a bar on a terminal, a log line per tenth of the epoch elsewhere
             batches,
-            initial=done,
             total=sum(len(x) for x in loaders.values()),
             desc=f"epoch {epoch + 1}/{cfg.trainer.epochs}",
-            leave=False,
-            disable=not (cfg.trainer.progress and accelerator.is_main_process),
+            enabled=cfg.trainer.progress and accelerator.is_main_process,
+            initial=done,
         )
         for name, batch in bar:
             loss = unwrapped.head_for(name).loss(model(batch, head=name), batch)
@@ -400,6 +416,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         **counts,
         "train_examples": {m.name: len(m.splits["train"].examples) for m in members},
         "steps": step,
+        "stopped_early": stopped_early,  # trainer.early_stopping_patience ended the run before trainer.epochs
         "data_prep_seconds": prep_seconds,
     }
     tested = [m for m in members if m.task.test_split]
