@@ -119,7 +119,10 @@ class TrainerConfig:
     save_checkpoint: bool = True
     save_every_steps: Optional[int] = None  # also save the full training state (state/) every N steps
     resume: Any = False  # true: continue the run in hydra.run.dir from its state/; or the run dir to continue from
-    progress: bool = True
+    progress: bool = True  # a bar on a terminal; elsewhere one log line per tenth of an epoch (see progress.py)
+    # Stop after this many epochs without a better dev metric; None: off, as in the presets (the official runs
+    # trained a fixed number of epochs).
+    early_stopping_patience: Optional[int] = None
     cache_dir: Optional[str] = None  # tokenized-data cache; default $PTV2_CACHE or ~/.cache/ptv2
 
 

@@ -30,7 +30,7 @@ from ptv2.data import LengthGroupedBatches, Split, prepare_split, sorted_batches
 from ptv2.errors import UserError
 from ptv2.heads import POOLER_TYPES, VerbalizerHead
 from ptv2.model import PromptModel
-from ptv2.progress import progress
+from ptv2.progress import epoch_progress
 from ptv2.tasks import task_type
 from ptv2.tracking import Tracker
 
@@ -338,7 +338,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             training_state.set_rng_states(resumed["rng"])
         else:
             losses = []
-        bar = progress(  # a bar on a terminal, a log line per tenth of the epoch elsewhere
+        bar = epoch_progress(  # a bar on a terminal, a log line per tenth of the epoch elsewhere
             batches,
             total=sum(len(x) for x in loaders.values()),
             desc=f"epoch {epoch + 1}/{cfg.trainer.epochs}",

@@ -1,0 +1,62 @@
+"""Training progress that reads well wherever it goes: a tqdm bar on a terminal; elsewhere (SLURM, CI, `> log`) one
+log line per tenth of an epoch, or after LINE_SECONDS without one, instead of a carriage-return redraw per step."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+from tqdm.auto import tqdm
+
+log = logging.getLogger("ptv2")
+LINES_PER_EPOCH = 10  # a line each time another tenth of the epoch is done
+LINE_SECONDS = 300.0  # and at least one every 5 minutes on long epochs
+
+
+def epoch_progress(iterable, total: int, desc: str, enabled: bool = True, initial: int = 0, stream=None):
+    """Wrap a training epoch's batches: a bar when `stream` (default stderr, where tqdm draws) is a terminal, else
+    ProgressLines; nothing when disabled. Either way the result iterates like `iterable` and has set_postfix()."""
+    stream = sys.stderr if stream is None else stream
+    if enabled and stream.isatty():
+        return tqdm(iterable, total=total, initial=initial, desc=desc, leave=False, file=stream)
+    return ProgressLines(iterable, total, desc, enabled, initial)
+
+
+class ProgressLines:
+    """Yields the items of `iterable`; after each one, logs `desc: done/total steps (percent), postfix, elapsed, left`
+    when another 1/LINES_PER_EPOCH of `total` is done or LINE_SECONDS have passed since the last line."""
+
+    def __init__(self, iterable, total: int, desc: str, enabled: bool = True, initial: int = 0, clock=time.monotonic):
+        self.iterable, self.total, self.desc, self.enabled = iterable, total, desc, enabled
+        self.initial = self.done = initial  # a resumed epoch starts past its finished batches
+        self.clock, self.postfix = clock, {}
+        self.started = self.last_line = clock()
+        self.next_mark = self._mark_after(initial)
+
+    def _mark_after(self, done: int) -> int:
+        """The first step count past `done` that ends another 1/LINES_PER_EPOCH of the epoch: ceil(k * total / N)."""
+        k = done * LINES_PER_EPOCH // max(self.total, 1) + 1
+        return -(-k * self.total // LINES_PER_EPOCH)
+
+    def set_postfix(self, **values) -> None:
+        self.postfix = values
+
+    def __iter__(self):
+        for item in self.iterable:
+            yield item
+            self.done += 1
+            now = self.clock()
+            if self.enabled and (self.done >= self.next_mark or now - self.last_line >= LINE_SECONDS):
+                self._line(now)
+
+    def _line(self, now: float) -> None:
+        elapsed = now - self.started
+        parts = [f"{self.desc}: {self.done}/{self.total} steps ({100 * self.done / max(self.total, 1):.0f}%)"]
+        parts += [f"{key} {value}" for key, value in self.postfix.items()]
+        parts.append(f"{elapsed:.0f} s")
+        if self.initial < self.done < self.total:
+            left = elapsed / (self.done - self.initial) * (self.total - self.done)
+            parts.append(f"~{left:.0f} s left in the epoch")
+        log.info(", ".join(parts))
+        self.last_line, self.next_mark = now, self._mark_after(self.done)
