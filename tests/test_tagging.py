@@ -106,7 +106,7 @@ def test_conll_short_line_names_file_and_line():
 
 def test_missing_split_file_is_a_user_error():
     task = make_task(data_dir=str(FIXTURES / "conll04_pack"), name="conll04", format="ptv2_pack")
-    with pytest.raises(UserError, match="missing split file"):
+    with pytest.raises(UserError, match="no test file in .*conll04_pack .*; or name it: task.files.test=FILE"):
         load(task, "test")
 
 

@@ -54,8 +54,9 @@ class TaskConfig:
     type: str = "classification"  # classification | multiple_choice | tagging | span
     reader: str = MISSING  # module in ptv2.data that turns hub rows / local files into examples
     data_dir: Optional[str] = None  # local files instead of the hub
-    format: Optional[str] = None  # local file format when a reader knows several
-    files: dict[str, str] = field(default_factory=dict)  # split -> file name inside data_dir
+    format: Optional[str] = None  # local file format when a reader knows several; null: found with the files
+    # split -> file name inside data_dir; null (or absent): found by name (the reader's local_files)
+    files: dict[str, Optional[str]] = field(default_factory=dict)
     hub: dict[str, Any] = field(default_factory=dict)  # path, name, revision
     hub_splits: dict[str, str] = field(default_factory=dict)  # split -> hub split name
     labels: list[str] = field(default_factory=list)  # label names (label ids follow this order)

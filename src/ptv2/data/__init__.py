@@ -1,7 +1,9 @@
 """Examples from a task's reader, tokenized once and cached on disk, batched with dynamic padding.
 
 A reader is a module of this package named by `task.reader` with `load(task, split) -> list[dict]` that reads
-either the hub (`task.hub`) or local files (`task.data_dir`) into the task type's canonical examples.
+either the hub (`task.hub`) or local files (`task.data_dir`) into the task type's canonical examples, and
+`local_files(task) -> {format: {split: [file names]}}`: the names by which a data folder's files and their format
+are found (optionally `sniff_format(path)` for a file the user named; see io.local_split).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import logging
 import os
 import pickle
 import shutil
@@ -18,10 +21,12 @@ from pathlib import Path
 
 import datasets
 import torch
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
+from ptv2.data.io import local_split
 from ptv2.errors import UserError
 
+log = logging.getLogger("ptv2")
 datasets.disable_progress_bars()  # tokenization is timed and logged instead
 
 
@@ -43,6 +48,23 @@ def load_examples(task, split: str) -> list[dict]:
     return examples
 
 
+def with_local_file(task, split: str):
+    """`task` with `format` and `files[split]` set to the file its data folder holds for `split` (found by the
+    reader's `local_files` names unless task.files / task.format say; see io.local_split), so the cache key covers
+    the file read; `task` itself without task.data_dir."""
+    if not task.get("data_dir"):
+        return task
+    reader = importlib.import_module(f"ptv2.data.{task.reader}")
+    fmt, path = local_split(task, split, reader.local_files(task), getattr(reader, "sniff_format", None))
+    if not (task.get("files") or {}).get(split):
+        log.info("task %s, %s split: %s (format %s)", task.name, split, path, fmt)
+    resolved = OmegaConf.merge(task, {})  # a copy: the run's config keeps what the user gave
+    with open_dict(resolved):
+        resolved.format = fmt
+        resolved.files[split] = path.name
+    return resolved
+
+
 def _files_fingerprint(task) -> list:
     """Size and modification time of every local split file, so edited data invalidates the cache."""
     if not task.data_dir:
@@ -51,7 +73,7 @@ def _files_fingerprint(task) -> list:
     return [
         (name, os.stat(p).st_size, os.stat(p).st_mtime_ns)
         for name in task.files.values()
-        if (p := directory / name).exists()
+        if name and (p := directory / name).exists()
     ]
 
 
@@ -89,6 +111,7 @@ def prepare_split(task, split: str, tokenizer, task_type, cache_root: str | None
     The examples are cached beside the features, so a cache hit (every job of a sweep after the first) neither
     reads nor parses the data files: the key already covers their size and modification time.
     """
+    task = with_local_file(task, split)
     key_parts = {
         "task": OmegaConf.to_container(task, resolve=True),
         "split": split,

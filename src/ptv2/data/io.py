@@ -11,11 +11,17 @@ from typing import Any
 from ptv2.errors import UserError
 
 
-def split_file(data_dir: str | Path, filename: str) -> Path:
-    """Path of one split's file inside `task.data_dir`, checked to exist."""
+def data_folder(data_dir: str | Path) -> Path:
+    """`task.data_dir`, checked to be a folder."""
     directory = Path(data_dir).expanduser()
     if not directory.is_dir():
         raise UserError(f"task.data_dir={directory} is not a directory: pass the folder that holds the task's files")
+    return directory
+
+
+def split_file(data_dir: str | Path, filename: str) -> Path:
+    """Path of one split's file inside `task.data_dir`, checked to exist."""
+    directory = data_folder(data_dir)
     path = directory / filename
     if not path.is_file():
         present = ", ".join(sorted(p.name for p in directory.iterdir())) or "nothing"
@@ -23,6 +29,70 @@ def split_file(data_dir: str | Path, filename: str) -> Path:
             f"missing split file {path} (the folder holds: {present}); add it or point task.data_dir elsewhere"
         )
     return path
+
+
+def local_split(task: Any, split: str, accepted: dict[str, dict[str, list[str]]], sniff=None) -> tuple[str, Path]:
+    """(format, path) of one split's file in `task.data_dir`.
+
+    `accepted` is what the task's reader reads: {format: {split: [file names]}}, formats in order of preference.
+    `task.files[split]` and `task.format`, when set, are used as they are; otherwise the file is the one accepted
+    name of the split the folder holds, and its format the first that lists it. A file named in `task.files` but
+    not in `accepted` gets its format from its extension, then from `sniff(path) -> format | None` (a reader's
+    look at the content). Where the folder leaves a choice, the one-line error names the overrides that settle it.
+    """
+    name = task.get("name")
+    chosen = task.get("format")
+    if chosen and chosen not in accepted:
+        raise UserError(f"task {name}: task.format={chosen} is unknown; this task reads {', '.join(accepted)}")
+    formats = {chosen: accepted[chosen]} if chosen else accepted
+    explicit = (task.get("files") or {}).get(split)
+    if explicit:
+        path = split_file(task.get("data_dir"), explicit)
+        return chosen or _format_of(path, formats, sniff, f"task {name}: task.files.{split}={explicit}"), path
+    data_dir = data_folder(task.get("data_dir"))
+    held = {p.name for p in data_dir.iterdir() if p.is_file()}
+    found: dict[str, str] = {}  # file name -> its format (the first format listing it)
+    for fmt, splits in formats.items():
+        for filename in splits.get(split, []):
+            if filename in held:
+                found.setdefault(filename, fmt)
+    if len(found) == 1:
+        ((filename, fmt),) = found.items()
+        return fmt, data_dir / filename
+    if found:
+        options = (
+            [f"task.format={fmt}" for fmt in dict.fromkeys(found.values())]
+            if len(set(found.values())) == len(found)
+            else [f"task.files.{split}={filename}" for filename in found]
+        )
+        held_text = " and ".join(f"{filename} ({fmt})" for filename, fmt in found.items())
+        raise UserError(f"task {name}: {data_dir} holds several {split} files, {held_text}; add {' or '.join(options)}")
+    expected = "; ".join(f"{', '.join(splits[split])} ({fmt})" for fmt, splits in formats.items() if splits.get(split))
+    raise UserError(
+        f"task {name}: no {split} file in {data_dir} (it holds: {', '.join(sorted(held)) or 'nothing'}); "
+        f"expected {expected or 'none for this split'}; or name it: task.files.{split}=FILE"
+    )
+
+
+def _format_of(path: Path, formats: dict[str, dict[str, list[str]]], sniff, where: str) -> str:
+    """The format of a file named by the user: the first that lists its name, else those sharing its extension,
+    narrowed by `sniff`; ambiguous -> an error naming task.format=... for each candidate."""
+    for fmt, splits in formats.items():
+        if any(path.name in names for names in splits.values()):
+            return fmt
+    candidates = [
+        fmt
+        for fmt, splits in formats.items()
+        if any(Path(filename).suffix == path.suffix for names in splits.values() for filename in names)
+    ]
+    if len(candidates) != 1 and sniff is not None:
+        sniffed = sniff(path)
+        if sniffed in formats:
+            return sniffed
+    if len(candidates) == 1:
+        return candidates[0]
+    options = " or ".join(f"task.format={fmt}" for fmt in candidates or formats)
+    raise UserError(f"{where}: which format is it? add {options}")
 
 
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:

@@ -6,7 +6,7 @@ Canonical example (the same as a row of the hub's `squad` datasets):
 Unanswerable SQuAD 2.0 questions have empty `text` and `answer_start` lists.
 
 Sources:
-- local official json (`task.data_dir` with `task.files`): train-v1.1.json / dev-v1.1.json,
+- local official json (`task.data_dir`, found by name or named by `task.files`): train-v1.1.json / dev-v1.1.json,
   train-v2.0.json / dev-v2.0.json (`is_impossible` and `plausible_answers` are read past: the golds are `answers`);
 - the Hugging Face hub, parquet-backed:
   squad    -> path `rajpurkar/squad`,    name `plain_text`, revision 7b6d24c440a36b6815f21b70d25016731768db1f
@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from ptv2.data.io import field, load_hub_split, read_json, split_file
+from ptv2.data.io import field, load_hub_split, local_split, read_json
 from ptv2.errors import UserError
 
 # (path, name, revision) of the parquet-backed hub copies, for task configs.
@@ -39,20 +39,22 @@ HUB = {
 # --------------------------------------------------------------------------------------------------------- reading
 
 
+def local_files(task) -> dict[str, dict[str, list[str]]]:
+    """The official names of the task's version (format json), found in task.data_dir unless task.files names
+    another; a folder may hold both versions."""
+    version = "v2.0" if (task.get("options") or {}).get("version_2") else "v1.1"
+    return {"json": {split: [f"{split}-{version}.json", f"{split}.json"] for split in ("train", "dev")}}
+
+
 def load(task, split: str) -> list[dict]:
     """Canonical examples of one split ("train" or "dev") of `task` (name squad|squad_v2).
 
-    With `task.data_dir` set, reads the official json named by `task.files[split]`; otherwise the hub dataset
-    `task.hub` (path, name, revision) at split `task.hub_splits[split]`.
+    With `task.data_dir` set, reads the split's official json (local_files, or `task.files[split]`); otherwise the
+    hub dataset `task.hub` (path, name, revision) at split `task.hub_splits[split]`.
     """
-    data_dir = task.get("data_dir")
-    if data_dir:
-        files = task.get("files") or {}
-        if split not in files:
-            raise UserError(
-                f"task {task.get('name')}: no file configured for split '{split}' (task.files: {dict(files)})"
-            )
-        return read_official(split_file(data_dir, files[split]))
+    if task.get("data_dir"):
+        _, path = local_split(task, split, local_files(task))
+        return read_official(path)
 
     hub = task.get("hub") or {}
     splits = task.get("hub_splits") or {}

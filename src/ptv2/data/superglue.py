@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from ptv2.data.io import atomic_write, field, label_id, load_hub_split, read_jsonl, split_file
+from ptv2.data.io import atomic_write, field, label_id, load_hub_split, local_split, read_jsonl
 from ptv2.errors import UserError
 from ptv2.metrics import record_predictions
 
@@ -124,11 +124,19 @@ _COLUMNS = {
 # --------------------------------------------------------------------------------------------------------- loading
 
 
+# The official distribution's names (format jsonl), found in task.data_dir unless task.files.<split> names another.
+LOCAL_FILES = {"jsonl": {"train": ["train.jsonl"], "dev": ["val.jsonl", "dev.jsonl"], "test": ["test.jsonl"]}}
+
+
+def local_files(task) -> dict[str, dict[str, list[str]]]:
+    return LOCAL_FILES
+
+
 def load(task, split: str) -> list[dict]:
     """Canonical examples of one split (train|dev|test) of a SuperGLUE task config (see the module docstring).
 
-    With `task.data_dir` set, reads the official jsonl named by `task.files[split]`; otherwise the hub rows of
-    `task.hub` (path, name, revision) at split `task.hub_splits[split]`.
+    With `task.data_dir` set, reads the split's official jsonl (LOCAL_FILES, or `task.files[split]`); otherwise the
+    hub rows of `task.hub` (path, name, revision) at split `task.hub_splits[split]`.
     """
     name = _task_name(task)
     if split not in SPLITS:
@@ -137,12 +145,8 @@ def load(task, split: str) -> list[dict]:
     options = dict(task.get("options") or {})
     labelled = split != "test"
 
-    data_dir = task.get("data_dir")
-    if data_dir:
-        files = task.get("files") or {}
-        if split not in files:
-            raise UserError(f"task {name}: no file configured for split '{split}' (task.files: {dict(files)})")
-        path = split_file(data_dir, files[split])
+    if task.get("data_dir"):
+        _, path = local_split(task, split, LOCAL_FILES)
         records = ((f"{path}:{line}", record) for line, record in read_jsonl(path))
         return official_examples(name, records, labels, options, labelled)
 

@@ -3,7 +3,9 @@
 Canonical example: ``{"idx": int, "tokens": [str], "tags": [str] (BIO), "predicate": int}``; ``predicate`` is the
 0-based word index of the predicate for SRL (one example per sentence and predicate) and -1 for NER.
 
-Local formats (``task.format``), read from ``task.data_dir / task.files[split]``:
+Local formats (``task.format``), read from ``task.data_dir``. Each split's file and its format are found by name
+(``local_files``: the pack's names, ``train.txt``/``dev.txt``/``valid.txt``/``test.txt`` columns, SpERT's
+``conll04_train.json`` ...) unless ``task.files.<split>`` / ``task.format`` name them:
 
 - ``conll`` (NER): one token per line, whitespace-separated columns, token in ``options.token_column`` (default 0),
   tag in ``options.tag_column`` (default -1, the last); a blank line ends a sentence; ``-DOCSTART-`` lines are skipped.
@@ -42,12 +44,12 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ptv2.data.io import field, load_hub_split, read_json, read_jsonl, split_file
+from ptv2.data.io import field, load_hub_split, local_split, read_json, read_jsonl
 from ptv2.errors import UserError
 
 SRL_TASKS = ("conll05", "conll12")
 
-# File names inside each folder of the official P-tuning v2 data pack (format ptv2_pack) when task.files names none.
+# File names inside each folder of the official P-tuning v2 data pack (format ptv2_pack).
 PACK_FILES = {
     "conll03": {"train": "train.txt", "dev": "valid.txt", "test": "test.txt"},
     "conll04": {"train": "train.txt", "dev": "dev.txt", "test": "test.txt"},
@@ -60,6 +62,27 @@ PACK_FILES = {
     },
     "conll12": {"train": "conll2012.train.txt", "dev": "conll2012.devel.txt", "test": "conll2012.test.txt"},
 }
+# Column files as commonly named (format conll): NER, and SRL in bracket notation.
+NER_COLUMN_FILES = {
+    "train": ["train.txt", "train.conll"],
+    "dev": ["dev.txt", "valid.txt", "dev.conll"],
+    "test": ["test.txt", "test.conll"],
+}
+CONLL03_ORIGINAL_FILES = {"train": ["eng.train"], "dev": ["eng.testa"], "test": ["eng.testb"]}  # the 2003 release
+SRL_COLUMN_FILES = {
+    "conll05": {
+        "train": ["train.txt"],
+        "dev": ["dev.txt", "devel.txt"],
+        "test": ["test.txt", "test.wsj.txt"],
+        "test_brown": ["test.brown.txt", "test_brown.txt"],
+    },
+    "conll12": {  # OntoNotes *_gold_conll files concatenated per split
+        "train": ["train.txt", "train.english.v4_gold_conll", "train.gold_conll"],
+        "dev": ["dev.txt", "development.english.v4_gold_conll", "development.gold_conll", "dev.gold_conll"],
+        "test": ["test.txt", "test.english.v4_gold_conll", "test.gold_conll"],
+    },
+}
+
 
 # Hub label ids -> names, for hub columns that store tag ids (the row dicts carry no names).
 HUB_LABEL_NAMES = {
@@ -92,9 +115,8 @@ DEFAULT_HUB_SPLITS = {"train": "train", "dev": "validation", "test": "test"}
 
 def load(task: Any, split: str) -> list[dict]:
     """Examples of one split of a tagging task, from local files (``task.data_dir``) or the hub."""
-    data_dir = _cfg(task, "data_dir")
-    if data_dir:
-        return _load_local(task, split, data_dir)
+    if _cfg(task, "data_dir"):
+        return _load_local(task, split)
     if _is_srl(task):
         raise UserError(f"task {_cfg(task, 'name')}: SRL data is read from local files only; pass task.data_dir=DIR")
     hub = _cfg(task, "hub")
@@ -113,11 +135,33 @@ def label_set(examples: list[dict]) -> list[str]:
     return ["O", *sorted(tags)]
 
 
-def _load_local(task: Any, split: str, data_dir: str) -> list[dict]:
+def local_files(task: Any) -> dict[str, dict[str, list[str]]]:
+    """The file names each format is found by in a data folder, {format: {split: [names]}}, preferred first (see
+    ptv2.data.io.local_split). A name listed twice reads the same either way (CoNLL03/CoNLL04 pack = columns)."""
     name = _cfg(task, "name")
-    fmt = _cfg(task, "format", "conll")
+    pack = {split: [filename] for split, filename in PACK_FILES.get(name, {}).items()}
+    if _is_srl(task):
+        return {"ptv2_pack": pack, "conll": SRL_COLUMN_FILES.get(name, {})}
+    columns = {split: [*names, *CONLL03_ORIGINAL_FILES[split]] for split, names in NER_COLUMN_FILES.items()}
+    json_files = {
+        split: [f"{name}_{split}.json", f"{split}.json", f"{split}.jsonl"] for split in ("train", "dev", "test")
+    }
+    return {"conll": columns if name == "conll03" else NER_COLUMN_FILES, "ptv2_pack": pack, "json": json_files}
+
+
+def sniff_format(path: Path) -> str | None:
+    """The format a file's first line looks like: JSON, the pack's SRL lines (`... ||| ...`), else columns."""
+    with open(path, encoding="utf-8") as handle:
+        first = next((line.strip() for line in handle if line.strip() and not line.startswith("#")), "")
+    if first.startswith(("[", "{")):
+        return "json"
+    return "ptv2_pack" if "|||" in first else "conll"
+
+
+def _load_local(task: Any, split: str) -> list[dict]:
+    name = _cfg(task, "name")
+    fmt, path = local_split(task, split, local_files(task), sniff_format)
     options = _cfg(task, "options", {})
-    path = split_file(data_dir, _split_filename(task, split))
     if _is_srl(task):
         if fmt == "ptv2_pack":
             return read_srl_pack(path)
@@ -134,16 +178,6 @@ def _load_local(task: Any, split: str, data_dir: str) -> list[dict]:
     if fmt in ("conll", "ptv2_pack"):
         return read_conll_ner(path, _cfg(options, "token_column", 0), tag_column, scheme)
     raise UserError(f"task {name}: unknown format '{fmt}'; expected conll, ptv2_pack or json")
-
-
-def _split_filename(task: Any, split: str) -> str:
-    files = _cfg(task, "files", {})
-    pack_files = PACK_FILES.get(_cfg(task, "name"), {}) if _cfg(task, "format") == "ptv2_pack" else {}
-    filename = _cfg(files, split) or pack_files.get(split)
-    if not filename:
-        known = ", ".join(sorted(files)) if files else "none"
-        raise UserError(f"task {_cfg(task, 'name')}: no file for split '{split}' (task.files has: {known})")
-    return filename
 
 
 def _is_srl(task: Any) -> bool:
