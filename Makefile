@@ -26,16 +26,24 @@ test-all:  ## every test, the slow real-data ones included
 	$(BIN)/python -m pytest
 
 lint:  ## ruff lint and format check
-	$(BIN)/ruff check src tests scripts
-	$(BIN)/ruff format --check src tests scripts
+	$(BIN)/ruff check src tests scripts setup.py
+	$(BIN)/ruff format --check src tests scripts setup.py
 
 format:  ## apply ruff fixes and formatting
-	$(BIN)/ruff check --fix src tests scripts
-	$(BIN)/ruff format src tests scripts
+	$(BIN)/ruff check --fix src tests scripts setup.py
+	$(BIN)/ruff format src tests scripts setup.py
 
-demo:  ## offline demo: P-Tuning v2 on real RTE with the packaged MiniLM, 1 epoch on the CPU
-	$(BIN)/ptv2 train task=rte backbone=minilm task.data_dir=$(SHARED)/superglue/RTE \
-		trainer.epochs=1 logger=none hydra.run.dir=$(MINILM_RUN)
+# Without $(RTE_DIR) the demo reads the hub copy of RTE; without the hub either, it says where to get the files.
+RTE_DIR = $(SHARED)/superglue/RTE
+RTE_ZIP := https://dl.fbaipublicfiles.com/glue/superglue/data/v2/RTE.zip
+HUB_REACHABLE := $(BIN)/python -c "from huggingface_hub import HfApi; HfApi().dataset_info('aps/super_glue', timeout=10)"
+
+demo:  ## P-Tuning v2 on real RTE with the packaged MiniLM, 1 epoch on the CPU (RTE from SHARED, else the hub)
+	@if [ -f $(RTE_DIR)/train.jsonl ]; then data=task.data_dir=$(RTE_DIR); \
+	elif $(HUB_REACHABLE) >/dev/null 2>&1; then data=; echo "make demo: no $(RTE_DIR); reading RTE from the hub"; \
+	else echo "make demo: no $(RTE_DIR) and no Hugging Face hub: unzip $(RTE_ZIP) into DIR/superglue, then make demo SHARED=DIR" >&2; \
+		exit 2; fi; \
+	set -x; $(BIN)/ptv2 train task=rte backbone=minilm $$data trainer.epochs=1 logger=none hydra.run.dir=$(MINILM_RUN)
 
 bench:  ## train-step time, eval throughput and peak memory per method (MiniLM, CPU); ARGS=... adds overrides
 	$(BIN)/ptv2 bench backbone=minilm $(ARGS)

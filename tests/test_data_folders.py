@@ -4,7 +4,9 @@ reader's `local_files` names); where the folder leaves a choice, one line names 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,7 @@ from ptv2.errors import UserError
 FIXTURES = Path(__file__).parent / "fixtures"
 TAGGING = FIXTURES / "tagging"
 TINY_BERT = Path(tasks.__file__).parents[1] / "assets" / "tiny-bert"
+REPO = Path(__file__).resolve().parents[1]
 
 
 def task(name: str, data_dir: Path, **fields):
@@ -145,3 +148,16 @@ def test_train_with_only_data_dir_and_a_one_line_error_when_ambiguous(tmp_path):
         f"ptv2: error: task conll04: {data} holds several dev files, dev.txt (conll) and conll04_dev.json (json); "
         "add task.format=conll or task.format=json"
     ]
+
+
+@pytest.mark.skipif(not (REPO / ".venv" / "bin" / "python").exists(), reason="make demo runs the repository's .venv")
+def test_make_demo_without_the_data_or_the_hub_says_where_to_get_the_files(tmp_path):
+    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9"}  # a hub that refuses connections at once
+    result = subprocess.run(
+        ["make", "-s", "demo", f"SHARED={tmp_path}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines()[0] == (
+        f"make demo: no {tmp_path}/superglue/RTE and no Hugging Face hub: unzip "
+        "https://dl.fbaipublicfiles.com/glue/superglue/data/v2/RTE.zip into DIR/superglue, then make demo SHARED=DIR"
+    )
