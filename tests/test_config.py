@@ -64,17 +64,17 @@ DEBERTA = DebertaV2Config(num_hidden_layers=4, max_position_embeddings=512, posi
 @pytest.mark.parametrize(
     ("overrides", "backbone", "message"),
     [
-        (["prompt.length=0"], BERT, "must be at least 1"),
-        (["prompt.length=-3"], BERT, "must be at least 1"),
+        (["prompt.length=0"], BERT, "prompt.length=0 is out of range for prompt.method=ptv2; use an integer >= 1"),
+        (["prompt.length=-3"], BERT, "use an integer >= 1"),
         (["prompt.layers=top:5"], BERT, "1 <= K <= 4"),
         (["prompt.layers=middle:2"], BERT, "is invalid"),
         (["prompt.layers=[0,4]"], BERT, "layers 0..3 (bad: [4])"),
         (["prompt.layers=[]"], BERT, "empty list"),
-        (["prompt.projection=lstm"], BERT, "choose none or mlp"),
+        (["prompt.projection=lstm"], BERT, "prompt.projection=lstm is unknown; choose one of none, mlp"),
         (["prompt.shift_positions=true", "prompt.length=400", "task.max_length=128"], BERT, "needs 528 positions"),
         (["prompt.shift_positions=true", "prompt.length=385", "task.max_length=128"], ROBERTA, "needs 515 positions"),
         (["prompt=prompt_tuning", "prompt.length=400", "task.max_length=128"], BERT, "needs 528 positions"),
-        (["trainer.precision=fp8"], BERT, "choose no, bf16 or fp16"),
+        (["trainer.precision=fp8"], BERT, "trainer.precision=fp8 is unknown; choose one of no, bf16, fp16"),
     ],
 )
 def test_validate_rejects_impossible_values(overrides, backbone, message):

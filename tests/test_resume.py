@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 from test_cli import RTE
 
+from ptv2 import state
 from ptv2.state import STATE_DIR, STATE_FILE
 
 RUN = [
@@ -38,7 +39,8 @@ def train(*args: str, die_at: int | None = None, signal: str = "KILL") -> subpro
 
 
 def final_state(run_dir) -> dict:
-    return torch.load(run_dir / STATE_DIR / STATE_FILE, weights_only=False)
+    """The saved training state, read as ptv2 reads it: weights_only=True (no code runs), progress parsed."""
+    return state.read(run_dir / STATE_DIR / STATE_FILE)
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ every one of them takes overrides, `--help`, `--cfg job` and `-m/--multirun`.
 from __future__ import annotations
 
 import importlib
+import importlib.resources
 import logging
 import os
 import sys
@@ -15,26 +16,36 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from ptv2 import __version__
-from ptv2.config import register
+from ptv2 import __version__, rundir
+from ptv2.config import check_values, register
 from ptv2.errors import UserError
 
 log = logging.getLogger("ptv2")
 CONFIG_PATH = "pkg://ptv2.conf"
 failed_jobs: list[str] = []
+job_started = False  # Hydra errors before any job are config mistakes (one line); later ones are not
 
 
-def _job(function, cfg: DictConfig):
+def _job(function, cfg: DictConfig, command: str):
     """Run one job; a user error ends a single run with one line and exit code 2, and fails only its own job
-    in a sweep (the sweep goes on and `ptv2` exits non-zero at the end)."""
+    in a sweep (the sweep goes on and `ptv2` exits non-zero at the end).
+
+    Before anything is written: every value is checked, the run directory is locked and checked (no finished run
+    replaced, a resume checked first); then config.yaml and .hydra/ are written and the command runs."""
+    global job_started
+    job_started = True
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     sweeping = hydra_cfg.mode == RunMode.MULTIRUN
+    lock = None
     try:
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        check_values(cfg)
+        lock = rundir.open_run_dir(cfg, run_dir, command)
         return objective(function(cfg, run_dir))
     except UserError as error:
         message = f"ptv2: error: {error}"
@@ -42,10 +53,16 @@ def _job(function, cfg: DictConfig):
             print(message, file=sys.stderr)
             sys.exit(2)
         log.error(message)
+        if isinstance(error, rundir.RunDirInUse):  # the folder is another run's: leave it as it is
+            failed_jobs.append(f"job {hydra_cfg.job.num} ({run_dir}: in use)")
+            return None
     except Exception:
         if not sweeping:
             raise
         log.error("job %s failed:\n%s", hydra_cfg.job.num, traceback.format_exc())
+    finally:
+        if lock is not None:
+            lock.release()
     failed_jobs.append(f"job {hydra_cfg.job.num} ({run_dir})")
     (run_dir / "FAILED").write_text("see the job's log\n")
     return None
@@ -65,7 +82,7 @@ def hydra_app(config_name: str, run):
 
     @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name=config_name)
     def app(cfg: DictConfig):
-        return _job(run, cfg)
+        return _job(run, cfg, config_name)
 
     return app
 
@@ -97,6 +114,53 @@ def unwritable_run_dir(args: list[str]) -> str | None:
     return f"cannot create the run directory {path}: {existing} is {what}; pass {key}DIR with a writable DIR"
 
 
+def _choice(args: list[str], group: str, default: str | None) -> str | None:
+    """The option chosen for a config group on the command line (the last `group=X` wins), else `default`."""
+    chosen = [arg.split("=", 1)[1] for arg in args if arg.startswith(f"{group}=")]
+    return chosen[-1] if chosen else default
+
+
+def with_official_preset(args: list[str]) -> tuple[list[str], str | None]:
+    """`ptv2 train` overrides with the official preset of the chosen task x backbone added, and its name.
+
+    A P-Tuning v2 run (the default method) on a task x backbone that has a preset in conf/preset/ gets it, so
+    `ptv2 train task=rte backbone=roberta-large` is the official run; overrides on the command line still win.
+    `preset=none` turns it off; an explicit preset, another method, an experiment or a sweep over task/backbone
+    leave the command as it is.
+    """
+    if "preset=none" in args:
+        return [arg for arg in args if arg != "preset=none"], None
+    if any(arg.startswith(("preset=", "+preset=", "experiment=", "+experiment=")) for arg in args):
+        return args, None
+    conf = importlib.resources.files("ptv2.conf")
+    defaults = {}
+    for entry in OmegaConf.load(conf / "train.yaml").defaults:  # the groups' default options
+        if isinstance(entry, DictConfig):
+            defaults.update(entry)
+    task, backbone = _choice(args, "task", defaults["task"]), _choice(args, "backbone", defaults["backbone"])
+    if _choice(args, "prompt", defaults["prompt"]) != "ptv2" or "," in task + backbone:
+        return args, None
+    name = f"{task}-{backbone}"
+    if not (conf / "preset" / f"{name}.yaml").is_file():
+        return args, None
+    return [*args, f"preset={name}"], name
+
+
+def config_error_line(error: Exception) -> str:
+    """Hydra's report of a config mistake (unknown option, misspelled key, wrong type, bad override syntax) as one
+    line: OmegaConf's cause (key and type) follows the first sentence in parentheses; a list such as "Available
+    options in 'task':" with its tab-indented items becomes "available options in 'task': a, b, c"; the config search
+    path is dropped."""
+    lines = [line.strip() for line in str(error).split("Config search path:")[0].splitlines() if line.strip()]
+    header = next((i for i, line in enumerate(lines) if line.endswith(":")), len(lines))
+    parts = [line.rstrip(".") for line in lines[:header]]
+    if header < len(lines):
+        parts.append(f"{lines[header]} {', '.join(lines[header + 1 :])}")
+    if isinstance(error.__cause__, OmegaConfBaseException):
+        parts[0] += f" ({str(error.__cause__).splitlines()[0]})"
+    return "; ".join([parts[0], *(part[0].lower() + part[1:] for part in parts[1:])])
+
+
 def usage() -> str:
     lines = [f"ptv2 {__version__}: P-Tuning v2 experiments", "", "usage: ptv2 <command> [overrides] [--help]", ""]
     lines += [f"  {name:<8}{text}" for name, (_, _, text) in COMMANDS.items()]
@@ -105,6 +169,8 @@ def usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global job_started
+    job_started = False
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
@@ -126,8 +192,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ptv2: error: {problem}", file=sys.stderr)
         return 2
     register()
-    sys.argv = [f"ptv2 {command}", *argv[1:]]
-    hydra_app(config_name, function)()
+    args = argv[1:]
+    if command == "train":
+        args, preset = with_official_preset(args)
+        if preset:
+            note = "the official run's settings (explicit overrides win; preset=none turns it off)"
+            print(f"ptv2: preset={preset}: {note}", file=sys.stderr)
+    problem = rundir.sweep_dir_in_use(args)
+    if problem:
+        print(f"ptv2: error: {problem}", file=sys.stderr)
+        return 2
+    sys.argv = [f"ptv2 {command}", *args]
+    full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"  # the user asked for Hydra's tracebacks
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors instead of printing them: reported below
+    try:
+        hydra_app(config_name, function)()
+    except (HydraException, OmegaConfBaseException) as error:
+        if full_error or job_started:
+            raise
+        print(f"ptv2: error: {config_error_line(error)}; `ptv2 {command} --help` lists the options", file=sys.stderr)
+        return 2
     if failed_jobs:
         print(f"ptv2: {len(failed_jobs)} job(s) failed: {'; '.join(failed_jobs)}", file=sys.stderr)
         return 1

@@ -6,7 +6,10 @@ backbone's table) live in `validate`, which needs the backbone's HF config.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -120,6 +123,7 @@ class TrainerConfig:
     save_checkpoint: bool = True
     save_every_steps: Optional[int] = None  # also save the full training state (state/) every N steps
     resume: Any = False  # true: continue the run in hydra.run.dir from its state/; or the run dir to continue from
+    overwrite: bool = False  # replace a finished run in hydra.run.dir (refused otherwise; see rundir.py)
     progress: bool = True  # a bar on a terminal; elsewhere one log line per tenth of an epoch (see progress.py)
     # Stop after this many epochs without a better dev metric; None: off, as in the presets (the official runs
     # trained a fixed number of epochs).
@@ -188,21 +192,183 @@ def register() -> None:
         OmegaConf.register_new_resolver("package_path", _package_path)
     if not OmegaConf.has_resolver("asset"):
         OmegaConf.register_new_resolver("asset", lambda name: str(Path(__file__).parent / "assets" / name))
+    if not OmegaConf.has_resolver("unique_now"):
+        from ptv2.rundir import unique_now
+
+        OmegaConf.register_new_resolver("unique_now", unique_now, use_cache=True)
+
+
+# --------------------------------------------------------------------------------------------- start-up checks
+# Every numeric and enumerated setting is checked here, once, before a run writes anything (check_values, called
+# for every command's config and again for a checkpoint's); `validate` adds what needs the backbone's config.
+
+NAME = re.compile(r"[A-Za-z0-9_.-]+")  # names that become parts of file and folder names
+DTYPES = ("float32", "bfloat16", "float16")  # backbone.DTYPES
+
+
+@dataclass(frozen=True)
+class Range:
+    """The numbers a setting admits: from `low` to `high` (None: unbounded), either end excluded when *_open."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    integer: bool = False
+    optional: bool = False  # null is allowed (the setting is off)
+
+    def admits(self, value: Any) -> bool:
+        if value is None:
+            return self.optional
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return False
+        if self.integer and not float(value).is_integer():
+            return False
+        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return above and below
+
+    def __str__(self) -> str:
+        kind = "an integer" if self.integer else "a number"
+        low, high = (str(int(x)) if x is not None and float(x).is_integer() else f"{x}" for x in (self.low, self.high))
+        if self.low is not None and self.high is not None:
+            text = f"{kind} in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
+        elif self.low is not None:
+            text = f"{kind} {'>' if self.low_open else '>='} {low}"
+        else:
+            text = f"{kind} {'<' if self.high_open else '<='} {high}"
+        return f"null or {text}" if self.optional else text
+
+
+COUNT, SOME_COUNT = Range(1, integer=True), Range(1, integer=True, optional=True)
+PROBABILITY = Range(0, 1, high_open=True)  # dropout
+POSITIVE = Range(0, low_open=True)
+RANGES = {
+    "backbone.dropout": Range(0, 1, high_open=True, optional=True),
+    "backbone.attention_dropout": Range(0, 1, high_open=True, optional=True),
+    "prompt.length": Range(0, integer=True),  # >= 1 for the prompt methods: see check_values
+    "prompt.projection_dim": COUNT,
+    "prompt.dropout": PROBABILITY,
+    "prompt.init_std": Range(0, low_open=True, optional=True),
+    "task.max_length": Range(8, integer=True),  # room for the special tokens and some text
+    "task.head_dropout": PROBABILITY,
+    "optimizer.lr": POSITIVE,
+    "optimizer.weight_decay": Range(0),
+    "optimizer.eps": POSITIVE,
+    "scheduler.warmup_ratio": Range(0, 1),
+    "scheduler.gamma": Range(0, 1, low_open=True),
+    "trainer.epochs": COUNT,
+    "trainer.max_steps": SOME_COUNT,
+    "trainer.batch_size": COUNT,
+    "trainer.eval_batch_size": COUNT,
+    "trainer.max_grad_norm": Range(0),  # 0 turns clipping off
+    "trainer.seed": Range(0, 2**32 - 1, integer=True),  # numpy's seed range
+    "trainer.limit_train": SOME_COUNT,
+    "trainer.limit_eval": SOME_COUNT,
+    "trainer.save_every_steps": SOME_COUNT,
+    "trainer.early_stopping_patience": SOME_COUNT,
+    "logger.init_timeout": POSITIVE,
+    "bench.batch_size": COUNT,
+    "bench.seq_length": Range(8, integer=True),
+    "bench.prompt_length": SOME_COUNT,
+    "bench.warmup_steps": Range(0, integer=True),
+    "bench.steps": COUNT,
+    "bench.eval_batches": COUNT,
+    "bench.eval_batch_size": SOME_COUNT,
+    "bench.threads": SOME_COUNT,
+}
+CHOICES = {
+    "backbone.dtype": DTYPES,
+    "backbone.attention": ("sdpa", "eager"),
+    "prompt.method": METHODS,
+    "prompt.projection": ("none", "mlp"),
+    "prompt.encoder": ("lstm", "mlp"),
+    "task.head": HEADS,
+    "optimizer.name": ("adamw",),
+    "scheduler.name": ("linear", "exponential", "constant"),
+    "trainer.precision": ("no", "bf16", "fp16"),
+    "logger.name": ("wandb", "none"),
+    "logger.mode": ("auto", "online", "offline", "disabled"),
+    "bench.device": ("auto", "cpu", "cuda"),
+    "bench.frozen_dtype": (None, *DTYPES),
+}
+NAMES = ("backbone.name", "task.name", "task.eval_split", "task.test_split", "split")  # test_split may be null
+_ABSENT = object()
+
+
+def readers() -> list[str]:
+    """Modules of ptv2.data with a `load(task, split)`: the values task.reader takes."""
+    import pkgutil
+
+    import ptv2.data
+
+    names = [m.name for m in pkgutil.iter_modules(ptv2.data.__path__) if not m.name.startswith("_")]
+    return sorted(name for name in names if hasattr(importlib.import_module(f"ptv2.data.{name}"), "load"))
+
+
+def check_name(key: str, value: Any) -> None:
+    """A name that becomes part of a file or folder name: letters, digits, `_`, `.`, `-`; never `.` or `..`."""
+    if not (isinstance(value, str) and NAME.fullmatch(value) and value not in (".", "..")):
+        raise UserError(
+            f"{key}={value!r} is not a valid name: use letters, digits, '_', '.' and '-' only (it names files)"
+        )
+
+
+def _settings(cfg, key: str):
+    """(shown key, value) of a setting the config holds: task.* for the task and for each multi-task member."""
+    group, _, rest = key.partition(".")
+    nodes = [("", cfg)]
+    if group == "task" and cfg.get("task") is not None:
+        members = task_members(cfg.task) if cfg.task.get("members") else []
+        nodes = [(f"task.members.{name}.", member) for name, member in members] or [("task.", cfg.task)]
+        key = rest
+    for prefix, node in nodes:
+        value = OmegaConf.select(node, key, default=_ABSENT)
+        if value is not _ABSENT:
+            yield prefix + key, value
+
+
+def check_values(cfg) -> None:
+    """Every numeric and enumerated setting of a run config against RANGES, CHOICES and NAMES; the first bad one
+    ends the run with one line naming the key, its value and what it admits. Keys a config lacks (an older
+    checkpoint's) are skipped; a multi-task config is checked member by member."""
+    from ptv2.tasks import TASK_TYPES
+
+    prompt = cfg.get("prompt")
+    if prompt is not None and prompt.method in ("ptv2", *INPUT_PROMPT_METHODS) and prompt.length < 1:
+        raise UserError(f"prompt.length={prompt.length} is out of range for prompt.method={prompt.method}; use {COUNT}")
+    for key, allowed in RANGES.items():
+        for shown, value in _settings(cfg, key):
+            if not allowed.admits(value):
+                raise UserError(f"{shown}={value} is out of range; use {allowed}")
+    for key, allowed in {**CHOICES, "task.type": TASK_TYPES}.items():
+        for shown, value in _settings(cfg, key):
+            if value not in allowed:
+                listed = ", ".join("null" if choice is None else str(choice) for choice in allowed)
+                raise UserError(f"{shown}={value} is unknown; choose one of {listed}")
+    for shown, value in _settings(cfg, "task.reader"):
+        if value not in (known := readers()):
+            raise UserError(f"{shown}={value} is unknown; choose one of {', '.join(known)}")
+    for key in NAMES:
+        for shown, value in _settings(cfg, key):
+            if value is not None or key != "task.test_split":
+                check_name(shown, value)
+    for name in (cfg.task.get("members") or {}) if cfg.get("task") is not None else ():
+        check_name(f"task.members.{name}", name)
+    betas = OmegaConf.select(cfg, "optimizer.betas", default=None)
+    if betas is not None and (len(betas) != 2 or not all(PROBABILITY.admits(beta) for beta in betas)):
+        raise UserError(f"optimizer.betas={list(betas)} is out of range; use two numbers in [0, 1)")
+    for method in OmegaConf.select(cfg, "bench.methods", default=None) or []:
+        if method not in METHODS:
+            raise UserError(f"bench.methods: {method} is unknown; choose from {', '.join(METHODS)}")
 
 
 def validate(cfg, backbone_config) -> None:
-    """Value checks that need the backbone's config; raise UserError with one clear line."""
+    """check_values, then the checks that need the backbone's config; raise UserError with one clear line."""
     from ptv2.injection import encoder_shape, positions_used
 
+    check_values(cfg)
     prompt = cfg.prompt
-    if prompt.method not in METHODS:
-        raise UserError(f"prompt.method={prompt.method} is unknown; choose one of {', '.join(METHODS)}")
-    if prompt.length < 1 and prompt.method in ("ptv2", *INPUT_PROMPT_METHODS):
-        raise UserError(f"prompt.length={prompt.length} must be at least 1")
-    if prompt.projection not in ("none", "mlp"):
-        raise UserError(f"prompt.projection={prompt.projection} is unknown; choose none or mlp")
-    if prompt.encoder not in ("lstm", "mlp"):
-        raise UserError(f"prompt.encoder={prompt.encoder} is unknown; choose lstm or mlp")
     num_layers = encoder_shape(backbone_config)[0]
     layers = prompt.layers
     if isinstance(layers, str):
@@ -223,9 +389,6 @@ def validate(cfg, backbone_config) -> None:
             )
 
     task = cfg.task
-    for name, member in task_members(task):
-        if member.get("head", "linear") not in HEADS:
-            raise UserError(f"task.head={member.head} (task {name}) is unknown; choose one of {', '.join(HEADS)}")
     # Input prompts occupy positions like tokens; the official-style shift moves every token by P.
     shift = prompt.length if (prompt.method == "ptv2" and prompt.shift_positions) else 0
     extra = prompt.length if prompt.method in INPUT_PROMPT_METHODS else 0
@@ -237,7 +400,3 @@ def validate(cfg, backbone_config) -> None:
             f"backbone has {available}; lower task.max_length or prompt.length"
             + (" or set prompt.shift_positions=false" if shift else "")
         )
-    if cfg.trainer.precision not in ("no", "bf16", "fp16"):
-        raise UserError(f"trainer.precision={cfg.trainer.precision} is unknown; choose no, bf16 or fp16")
-    if cfg.scheduler.name not in ("linear", "exponential", "constant"):
-        raise UserError(f"scheduler.name={cfg.scheduler.name} is unknown; choose linear, exponential or constant")

@@ -6,6 +6,9 @@ continues the run in hydra.run.dir; `trainer.resume=RUN_DIR` continues another r
 directory. Resuming replays the interrupted epoch's batch order (LengthGroupedBatches reshuffles from seed + epoch),
 skips the batches already done, then restores the RNG states, so the run ends with the same metrics as an
 uninterrupted one.
+
+The file holds only tensors and plain values (numbers, strings, lists, dicts; the loop's progress as JSON) and is
+read with `torch.load(weights_only=True)`: a crafted or foreign state file is refused, it never runs code.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import random
 import shutil
 import signal
@@ -29,24 +33,42 @@ log = logging.getLogger("ptv2")
 STATE_DIR = "state"
 STATE_FILE = "training_state.pt"
 # Keys that may differ between the interrupted run and its continuation: they do not change what is computed.
-FREE_KEYS = ("trainer.resume", "trainer.save_every_steps", "trainer.progress", "logger.")
+FREE_KEYS = ("trainer.resume", "trainer.overwrite", "trainer.save_every_steps", "trainer.progress", "logger.")
+STATE_KEYS = {"trainable", "best_state", "optimizer", "scheduler", "rng", "config", "progress"}
+PROGRESS_KEYS = {"epoch", "batches_done", "step", "losses", "history", "best", "best_value", "best_epoch"}
 # Test-only knob: after step N, send the process this signal (KILL by default) to simulate a crash or preemption.
 DIE_AT_STEP, DIE_SIGNAL = "PTV2_DIE_AT_STEP", "PTV2_DIE_SIGNAL"
 
 
 def rng_states() -> dict:
-    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """The RNG states as tensors and plain values (numpy's key array as an int64 tensor), loadable with
+    weights_only=True."""
+    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    states = {
+        "python": random.getstate(),  # (version, tuple of ints, float or None)
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached_gaussian],
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
 
 
 def set_rng_states(states: dict) -> None:
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, position, has_gauss, cached_gaussian = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached_gaussian))
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _plain(value):
+    """numpy scalars (metrics) as Python numbers, for the JSON progress record."""
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} in the training progress is not a plain value")
 
 
 def _flat(container, prefix: str = "") -> dict:
@@ -56,16 +78,20 @@ def _flat(container, prefix: str = "") -> dict:
 
 
 def save(run_dir: Path, model, optimizer, scheduler, cfg, progress: dict) -> Path:
-    """Write the state atomically; progress: epoch, batches_done (of that epoch), step, losses, history, best..."""
+    """Write the state atomically; progress: epoch, batches_done (of that epoch), step, losses, history, best...,
+    and best_state (the best epoch's tensors, or None)."""
     path = Path(run_dir) / STATE_DIR / STATE_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
+    progress = dict(progress)
+    best_state = progress.pop("best_state", None)
     state = {
         "trainable": {k: v.detach().cpu().clone() for k, v in model.prompt_state_dict().items()},
+        "best_state": None if best_state is None else {k: v.detach().cpu() for k, v in best_state.items()},
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "rng": rng_states(),
         "config": json.dumps(OmegaConf.to_container(cfg, resolve=True)),
-        "progress": progress,
+        "progress": json.dumps(progress, default=_plain),
     }
     checkpoint.atomic_write(path, lambda tmp: torch.save(state, tmp))
     return path
@@ -79,12 +105,31 @@ def source(cfg, run_dir: Path) -> Path | None:
     return Path(run_dir) if resume is True or str(resume).lower() in ("true", "yes", "1") else Path(resume).expanduser()
 
 
-def restore(cfg, run_dir: Path, model, optimizer, scheduler) -> dict | None:
-    """Load the state to resume from into model/optimizer/scheduler; returns (progress, rng) or None (fresh run).
+def read(path: Path, mmap: bool = False) -> dict:
+    """A training state file, loaded without running code (weights_only=True); mmap: tensors are mapped, not read
+    (cheap, for looking at the config and progress). Raises UserError for a file that is not a ptv2 state."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError:
+        raise UserError(
+            f"trainer.resume: {path} holds objects other than tensors and plain values, which could run code when "
+            "loaded; refused (a state written by ptv2 before this check, or not by ptv2: start a fresh run)"
+        ) from None
+    except Exception as error:  # a truncated or foreign file: torch raises several types
+        raise UserError(f"trainer.resume: {path} is not a readable training state ({type(error).__name__})") from None
+    try:
+        if not (isinstance(state, dict) and STATE_KEYS <= state.keys()):
+            raise ValueError("missing entries")
+        state["config"], state["progress"] = json.loads(state["config"]), json.loads(state["progress"])
+        if not PROGRESS_KEYS <= state["progress"].keys():
+            raise ValueError("missing progress entries")
+    except (ValueError, TypeError, AttributeError) as error:
+        raise UserError(f"trainer.resume: {path} is not a ptv2 training state ({error})") from None
+    return state
 
-    The RNG states are returned, not applied: the caller applies them once the interrupted epoch's already-done
-    batches are skipped (creating the data iterators draws from the torch generator).
-    """
+
+def state_path(cfg, run_dir: Path) -> Path | None:
+    """The state file to resume from (checked to exist), or None for a fresh run."""
     folder = source(cfg, run_dir)
     if folder is None:
         return None
@@ -92,23 +137,62 @@ def restore(cfg, run_dir: Path, model, optimizer, scheduler) -> dict | None:
     if not path.is_file():
         hint = "" if folder != Path(run_dir) else " (pass the interrupted run's folder: hydra.run.dir=RUN_DIR)"
         raise UserError(f"trainer.resume: no training state at {path}{hint}; nothing to resume")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)  # our own file: holds RNG tuples
-    except Exception as error:  # a truncated or foreign file: torch raises several types
-        raise UserError(f"trainer.resume: {path} is not a readable training state ({type(error).__name__})") from None
-    saved, now = _flat(json.loads(state["config"])), _flat(OmegaConf.to_container(cfg, resolve=True))
-    changed = sorted(
-        key for key in saved.keys() | now.keys() if saved.get(key) != now.get(key) and not key.startswith(FREE_KEYS)
+    return path
+
+
+def config_changes(saved: dict, cfg, labels_known: bool = True) -> list[str]:
+    """Keys whose values differ between a saved run config and `cfg`, beside the FREE_KEYS. Before the label
+    names are derived from the training data (labels_known=False), an empty `labels` in `cfg` is not a change."""
+    old, now = _flat(saved), _flat(OmegaConf.to_container(cfg, resolve=True))
+    return sorted(
+        key
+        for key in old.keys() | now.keys()
+        if old.get(key) != now.get(key)
+        and not key.startswith(FREE_KEYS)
+        and not (not labels_known and key.rpartition(".")[2] == "labels" and now.get(key) == [])
     )
+
+
+def _refuse_changes(saved: dict, cfg, labels_known: bool) -> None:
+    changed = config_changes(saved, cfg, labels_known)
     if changed:
-        shown = ", ".join(f"{k}={saved.get(k)!r}->{now.get(k)!r}" for k in changed[:3])
+        old, now = _flat(saved), _flat(OmegaConf.to_container(cfg, resolve=True))
+        shown = ", ".join(f"{k}={old.get(k)!r}->{now.get(k)!r}" for k in changed[:3])
         raise UserError(f"trainer.resume: the config differs from the interrupted run's ({shown}); resume unchanged")
-    with torch.no_grad():
-        own = dict(model.named_parameters())
-        for name, tensor in state["trainable"].items():
-            own[name].copy_(tensor)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
+
+
+def check(cfg, run_dir: Path) -> None:
+    """Refuse a resume that cannot go on (no state, a foreign file, a changed config) before anything is written
+    into the run directory; reads only the config and progress (tensors are memory-mapped, not read)."""
+    path = state_path(cfg, run_dir)
+    if path is not None:
+        _refuse_changes(read(path, mmap=True)["config"], cfg, labels_known=False)
+
+
+def restore(cfg, run_dir: Path, model, optimizer, scheduler) -> dict | None:
+    """Load the state to resume from into model/optimizer/scheduler; returns the progress (with "rng" and
+    "best_state") or None (fresh run).
+
+    The RNG states are returned, not applied: the caller applies them once the interrupted epoch's already-done
+    batches are skipped (creating the data iterators draws from the torch generator).
+    """
+    path = state_path(cfg, run_dir)
+    if path is None:
+        return None
+    folder = path.parent.parent
+    state = read(path)
+    _refuse_changes(state["config"], cfg, labels_known=True)
+    own = dict(model.named_parameters())
+    try:
+        with torch.no_grad():
+            for name, tensor in state["trainable"].items():
+                own[name].copy_(tensor)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    except (KeyError, RuntimeError, ValueError, TypeError) as error:
+        raise UserError(
+            f"trainer.resume: {path} does not fit this model ({type(error).__name__}: {str(error)[:120]})"
+        ) from None
     progress = state["progress"]
     if folder != Path(run_dir) and (folder / checkpoint.FILENAME).is_file():
         # The best epoch's checkpoint so far belongs to this run's directory too.
@@ -122,7 +206,7 @@ def restore(cfg, run_dir: Path, model, optimizer, scheduler) -> dict | None:
         progress["batches_done"],
         progress["step"],
     )
-    return {**progress, "rng": state["rng"]}
+    return {**progress, "best_state": state["best_state"], "rng": state["rng"]}
 
 
 class StopRequests:
