@@ -255,6 +255,12 @@ def cell_text(cell: Cell | None) -> str:
     return text
 
 
+def split_label(split: str) -> str:
+    """The split column says how the score was selected: a dev score is the best dev epoch's own score
+    (dev-selected, optimistic, as the official SuperGLUE numbers are); a test score is taken at that epoch."""
+    return f"{split} (at best dev epoch)" if split.startswith("test") else f"{split} (dev-selected: best epoch)"
+
+
 def write_markdown(path, root, rows, columns, cells, descriptors, failures, sources, plots) -> None:
     lines = [f"# Results: {root}", "", PROTOCOL, ""]
     if any(cell.reference for cell in cells.values()):
@@ -263,6 +269,7 @@ def write_markdown(path, root, rows, columns, cells, descriptors, failures, sour
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         values = [v if v is not None else "" for v in row]
+        values[1] = split_label(values[1])
         lines.append("| " + " | ".join([*values, *(cell_text(cells.get((row, c))) for c in columns)]) + " |")
     used = sorted({cell.reference["source"] for cell in cells.values() if cell.reference})
     if used:

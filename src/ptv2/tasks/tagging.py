@@ -138,12 +138,17 @@ def metrics(task, split: Split, outputs: list[np.ndarray]) -> dict:
 
     Gold spans come from the examples' own word tags, so an entity whose words truncation cut off is still
     counted, as missed (predicted "O"): truncation lowers recall visibly instead of silently dropping gold
-    entities. SRL scores arguments only: the predicate span V is excluded. (The official P-tuning v2 code ran
-    seqeval over all tags, V included, which adds one nearly free span per example to its SRL F1.)
+    entities. SRL scores arguments only (`f1`): the predicate span V is excluded, as srl-eval.pl does. SRL also
+    reports `f1_with_v` (with its precision and recall): seqeval over all tags, V included, as the official P-tuning v2
+    code scored it (one nearly free span per example); its published SRL numbers compare with this one.
     """
     gold = [example["tags"] for example in split.examples]
-    excluded = SRL_EXCLUDED_TYPES if is_srl(example["predicate"] for example in split.examples) else ()
-    return tagging_metrics(gold, predicted_tags(task, split, outputs), exclude_types=excluded)
+    predicted = predicted_tags(task, split, outputs)
+    if not is_srl(example["predicate"] for example in split.examples):
+        return tagging_metrics(gold, predicted)
+    with_v = tagging_metrics(gold, predicted)
+    scores = tagging_metrics(gold, predicted, exclude_types=SRL_EXCLUDED_TYPES)
+    return {**scores, **{f"{key}_with_v": with_v[key] for key in ("f1", "precision", "recall")}}
 
 
 def write_predictions(task, split: Split, outputs: list[np.ndarray], out_dir: str | Path) -> list[Path]:
