@@ -55,7 +55,7 @@ bench-epoch:  ## one real-RTE training epoch: ptv2 defaults vs the official-styl
 # then `ptv2 table` on its folder. SMOKE=1: the same pipeline in seconds, offline: tiny random backbone, 2 steps,
 # fixture data; each table narrowed to what the fixtures hold (SuperGLUE, depth: RTE only; NER: CoNLL04; SRL:
 # CoNLL05 Brown file as dev and test; QA: SQuAD 1.1). ARGS=... adds overrides to the sweep.
-TABLES := superglue-roberta-large superglue-bert-large ner srl qa prompt-length prompt-depth
+TABLES := superglue-roberta-large superglue-bert-large ner srl qa prompt-length prompt-depth fidelity fidelity-length
 TABLE ?= prompt-length
 STAMP := $(shell date +%Y-%m-%d_%H-%M-%S)
 TABLE_DIR ?= outputs/tables/$(TABLE)$(if $(SMOKE),-smoke,/$(STAMP))
@@ -69,12 +69,20 @@ SMOKE_qa := preset=squad-roberta-large task.data_dir=tests/fixtures/squad
 SMOKE_prompt-length := task.data_dir=tests/fixtures/rte_small prompt.length=1,2,4
 SMOKE_prompt-depth := preset=rte-roberta-large task.data_dir=tests/fixtures/superglue/RTE \
 	prompt.layers=bottom:1,bottom:2,top:1,top:2
+SMOKE_fidelity := task.data_dir=tests/fixtures/tagging task.files.train=conll03_iob1.txt \
+	task.files.dev=conll03_iob1.txt task.files.test=conll03_iob1.txt trainer.seed=1 hydra/launcher=basic
+SMOKE_fidelity-length := $(SMOKE_fidelity) prompt.length=1,2
+# Real-data tables: where their data come from, and how they run on a 2-core CPU (two jobs, one thread each).
+DATA_fidelity := task.data_dir=$(abspath $(SHARED))/conll2003 hydra/launcher=local_parallel
+DATA_fidelity-length := $(DATA_fidelity)
+ENV_fidelity := OMP_NUM_THREADS=1
+ENV_fidelity-length := $(ENV_fidelity)
 
 reproduce-table:  ## run a table's sweep, then `ptv2 table` (TABLE=one of TABLES, default prompt-length; SMOKE=1)
 	@case " $(TABLES) " in *" $(TABLE) "*) ;; *) echo "unknown TABLE=$(TABLE); one of: $(TABLES)" >&2; exit 2;; esac
 	$(if $(SMOKE),rm -rf $(TABLE_DIR))
-	$(BIN)/ptv2 train -m experiment=$(subst -,_,$(TABLE)) hydra.sweep.dir=$(TABLE_DIR) \
-		$(if $(SMOKE),$(SMOKE_ARGS) $(SMOKE_$(TABLE))) $(ARGS); status=$$?; \
+	$(ENV_$(TABLE)) $(BIN)/ptv2 train -m experiment=$(subst -,_,$(TABLE)) hydra.sweep.dir=$(TABLE_DIR) \
+		$(if $(SMOKE),$(SMOKE_ARGS) $(SMOKE_$(TABLE)),$(DATA_$(TABLE))) $(ARGS); status=$$?; \
 		$(BIN)/ptv2 table $(TABLE_DIR) && exit $$status
 
 clean:  ## remove caches (not outputs/)
