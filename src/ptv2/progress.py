@@ -10,6 +10,12 @@ import time
 from tqdm.auto import tqdm
 
 log = logging.getLogger("ptv2")
+if not sys.stderr.isatty():  # the libraries' own bars (loading weights, downloads) would redraw into the log too
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    disable_progress_bars()
+    transformers_logging.disable_progress_bar()
 LINES_PER_EPOCH = 10  # a line each time another tenth of the epoch is done
 LINE_SECONDS = 300.0  # and at least one every 5 minutes on long epochs
 
