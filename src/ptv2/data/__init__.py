@@ -13,7 +13,6 @@ import importlib
 import json
 import logging
 import os
-import pickle
 import shutil
 import time
 from dataclasses import dataclass
@@ -98,11 +97,80 @@ def _tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(f"{type(tokenizer).__name__}{text}".encode()).hexdigest()
 
 
-EXAMPLES_FILE = "ptv2_examples.pickle"  # canonical examples of a cached split, next to its features
+# Canonical examples of a cached split, next to its features. JSON, like the features' Arrow files and metadata: a
+# cache entry is data only, so a planted or shared one cannot run code when read (the old pickle name is ignored).
+EXAMPLES_FILE = "ptv2_examples.json"
+CACHE_VERSION = 3  # in the cache key; 3: examples as JSON (2 pickled them)
 
 
 def cache_dir(configured: str | None) -> Path:
     return Path(configured or os.environ.get("PTV2_CACHE") or Path.home() / ".cache" / "ptv2").expanduser()
+
+
+def encode_examples(examples: list[dict]) -> str:
+    """The examples as JSON; a top-level string field that many examples share (a SQuAD context, a title) is stored
+    once in "shared" and referenced by index, which keeps the file small and its parsing fast."""
+    shared = {}
+    for key in examples[0] if examples else ():
+        values = [example.get(key) for example in examples]
+        if all(isinstance(value, str) for value in values):
+            table = list(dict.fromkeys(values))
+            if 2 * len(table) <= len(values):
+                shared[key] = table
+    index = {key: {value: i for i, value in enumerate(table)} for key, table in shared.items()}
+    rows = [{**example, **{key: index[key][example[key]] for key in shared}} for example in examples]
+    return json.dumps({"shared": shared, "examples": rows})
+
+
+def decode_examples(text: str) -> list[dict]:
+    """encode_examples' inverse; raises ValueError (or TypeError/IndexError/KeyError) for anything else."""
+    document = json.loads(text)
+    shared, rows = document["shared"], document["examples"]
+    if not (isinstance(rows, list) and all(isinstance(row, dict) for row in rows)):
+        raise ValueError("its examples are not a list of objects")
+    for key, table in shared.items():
+        for row in rows:
+            position = row[key]
+            if not isinstance(position, int) or position < 0:
+                raise ValueError(f"bad reference in field {key}")
+            row[key] = table[position]
+    return rows
+
+
+def _cached(path: Path, split: str) -> Split | None:
+    """The split cached at `path`, or None when there is none or it is damaged (truncated, half-deleted, foreign
+    files): a damaged entry is removed, so it is rebuilt, with a warning."""
+    if not (path / EXAMPLES_FILE).is_file():
+        return None
+    try:
+        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+        if any(Path(entry["filename"]).name != entry["filename"] for entry in state["_data_files"]):
+            raise ValueError("it names files outside the entry")
+        examples = decode_examples((path / EXAMPLES_FILE).read_text(encoding="utf-8"))
+        features = datasets.load_from_disk(str(path))
+    except Exception as error:  # JSON, Arrow and OS errors of a damaged entry: all mean "rebuild it"
+        log.warning("the data cache entry %s is unreadable (%s); rebuilding it", path, str(error).splitlines()[0][:160])
+        shutil.rmtree(path, ignore_errors=True)
+        return None
+    return Split(split, examples, features)
+
+
+def _cache_folder(root: Path) -> Path:
+    """<cache>/features, created and checked to be writable (one line naming the folder otherwise)."""
+    folder = root / "features"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(
+            f"cannot use the data cache {root} ({error.strerror}: {error.filename}); set trainer.cache_dir=DIR "
+            "(or PTV2_CACHE) to a writable folder"
+        ) from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(
+            f"cannot use the data cache {folder} (not writable); set trainer.cache_dir=DIR (or PTV2_CACHE) to a "
+            "writable folder"
+        )
+    return folder
 
 
 def prepare_split(task, split: str, tokenizer, task_type, cache_root: str | None, limit: int | None = None) -> Split:
@@ -119,29 +187,39 @@ def prepare_split(task, split: str, tokenizer, task_type, cache_root: str | None
         "files": _files_fingerprint(task),
         "tokenizer": _tokenizer_fingerprint(tokenizer),
         "encoder": task_type.__name__,
-        "version": 2,
+        "version": CACHE_VERSION,
     }
     key = hashlib.sha256(json.dumps(key_parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
-    path = cache_dir(cache_root) / "features" / f"{task.name}-{split}-{key}"
-    if (path / EXAMPLES_FILE).exists():
-        examples = pickle.loads((path / EXAMPLES_FILE).read_bytes())
-        return Split(split, examples, datasets.load_from_disk(str(path)))
+    path = _cache_folder(cache_dir(cache_root)) / f"{task.name}-{split}-{key}"
+    cached = _cached(path, split)
+    if cached is not None:
+        return cached
     examples = load_examples(task, split)
     if limit:
         examples = examples[:limit]
-    if path.exists():  # features cached by an older version, without their examples
-        return Split(split, examples, datasets.load_from_disk(str(path)))
     rows = datasets.Dataset.from_list(examples)
     features = rows.map(
         lambda batch: task_type.encode(batch, tokenizer, task), batched=True, remove_columns=rows.column_names
     )
+    text = encode_examples(examples)
+    if decode_examples(text) != examples:  # tuples or non-string keys would come back changed: not cached, re-read
+        log.warning("the %s examples of task %s do not round-trip through JSON; they are not cached", split, task.name)
+        return Split(split, examples, features)
     partial = path.with_name(path.name + f".tmp{os.getpid()}")
-    features.save_to_disk(str(partial))
-    (partial / EXAMPLES_FILE).write_bytes(pickle.dumps(examples))
-    if path.exists():  # another job of a sweep finished the same features first
-        shutil.rmtree(partial)
-    else:
-        os.replace(partial, path)
+    try:
+        shutil.rmtree(partial, ignore_errors=True)
+        features.save_to_disk(str(partial))
+        (partial / EXAMPLES_FILE).write_text(text, encoding="utf-8")
+        if path.exists():  # another job of a sweep finished the same features first
+            shutil.rmtree(partial)
+        else:
+            os.replace(partial, path)
+    except OSError as error:  # a full disk, a cache folder taken away meanwhile
+        shutil.rmtree(partial, ignore_errors=True)
+        raise UserError(
+            f"cannot write the data cache entry {path} ({error.strerror or error}); free some space or set "
+            "trainer.cache_dir=DIR (or PTV2_CACHE) to another folder"
+        ) from None
     return Split(split, examples, datasets.load_from_disk(str(path)))
 
 
