@@ -135,7 +135,7 @@ def test_data_problems_name_the_file_line_and_field(tmp_path):
     no_train.mkdir()
     shutil.copy(RTE / "val.jsonl", no_train)
     message = train_error(tmp_path, f"task.data_dir={no_train}")
-    assert f"missing split file {no_train / 'train.jsonl'} (the folder holds: val.jsonl)" in message
+    assert f"no train file in {no_train} (it holds: val.jsonl); expected train.jsonl (jsonl); or name it" in message
 
     bad = broken_copy(tmp_path / "a", lambda lines: [*lines[:2], '{"premise": "x",', *lines[3:]])
     assert f"{bad / 'train.jsonl'}:3: malformed JSON" in train_error(tmp_path, f"task.data_dir={bad}")
