@@ -3,12 +3,18 @@
 A checkpoint is a few MB for a frozen-backbone method (the whole model only for full fine-tuning). Its metadata
 holds the resolved run config, the backbone id and a hash of its config, the task and its label names, and the
 ptv2 version; with the MLP reparameterization it also stores the folded prefix, so inference needs no MLP.
+
+A checkpoint may come from elsewhere, so its metadata is read as data (`stored_config`): what defines the model is
+taken from it, never a path on the machine that trained it (data and cache folders, a local backbone folder), no
+`${...}` in it is ever resolved, and the names that become file names are checked (config.check_values).
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.resources
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -22,6 +28,11 @@ from ptv2.errors import UserError
 
 FILENAME = "prompt.safetensors"
 FOLDED_KEY = "prompt.folded"
+METADATA_KEYS = ("backbone", "backbone_hash", "task", "method", "labels", "config")
+# Paths on the machine that trained a checkpoint: never taken from it (the command that loads it gives its own).
+PATH_KEYS = {"trainer.cache_dir": None, "trainer.resume": False, "prompt.init_from": None, "task.data_dir": None}
+TASK_PATH_KEYS = ("data_dir", "files")  # per task and multi-task member: the files are found in the given data_dir
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?")  # owner/name, no path syntax
 
 
 def backbone_hash(config) -> str:
@@ -67,9 +78,93 @@ def read_metadata(path: str | Path) -> dict:
         raise UserError(
             f"{path} is not a readable safetensors checkpoint ({error}); re-create it by training"
         ) from None
-    if "config" not in metadata:
-        raise UserError(f"{path} has no ptv2 metadata: it was not written by ptv2")
+    missing = [key for key in METADATA_KEYS if key not in metadata]
+    if missing:
+        raise UserError(f"{path} has no ptv2 metadata ({', '.join(missing)} missing): it was not written by ptv2")
     return metadata
+
+
+def _literal(value):
+    """A value of stored metadata with every `${` escaped, so OmegaConf reads it back as the same text and never
+    resolves it (`\\${` is OmegaConf's escape; backslashes right before it are doubled to stay backslashes)."""
+    if isinstance(value, dict):
+        return {key: _literal(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_literal(item) for item in value]
+    if isinstance(value, str) and "${" in value:
+        return re.sub(r"(\\*)\$\{", lambda match: match.group(1) * 2 + "\\${", value)
+    return value
+
+
+def _packaged_backbone(name: str) -> str | None:
+    """name_or_path of the packaged backbone option `name` (conf/backbone/<name>.yaml) on this machine, or None."""
+    from ptv2.config import NAME, register
+
+    entry = importlib.resources.files("ptv2.conf") / "backbone" / f"{name}.yaml"
+    if not NAME.fullmatch(name) or not entry.is_file():
+        return None
+    register()  # the resolvers its name_or_path uses (asset, package_path)
+    return str(OmegaConf.load(str(entry)).name_or_path)
+
+
+def stored_config(path: str | Path) -> DictConfig:
+    """The run config a checkpoint carries, read as data: parsed JSON with every `${...}` kept as text, the keys
+    that are paths on the training machine (PATH_KEYS; each task's data_dir and files) cleared, a backbone that
+    was a local folder replaced by the packaged backbone option of the same name (or cleared: the caller then
+    needs backbone.name_or_path), a hub dataset checked to be a hub id."""
+    path = resolve(path)
+    try:
+        raw = json.loads(read_metadata(path)["config"])
+        if not isinstance(raw, dict):
+            raise ValueError("not an object")
+        saved = OmegaConf.create(_literal(raw))
+    except Exception as error:  # malformed JSON, or a structure OmegaConf cannot hold
+        raise UserError(f"{path}: the stored run config is unreadable ({str(error).splitlines()[0]})") from None
+    if OmegaConf.to_container(saved, resolve=True) != raw:
+        raise UserError(f"{path}: the stored run config holds text that cannot be kept literally; re-create it")
+    for key, cleared in PATH_KEYS.items():
+        if OmegaConf.select(saved, key) is not None:
+            OmegaConf.update(saved, key, cleared, force_add=True)
+    tasks = [saved.task, *(saved.task.get("members") or {}).values()] if saved.get("task") is not None else []
+    for task in tasks:
+        for key in TASK_PATH_KEYS:
+            if key in task:
+                task[key] = {} if key == "files" else None
+        hub = str((task.get("hub") or {}).get("path") or "")
+        if hub and (not HUB_ID.fullmatch(hub) or ".." in hub):
+            raise UserError(f"{path}: task.hub.path={hub!r} is not a hub dataset id (owner/name); refused")
+    _check_names(saved, path)
+    location = str(OmegaConf.select(saved, "backbone.name_or_path", default="") or "")
+    if location and (not HUB_ID.fullmatch(location) or ".." in location):
+        OmegaConf.update(saved, "backbone.name_or_path", _packaged_backbone(str(saved.backbone.get("name"))))
+    return saved
+
+
+def _check_names(saved: DictConfig, path: Path) -> None:
+    """The stored names that become file and folder names (task, members, backbone), checked before any is used."""
+    from ptv2.config import check_name
+
+    names = {key: OmegaConf.select(saved, key) for key in ("task.name", "backbone.name")}
+    members = OmegaConf.select(saved, "task.members") or {}
+    names.update({f"task.members.{name}": name for name in members})
+    names.update({f"task.members.{name}.name": member.get("name") for name, member in members.items()})
+    try:
+        for key, value in names.items():
+            if value is not None:
+                check_name(key, value)
+    except UserError as error:
+        raise UserError(f"{path}: {error}; refused") from None
+
+
+def require_backbone(saved: DictConfig, path: str | Path) -> None:
+    """One line when a stored config's backbone was a local folder that no packaged option replaces and the command
+    named none (backbone.name_or_path=DIR)."""
+    if not OmegaConf.select(saved, "backbone.name_or_path"):
+        trained = read_metadata(path)["backbone"]
+        raise UserError(
+            f"{resolve(path)} was trained on the local backbone folder {trained}; folders are not taken from "
+            "checkpoints: pass backbone.name_or_path=DIR"
+        )
 
 
 def load(path: str | Path, model, strict_heads: bool = True, use_folded: bool = False) -> dict:

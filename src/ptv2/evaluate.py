@@ -29,9 +29,9 @@ MODEL_GROUPS = {"backbone": "name", "task": "name", "prompt": "method"}
 def checkpoint_config(cfg: DictConfig) -> DictConfig:
     """The checkpoint's run config with this command's overrides applied on top: `key=value` overrides as they are,
     harmless groups (COMMAND_GROUPS) from this command's config; a group that would change the trained model (another
-    backbone, task, prompt method, a preset or an experiment) is refused."""
-    metadata = checkpoint.read_metadata(cfg.ckpt)
-    saved = OmegaConf.create(json.loads(metadata["config"]))
+    backbone, task, prompt method, a preset or an experiment) is refused. Paths are never the checkpoint's (see
+    checkpoint.stored_config): task.data_dir, trainer.cache_dir come from this command."""
+    saved = checkpoint.stored_config(cfg.ckpt)  # data only: no paths from the checkpoint, nothing resolved
     parser = OverridesParser.create()
     for override in parser.parse_overrides(list(HydraConfig.get().overrides.task)):
         key = override.key_or_group
@@ -55,6 +55,7 @@ def checkpoint_config(cfg: DictConfig) -> DictConfig:
             )
         with open_dict(saved):
             OmegaConf.update(saved, key, override.value(), merge=True)
+    checkpoint.require_backbone(saved, cfg.ckpt)
     return saved
 
 

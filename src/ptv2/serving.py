@@ -17,12 +17,10 @@ floating-point summation order. Each row then goes through its own task's head.
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import torch
 from accelerate.utils import set_seed
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 
 from ptv2 import backbone, checkpoint
@@ -37,7 +35,10 @@ MIXABLE_METHODS = ("ptv2", "linear_probe")  # methods whose backbone and token s
 
 def checkpoint_configs(paths) -> list[DictConfig]:
     """The run configs stored in checkpoints (run dirs or files)."""
-    return [OmegaConf.create(json.loads(checkpoint.read_metadata(path)["config"])) for path in paths]
+    configs = [checkpoint.stored_config(path) for path in paths]  # data only: no paths, nothing resolved
+    for path, cfg in zip(paths, configs, strict=True):
+        checkpoint.require_backbone(cfg, path)
+    return configs
 
 
 def load_backbone(cfg: DictConfig):
