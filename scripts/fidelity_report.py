@@ -114,6 +114,22 @@ def length_curve(length_runs: list[dict], path: Path) -> list[str]:
     return lines + [f"| {p} | {d:.1f} | {t:.1f} |" for p, d, t in points]
 
 
+def runs_by_name(root: Path, title: str) -> list[str]:
+    """One line per run folder under root (lr search, deviation runs): its settings and dev f1 per epoch."""
+    lines = [f"## {title}", "", "| run | method | lr | P | shift | grouped batches | train sentences | dev f1 per epoch | best |"]
+    lines.append("|---|---|---|---|---|---|---|---|---|")
+    for run in sorted(runs(root), key=lambda r: (r["config"]["prompt"]["method"], r["config"]["optimizer"]["lr"])):
+        config, results = run["config"], run["results"]
+        curve = " / ".join(f"{100 * h['dev/f1']:.1f}" for h in results["history"])
+        prompt = config["prompt"]
+        lines.append(
+            f"| {run['dir'].name} | {prompt['method']} | {config['optimizer']['lr']:g} | {describe(config)['P']} "
+            f"| {prompt['shift_positions']} | {config['trainer']['group_by_length']} "
+            f"| {results['train_examples'][config['task']['name']]} | {curve} | {100 * results['best_value']:.1f} |"
+        )
+    return [*lines, ""]
+
+
 def hardware() -> str:
     model = next(
         (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in line),
@@ -129,6 +145,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", type=Path, required=True, help="sweep folder of TABLE=fidelity")
     parser.add_argument("--length", type=Path, help="sweep folder of TABLE=fidelity-length")
+    parser.add_argument("--search", type=Path, help="folder of the learning-rate search runs")
+    parser.add_argument("--deviations", type=Path, help="folder of the one-default-at-a-time runs")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -139,6 +157,10 @@ def main() -> None:
     if args.length:
         lines += ["## Prompt length (P-Tuning v2, seed 1)", "", *length_curve(runs(args.length), args.out / "length.png")]
         lines += ["", "![prompt length](length.png)", ""]
+    if args.search:
+        lines += runs_by_name(args.search, "Learning-rate search")
+    if args.deviations:
+        lines += runs_by_name(args.deviations, "Official settings vs ptv2 defaults (one at a time)")
     lines += [f"Hardware: {hardware()}."]
     (args.out / "table.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out / 'table.md'}")
