@@ -102,7 +102,11 @@ def test_a_missing_split_says_what_names_are_read(tmp_path):
         tagging.load(task("conll03", data, format="xml"), "train")
 
 
-def test_superglue_and_squad_find_their_official_names():
+def test_superglue_and_squad_find_their_official_names(tmp_path):
+    mine = folder(tmp_path, {"mine.json": FIXTURES / "rte_small" / "val.jsonl"})  # a reader of one format reads it
+    labels = ["entailment", "not_entailment"]
+    named = OmegaConf.create({"name": "rte", "data_dir": str(mine), "files": {"dev": "mine.json"}, "labels": labels})
+    assert len(superglue.load(named, "dev")) == 6
     rte = OmegaConf.create(
         {"name": "rte", "data_dir": str(FIXTURES / "rte_small"), "labels": ["entailment", "not_entailment"]}
     )

@@ -77,6 +77,8 @@ def local_split(task: Any, split: str, accepted: dict[str, dict[str, list[str]]]
 def _format_of(path: Path, formats: dict[str, dict[str, list[str]]], sniff, where: str) -> str:
     """The format of a file named by the user: the first that lists its name, else those sharing its extension,
     narrowed by `sniff`; ambiguous -> an error naming task.format=... for each candidate."""
+    if len(formats) == 1:
+        return next(iter(formats))
     for fmt, splits in formats.items():
         if any(path.name in names for names in splits.values()):
             return fmt
