@@ -61,7 +61,7 @@ def test_prompt_length_sweep_gives_table_csv_plot_and_lists_the_failed_job(tmp_p
     markdown = (out / "table.md").read_text()
     assert "best dev epoch" in markdown and "| task | split | metric | prompt.length | ptv2 / tiny |" in markdown
     failures = markdown.split("## Failures (1)")[1]
-    assert "`0`" in failures and "prompt.length=0" in failures and "must be at least 1" in failures
+    assert "`0`" in failures and "prompt.length=0" in failures and "is out of range" in failures
 
 
 def fake_run(

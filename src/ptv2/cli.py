@@ -64,7 +64,7 @@ def _job(function, cfg: DictConfig, command: str):
         if lock is not None:
             lock.release()
     failed_jobs.append(f"job {hydra_cfg.job.num} ({run_dir})")
-    (run_dir / "FAILED").write_text("see the job's log\n")
+    rundir.mark_failed(cfg, run_dir)
     return None
 
 

@@ -113,6 +113,17 @@ def write_config(cfg: DictConfig, run_dir: Path) -> None:
     (Path(run_dir) / "config.yaml").write_text(resolved)
 
 
+def mark_failed(cfg: DictConfig, run_dir: Path) -> None:
+    """The FAILED marker of a failed sweep job (read by `ptv2 table`), with the job's config and Hydra record when it
+    failed before writing them (a value refused at start-up), so the table can name its overrides."""
+    if not (Path(run_dir) / ".hydra" / "overrides.yaml").exists():
+        try:
+            write_config(cfg, run_dir)
+        except Exception:  # an unresolvable config: the marker alone still says the job failed
+            pass
+    (Path(run_dir) / "FAILED").write_text("see the job's log\n")
+
+
 def open_run_dir(cfg: DictConfig, run_dir: Path, command: str) -> RunLock:
     """Lock the run directory, check it may be written, write the config; the caller releases the lock."""
     lock = RunLock(run_dir)
