@@ -203,3 +203,156 @@ def test_unreachable_wandb_falls_back_to_offline(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert (run_dir / "results.json").exists()
     assert list((run_dir / "wandb").glob("offline-run-*"))
+
+
+# ------------------------------------------------------------------ files and data that are odd, not malformed
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def task_config(*overrides: str):
+    from test_config import compose_train
+
+    return compose_train("backbone=tiny", *overrides).task
+
+
+def load_error(*overrides: str) -> str:
+    """The one-line UserError of reading the train split of a task config (in process: every reader)."""
+    from ptv2.data import load_examples
+    from ptv2.errors import UserError
+
+    with pytest.raises(UserError) as error:
+        load_examples(task_config(*overrides), "train")
+    assert "\n" not in str(error.value)
+    return str(error.value)
+
+
+def with_bad_byte(source: Path, folder: Path, name: str, line: int) -> Path:
+    """A copy of `source` as folder/name with byte 0xff put into line `line` (1-based)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = source.read_bytes().split(b"\n")
+    lines[line - 1] = lines[line - 1][:3] + b"\xff" + lines[line - 1][3:]
+    (folder / name).write_bytes(b"\n".join(lines))
+    return folder / name
+
+
+def test_a_byte_that_is_not_utf8_names_file_and_line(tmp_path):
+    jsonl = with_bad_byte(RTE / "train.jsonl", tmp_path / "rte", "train.jsonl", 3)
+    shutil.copy(RTE / "val.jsonl", tmp_path / "rte")
+    expected = f"{jsonl}:3: byte 0xff is not UTF-8 text (invalid start byte); save the file as UTF-8"
+    assert train_error(tmp_path, f"task.data_dir={tmp_path / 'rte'}") == f"ptv2: error: {expected}"
+    conll = with_bad_byte(FIXTURES / "tagging" / "conll03_iob1.txt", tmp_path / "conll", "train.txt", 4)
+    assert load_error("task=conll03", f"task.data_dir={tmp_path / 'conll'}").startswith(f"{conll}:4: byte 0xff")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads unreadable files")
+def test_an_unreadable_file_is_named(tmp_path):
+    folder = tmp_path / "rte"
+    shutil.copytree(RTE, folder)
+    (folder / "train.jsonl").chmod(0)
+    message = train_error(tmp_path, f"task.data_dir={folder}")
+    assert f"{folder / 'train.jsonl'}" in message and "ermission denied" in message
+
+
+@pytest.mark.parametrize("kind", ["folder", "fifo", "broken link"])
+def test_a_split_file_that_is_not_a_file_says_what_it_is(tmp_path, kind):
+    folder = tmp_path / "rte"
+    folder.mkdir()
+    shutil.copy(RTE / "val.jsonl", folder)
+    target = folder / "train.jsonl"
+    if kind == "folder":
+        target.mkdir()
+        what = "is a folder, not a file"
+    elif kind == "fifo":
+        os.mkfifo(target)
+        what = "is a FIFO"
+    else:
+        target.symlink_to(folder / "gone.jsonl")
+        what = f"is a broken symbolic link (to {folder / 'gone.jsonl'})"
+    message = train_error(tmp_path, f"task.data_dir={folder}")
+    assert message == (
+        f"ptv2: error: task rte: {target} {what}; put the train data file there or name another: task.files.train=FILE"
+    )
+
+
+def test_an_unusable_cache_folder_is_one_line(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    message = train_error(tmp_path, f"task.data_dir={RTE}", f"trainer.cache_dir={blocker}")
+    assert message == (
+        f"ptv2: error: cannot use the data cache {blocker} (Not a directory: {blocker / 'features'}); set "
+        "trainer.cache_dir=DIR (or PTV2_CACHE) to a writable folder"
+    )
+    if os.geteuid() != 0:  # root writes into read-only folders anyway
+        locked = tmp_path / "locked"
+        (locked / "features").mkdir(parents=True)
+        (locked / "features").chmod(0o555)
+        message = train_error(tmp_path, f"task.data_dir={RTE}", f"trainer.cache_dir={locked}")
+        assert f"cannot use the data cache {locked / 'features'} (not writable)" in message
+
+
+@pytest.mark.parametrize("split_file", ["train.jsonl", "val.jsonl"])
+def test_a_null_label_is_refused_when_reading(tmp_path, split_file):
+    folder = tmp_path / "rte"
+    shutil.copytree(RTE, folder)
+    lines = (folder / split_file).read_text().splitlines()
+    lines[1] = lines[1].replace('"label": "not_entailment"', '"label": null')
+    (folder / split_file).write_text("\n".join(lines) + "\n")
+    assert train_error(tmp_path, f"task.data_dir={folder}") == (
+        f"ptv2: error: {folder / split_file}:2: the label is null; train and dev files need a label on every example"
+    )
+
+
+def squad_copy(tmp_path: Path, edit) -> Path:
+    """A folder with the SQuAD 1.1 fixture, its training file's questions passed through edit(questions)."""
+    import json
+
+    folder = tmp_path / "squad"
+    folder.mkdir(parents=True)
+    shutil.copy(FIXTURES / "squad" / "dev-v1.1.json", folder)
+    document = json.loads((FIXTURES / "squad" / "train-v1.1.json").read_text())
+    edit([qa for article in document["data"] for paragraph in article["paragraphs"] for qa in paragraph["qas"]])
+    (folder / "train-v1.1.json").write_text(json.dumps(document))
+    return folder
+
+
+def test_squad_answers_are_held_to_the_official_format(tmp_path, caplog):
+    from ptv2.data import load_examples
+
+    def no_answers(questions):
+        questions[1]["answers"] = questions[2]["answers"] = []
+
+    folder = squad_copy(tmp_path / "a", no_answers)
+    message = load_error("task=squad", f"task.data_dir={folder}")
+    assert message.startswith(f"{folder / 'train-v1.1.json'}: 2 of ") and "training questions have no answer" in message
+    assert message.endswith("SQuAD 1.1 training needs one per question: use task=squad_v2 for unanswerable questions")
+
+    def shifted(questions):
+        questions[0]["answers"][0]["answer_start"] += 3
+
+    folder = squad_copy(tmp_path / "b", shifted)
+    task = task_config("task=squad", f"task.data_dir={folder}")
+    complete = load_examples(task_config("task=squad", f"task.data_dir={FIXTURES / 'squad'}"), "train")
+    with caplog.at_level("WARNING", logger="ptv2"):
+        examples = load_examples(task, "train")
+    assert len(examples) == len(complete) - 1  # left out of training, with a warning giving the count
+    assert f"1 of {len(complete)} questions have an answer that is not at its answer_start" in caplog.text
+
+
+def test_a_full_disk_is_one_line_naming_the_file(tmp_path):
+    """A file-size limit (RLIMIT_FSIZE) stands in for a full disk: the training state cannot be written."""
+    import resource
+    import signal
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails instead of killing the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (24_000, 24_000))
+
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "PTV2_DIE"))}
+    environment["PTV2_CACHE"] = str(tmp_path / "cache")
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "ptv2", "train", *BASE, f"task.data_dir={RTE}", f"hydra.run.dir={run_dir}"]
+    result = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=300, preexec_fn=limit)
+    message = one_line_error(result)
+    assert message.startswith(f"ptv2: error: cannot write {run_dir / STATE_DIR / STATE_FILE} (the write was cut short")
+    assert message.endswith("its previous version, if any, is kept")
+    assert not list((run_dir / STATE_DIR).iterdir())  # no temporary left behind

@@ -105,12 +105,15 @@ def write_config(cfg: DictConfig, run_dir: Path) -> None:
     would have written them before the job; written only once the folder is known to be this run's."""
     resolved = OmegaConf.to_yaml(cfg, resolve=True)
     hydra_dir = Path(run_dir) / ".hydra"
-    hydra_dir.mkdir(parents=True, exist_ok=True)
     hydra_cfg = HydraConfig.get()
-    OmegaConf.save(cfg, hydra_dir / "config.yaml")
-    OmegaConf.save(OmegaConf.create({"hydra": hydra_cfg}), hydra_dir / "hydra.yaml")
-    OmegaConf.save(OmegaConf.create(list(hydra_cfg.overrides.task)), hydra_dir / "overrides.yaml")
-    (Path(run_dir) / "config.yaml").write_text(resolved)
+    try:
+        hydra_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, hydra_dir / "config.yaml")
+        OmegaConf.save(OmegaConf.create({"hydra": hydra_cfg}), hydra_dir / "hydra.yaml")
+        OmegaConf.save(OmegaConf.create(list(hydra_cfg.overrides.task)), hydra_dir / "overrides.yaml")
+        (Path(run_dir) / "config.yaml").write_text(resolved)
+    except OSError as error:  # a full disk, a read-only folder
+        raise UserError(f"cannot write the run's config into {run_dir} ({error.strerror or error})") from None
 
 
 def mark_failed(cfg: DictConfig, run_dir: Path) -> None:

@@ -40,11 +40,35 @@ class Split:
 
 def load_examples(task, split: str) -> list[dict]:
     reader = importlib.import_module(f"ptv2.data.{task.reader}")
-    examples = reader.load(task, split)
+    try:
+        examples = reader.load(task, split)
+    except UnicodeDecodeError as error:  # any reader's text files: name the file and line
+        raise UserError(_not_utf8(task, split, error)) from None
+    except OSError as error:  # unreadable file, I/O error: the reader's open() names the file
+        where = error.filename or task.get("data_dir") or "the data"
+        raise UserError(
+            f"cannot read {where} ({error.strerror or error}); check the file and its permissions"
+        ) from None
     if not examples:
         source = task.data_dir or task.hub.get("path")
         raise UserError(f"the {split} split of task {task.name} ({source}) has no examples; check the data files")
     return examples
+
+
+def _not_utf8(task, split: str, error: UnicodeDecodeError) -> str:
+    """The place of the first byte that is not UTF-8 in the split's file: `file:line: ...`."""
+    try:
+        path = Path(task.data_dir).expanduser() / with_local_file(task, split).files[split]
+        data = path.read_bytes()
+        data.decode("utf-8")
+    except UnicodeDecodeError as found:
+        line = data.count(b"\n", 0, found.start) + 1
+        return (
+            f"{path}:{line}: byte 0x{data[found.start]:02x} is not UTF-8 text ({found.reason}); save the file as UTF-8"
+        )
+    except Exception:  # no single local file to point at (hub data, a reader with several files)
+        pass
+    return f"the {split} data of task {task.name} is not UTF-8 text ({error.reason}); save its files as UTF-8"
 
 
 def with_local_file(task, split: str):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,10 +21,28 @@ def data_folder(data_dir: str | Path) -> Path:
     return directory
 
 
+def not_a_file(path: Path) -> str | None:
+    """Why an existing name in a data folder is not a readable data file (a folder, a FIFO, a broken symbolic link,
+    unreadable), or None: a split file that is there but unusable is named with the reason, never as missing."""
+    if path.is_symlink() and not path.exists():
+        return f"{path} is a broken symbolic link (to {os.readlink(path)})"
+    if path.is_dir():
+        return f"{path} is a folder, not a file"
+    if path.exists() and not path.is_file():
+        kind = "a FIFO" if stat.S_ISFIFO(path.stat().st_mode) else "not a regular file"
+        return f"{path} is {kind}"
+    if path.is_file() and not os.access(path, os.R_OK):
+        return f"{path} is not readable (permission denied)"
+    return None
+
+
 def split_file(data_dir: str | Path, filename: str) -> Path:
-    """Path of one split's file inside `task.data_dir`, checked to exist."""
+    """Path of one split's file inside `task.data_dir`, checked to exist and be a readable file."""
     directory = data_folder(data_dir)
     path = directory / filename
+    reason = not_a_file(path)
+    if reason:
+        raise UserError(f"{reason}; put the split's data file there or point task.data_dir elsewhere")
     if not path.is_file():
         present = ", ".join(sorted(p.name for p in directory.iterdir())) or "nothing"
         raise UserError(
@@ -67,6 +87,12 @@ def local_split(task: Any, split: str, accepted: dict[str, dict[str, list[str]]]
         )
         held_text = " and ".join(f"{filename} ({fmt})" for filename, fmt in found.items())
         raise UserError(f"task {name}: {data_dir} holds several {split} files, {held_text}; add {' or '.join(options)}")
+    for filename in [name for splits in formats.values() for name in splits.get(split, [])]:
+        reason = not_a_file(data_dir / filename)
+        if reason:  # the split's file is there, but cannot be read: say so rather than "no file"
+            raise UserError(
+                f"task {name}: {reason}; put the {split} data file there or name another: task.files.{split}=FILE"
+            )
     expected = "; ".join(f"{', '.join(splits[split])} ({fmt})" for fmt, splits in formats.items() if splits.get(split))
     raise UserError(
         f"task {name}: no {split} file in {data_dir} (it holds: {', '.join(sorted(held)) or 'nothing'}); "
@@ -157,13 +183,39 @@ def load_hub_split(path: str, name: str | None, revision: str | None, split: str
 
 def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> None:
     """Call write(temporary_path) in the target's folder, then rename over `path`: a killed run never leaves a
-    half-written file, and a failed write leaves no temporary behind."""
+    half-written file, and a failed write leaves no temporary behind. A write the disk refuses (full, quota, file
+    size limit, read-only) ends with one line naming the file and the reason; the previous file, if any, is kept."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         write(temporary)
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         temporary.unlink(missing_ok=True)
-        raise
+        reason = _write_failure(error)
+        if reason is None:
+            raise
+        try:
+            reason += f"; {shutil.disk_usage(path.parent).free / 1e6:.0f} MB free there"
+        except OSError:
+            pass
+        raise UserError(f"cannot write {path} ({reason}); its previous version, if any, is kept") from None
+
+
+def _write_failure(error: BaseException) -> str | None:
+    """The reason a file write failed for a user to fix, or None for anything else. torch.save and safetensors
+    wrap the OS error in their own exception types, hence the look at their text."""
+    if isinstance(error, OSError) and error.errno is not None:
+        return error.strerror or str(error)
+    text = str(error)
+    known = {
+        "No space left": "no space left on the device",
+        "StorageFull": "no space left on the device",
+        "Disk quota": "disk quota exceeded",
+        "File too large": "file too large for this file system or limit",
+        "FileTooLarge": "file too large for this file system or limit",
+        "file write failed": "the write was cut short: is the disk full?",
+        "unexpected pos": "the write was cut short: is the disk full?",
+    }
+    return next((reason for marker, reason in known.items() if marker in text), None)

@@ -19,6 +19,7 @@ context truncated, long contexts cut into overlapping windows (`stride` tokens s
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -28,6 +29,8 @@ import numpy as np
 
 from ptv2.data.io import field, load_hub_split, local_split, read_json
 from ptv2.errors import UserError
+
+log = logging.getLogger("ptv2")
 
 # (path, name, revision) of the parquet-backed hub copies, for task configs.
 HUB = {
@@ -52,9 +55,10 @@ def load(task, split: str) -> list[dict]:
     With `task.data_dir` set, reads the split's official json (local_files, or `task.files[split]`); otherwise the
     hub dataset `task.hub` (path, name, revision) at split `task.hub_splits[split]`.
     """
+    version_2 = bool((task.get("options") or {}).get("version_2"))
     if task.get("data_dir"):
         _, path = local_split(task, split, local_files(task))
-        return read_official(path)
+        return checked_answers(read_official(path), split, version_2, str(path))
 
     hub = task.get("hub") or {}
     splits = task.get("hub_splits") or {}
@@ -66,7 +70,46 @@ def load(task, split: str) -> list[dict]:
         )
     where = f"hub {hub['path']} split {splits[split]}"
     rows = load_hub_split(hub["path"], hub.get("name"), hub.get("revision"), splits[split])
-    return _unique([check_example(row, f"{where} row {index}") for index, row in enumerate(rows)], where)
+    examples = _unique([check_example(row, f"{where} row {index}") for index, row in enumerate(rows)], where)
+    return checked_answers(examples, split, version_2, where)
+
+
+def checked_answers(examples: list[dict], split: str, version_2: bool, where: str) -> list[dict]:
+    """The answers of a labelled split held to the official format: each answer text stands in the context at its
+    answer_start, and in SQuAD 1.1 (not version_2) every training question has an answer.
+
+    An unanswered SQuAD 1.1 training question is refused (it would train the model to point at [CLS], which 1.1
+    decoding never predicts): one line with the count and the first id. A training question whose first answer
+    (the one trained on) is not at its answer_start is left out of training, with a warning giving the count; in
+    the dev split mismatches are only counted (the answer texts are what is scored).
+    """
+    if split not in ("train", "dev"):
+        return examples
+    if split == "train" and not version_2:
+        unanswered = [example["id"] for example in examples if not example["answers"]["text"]]
+        if unanswered:
+            raise UserError(
+                f"{where}: {len(unanswered)} of {len(examples)} training questions have no answer (first: "
+                f"{unanswered[0]}); SQuAD 1.1 training needs one per question: use task=squad_v2 for unanswerable "
+                "questions"
+            )
+
+    def misplaced(example: dict, answers: int | None) -> bool:
+        context, gold = example["context"], example["answers"]
+        pairs = list(zip(gold["text"], gold["answer_start"], strict=True))[:answers]
+        return any(context[start : start + len(text)] != text for text, start in pairs)
+
+    bad = [example["id"] for example in examples if misplaced(example, 1 if split == "train" else None)]
+    if bad:
+        what = "are left out of training" if split == "train" else "are kept: only their texts are scored"
+        log.warning(
+            "%s: %d of %d questions have an answer that is not at its answer_start in the context (first: %s); they %s",
+            where, len(bad), len(examples), bad[0], what,
+        )  # fmt: skip
+        if split == "train":
+            skipped = set(bad)
+            examples = [example for example in examples if example["id"] not in skipped]
+    return examples
 
 
 def read_official(path: str | Path) -> list[dict]:

@@ -212,8 +212,19 @@ def _flatten_official(name: str, record: dict, where: str, labelled: bool) -> li
     if name == "wsc":
         row.update(_object(record, "target", where))
     row["idx"] = field(record, "idx", where)
-    row["label"] = field(record, "label", where) if labelled else record.get("label")
+    row["label"] = _label(record, where, labelled)
     return [(where, row)]
+
+
+def _label(record: dict, where: str, labelled: bool):
+    """The official label of a record; in a labelled split (train, dev) it must be given: a null label is refused
+    when reading, naming the line, instead of failing mid-epoch."""
+    if not labelled:
+        return record.get("label")
+    label = field(record, "label", where)
+    if label is None:
+        raise UserError(f"{where}: the label is null; train and dev files need a label on every example")
+    return label
 
 
 def _flatten_multirc(record: dict, where: str, labelled: bool) -> list[tuple[str, dict]]:
@@ -224,7 +235,7 @@ def _flatten_multirc(record: dict, where: str, labelled: bool) -> list[tuple[str
         q_where = f"{where} passage.questions[{q}]"
         for a, answer in enumerate(_objects(question, "answers", q_where)):
             a_where = f"{q_where}.answers[{a}]"
-            label = field(answer, "label", a_where) if labelled else answer.get("label")
+            label = _label(answer, a_where, labelled)
             row = {
                 "paragraph": paragraph,
                 "question": field(question, "question", q_where),
