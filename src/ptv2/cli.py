@@ -28,7 +28,16 @@ from ptv2.errors import UserError
 log = logging.getLogger("ptv2")
 CONFIG_PATH = "pkg://ptv2.conf"
 failed_jobs: list[str] = []
-job_started = False  # Hydra errors before any job are config mistakes (one line); later ones are not
+job_error: Exception | None = None  # an error raised inside a job reaches main as it is (not a config mistake)
+
+
+def resolved(cfg: DictConfig) -> None:
+    """Every interpolation of the config resolves (`${oc.env:NAME}` of an unset variable, a missing key), else one
+    line naming it."""
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as error:
+        raise UserError(f"the config does not resolve: {str(error).splitlines()[0]}") from None
 
 
 def _job(function, cfg: DictConfig, command: str):
@@ -37,13 +46,13 @@ def _job(function, cfg: DictConfig, command: str):
 
     Before anything is written: every value is checked, the run directory is locked and checked (no finished run
     replaced, a resume checked first); then config.yaml and .hydra/ are written and the command runs."""
-    global job_started
-    job_started = True
+    global job_error
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     sweeping = hydra_cfg.mode == RunMode.MULTIRUN
     lock = None
     try:
+        resolved(cfg)
         check_values(cfg)
         lock = rundir.open_run_dir(cfg, run_dir, command)
         return objective(function(cfg, run_dir))
@@ -56,8 +65,9 @@ def _job(function, cfg: DictConfig, command: str):
         if isinstance(error, rundir.RunDirInUse):  # the folder is another run's: leave it as it is
             failed_jobs.append(f"job {hydra_cfg.job.num} ({run_dir}: in use)")
             return None
-    except Exception:
+    except Exception as error:
         if not sweeping:
+            job_error = error  # a failure inside the job: a traceback, not a config mistake
             raise
         log.error("job %s failed:\n%s", hydra_cfg.job.num, traceback.format_exc())
     finally:
@@ -169,8 +179,8 @@ def usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    global job_started
-    job_started = False
+    global job_error
+    job_error = None
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
@@ -208,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         hydra_app(config_name, function)()
     except (HydraException, OmegaConfBaseException) as error:
-        if full_error or job_started:
+        if full_error or error is job_error:
             raise
         print(f"ptv2: error: {config_error_line(error)}; `ptv2 {command} --help` lists the options", file=sys.stderr)
         return 2
