@@ -70,8 +70,8 @@ def test_early_stopping_is_off_by_default_and_in_presets(preset):
 
 
 def test_early_stopping_ends_the_run_and_logs_progress_lines(tmp_path):
-    """With lr 0 the dev metric never improves: patience 1 stops after epoch 2 of 5. The run's output is not a
-    terminal, so progress comes as log lines, with no carriage-return redraws."""
+    """With lr 1e-12 the prompt barely moves, so the dev metric never improves: patience 1 stops after epoch 2 of 5.
+    The run's output is not a terminal, so progress comes as log lines, with no carriage-return redraws."""
     run_dir = tmp_path / "run"
     result = ptv2(
         "train",
@@ -81,7 +81,7 @@ def test_early_stopping_ends_the_run_and_logs_progress_lines(tmp_path):
         "trainer.epochs=5",
         "trainer.batch_size=4",
         "trainer.limit_train=8",
-        "optimizer.lr=0",
+        "optimizer.lr=1e-12",
         "trainer.early_stopping_patience=1",
         f"hydra.run.dir={run_dir}",
     )
