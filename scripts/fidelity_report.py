@@ -116,14 +116,17 @@ def length_curve(length_runs: list[dict], path: Path) -> list[str]:
 
 def runs_by_name(root: Path, title: str) -> list[str]:
     """One line per run folder under root (lr search, deviation runs): its settings and dev f1 per epoch."""
-    lines = [f"## {title}", "", "| run | method | lr | P | shift | grouped batches | train sentences | dev f1 per epoch | best |"]
-    lines.append("|---|---|---|---|---|---|---|---|---|")
+    lines = [f"## {title}", "", "| run | task | method | head | lr | P | shift | grouped batches | train examples "]
+    lines[-1] += "| dev metric per epoch | best |"
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
     for run in sorted(runs(root), key=lambda r: (r["config"]["prompt"]["method"], r["config"]["optimizer"]["lr"])):
         config, results = run["config"], run["results"]
-        curve = " / ".join(f"{100 * h['dev/f1']:.1f}" for h in results["history"])
-        prompt = config["prompt"]
+        metric = results["select_metric"]
+        curve = " / ".join(f"{100 * h[f'dev/{metric}']:.1f}" for h in results["history"])
+        prompt, task = config["prompt"], config["task"]
         lines.append(
-            f"| {run['dir'].name} | {prompt['method']} | {config['optimizer']['lr']:g} | {describe(config)['P']} "
+            f"| {run['dir'].name} | {task['name']} ({metric}) | {prompt['method']} | {task['head']} "
+            f"| {config['optimizer']['lr']:g} | {describe(config)['P']} "
             f"| {prompt['shift_positions']} | {config['trainer']['group_by_length']} "
             f"| {results['train_examples'][config['task']['name']]} | {curve} | {100 * results['best_value']:.1f} |"
         )
@@ -146,7 +149,7 @@ def main() -> None:
     parser.add_argument("--methods", type=Path, required=True, help="sweep folder of TABLE=fidelity")
     parser.add_argument("--length", type=Path, help="sweep folder of TABLE=fidelity-length")
     parser.add_argument("--search", type=Path, help="folder of the learning-rate search runs")
-    parser.add_argument("--deviations", type=Path, help="folder of the one-default-at-a-time runs")
+    parser.add_argument("--deviations", type=Path, nargs="*", default=[], help="folders of one-setting-at-a-time runs")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -159,8 +162,8 @@ def main() -> None:
         lines += ["", "![prompt length](length.png)", ""]
     if args.search:
         lines += runs_by_name(args.search, "Learning-rate search")
-    if args.deviations:
-        lines += runs_by_name(args.deviations, "Official settings vs ptv2 defaults (one at a time)")
+    for folder in args.deviations:
+        lines += runs_by_name(folder, f"Official settings vs ptv2 defaults, one at a time ({folder.name})")
     lines += [f"Hardware: {hardware()}."]
     (args.out / "table.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out / 'table.md'}")
