@@ -135,7 +135,11 @@ def runs_by_name(root: Path, title: str) -> list[str]:
 
 def hardware() -> str:
     model = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in line),
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if "model name" in line
+        ),
         platform.processor(),
     )
     return (
@@ -147,7 +151,7 @@ def hardware() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", type=Path, required=True, help="sweep folder of TABLE=fidelity")
-    parser.add_argument("--length", type=Path, help="sweep folder of TABLE=fidelity-length")
+    parser.add_argument("--length", type=Path, nargs="*", default=[], help="run folders of the prompt-length curve")
     parser.add_argument("--search", type=Path, help="folder of the learning-rate search runs")
     parser.add_argument("--deviations", type=Path, nargs="*", default=[], help="folders of one-setting-at-a-time runs")
     parser.add_argument("--out", type=Path, required=True)
@@ -158,7 +162,11 @@ def main() -> None:
     learning_curves(method_runs, args.out / "learning_curves.png")
     lines += ["![learning curves](learning_curves.png)", ""]
     if args.length:
-        lines += ["## Prompt length (P-Tuning v2, seed 1)", "", *length_curve(runs(args.length), args.out / "length.png")]
+        lines += [
+            "## Prompt length (P-Tuning v2, seed 1)",
+            "",
+            *length_curve(runs(args.length), args.out / "length.png"),
+        ]
         lines += ["", "![prompt length](length.png)", ""]
     if args.search:
         lines += runs_by_name(args.search, "Learning-rate search")

@@ -22,13 +22,13 @@ from transformers import AutoModelForMaskedLM, AutoTokenizer
 
 import ptv2.config
 from ptv2 import backbone, injection
+from ptv2.backbone import BackboneHeads
 from ptv2.config import PromptConfig
 from ptv2.data import Split, superglue
 from ptv2.errors import UserError
 from ptv2.heads import VerbalizerHead
 from ptv2.model import PromptModel
 from ptv2.tasks import classification, multiple_choice
-from ptv2.backbone import BackboneHeads
 from ptv2.train import Member, head_spec
 
 FIXTURES = Path(__file__).parent / "fixtures" / "superglue"
@@ -306,11 +306,17 @@ def test_head_spec_checks_word_count_and_task_type():
     with pytest.raises(UserError, match=r"needs 3 words, one per label of \['entailment'"):
         head_spec(Member("cb", task, classification, {}), tokenizer, BackboneHeads())
     task.options.verbalizer = ["is", "not", "can"]
-    assert head_spec(Member("cb", task, classification, {}), tokenizer, BackboneHeads()).label_word_ids.tolist() == [148, 164, 178]
+    assert head_spec(Member("cb", task, classification, {}), tokenizer, BackboneHeads()).label_word_ids.tolist() == [
+        148,
+        164,
+        178,
+    ]
     copa = task_config("copa")
     copa.head = "verbalizer"
     copa.options.verbalizer = ["is"]
-    assert head_spec(Member("copa", copa, multiple_choice, {}), tokenizer, BackboneHeads()).label_word_ids.tolist() == [148]
+    assert head_spec(Member("copa", copa, multiple_choice, {}), tokenizer, BackboneHeads()).label_word_ids.tolist() == [
+        148
+    ]
     task.type = "tagging"
     with pytest.raises(UserError, match="not tagging"):
         head_spec(Member("cb", task, classification, {}), tokenizer, BackboneHeads())
