@@ -32,9 +32,7 @@ class PromptModel(nn.Module):
     attention_mask (B, L), optionally token_type_ids (B, L), plus whatever the head needs (e.g. num_choices).
     """
 
-    def __init__(
-        self, encoder: nn.Module, prompt_cfg, heads: dict[str, tuple | nn.Module], head_dropout: float
-    ):
+    def __init__(self, encoder: nn.Module, prompt_cfg, heads: dict[str, tuple | nn.Module], head_dropout: float):
         """heads: {name: (task type, number of labels[, pooler]) or a built head (VerbalizerHead)} — one head per
         dataset, all on the same prompt. A pooler (the backbone's, task.head=pooler) is shared by the heads given it.
 
