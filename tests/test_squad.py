@@ -37,6 +37,7 @@ def task_config(name="squad", data_dir=FIXTURES, version="v1.1"):
             "files": {"train": f"train-{version}.json", "dev": f"dev-{version}.json"},
             "hub": {"path": "rajpurkar/squad", "name": "plain_text", "revision": squad.HUB["squad"][2]},
             "hub_splits": {"train": "train", "dev": "validation"},
+            "options": {"version_2": version == "v2.0"},  # SQuAD 1.1 training questions all have an answer
         }
     )
 

@@ -252,7 +252,7 @@ RANGES = {
     "prompt.init_std": Range(0, low_open=True, optional=True),
     "task.max_length": Range(8, integer=True),  # room for the special tokens and some text
     "task.head_dropout": PROBABILITY,
-    "optimizer.lr": POSITIVE,
+    "optimizer.lr": Range(0),  # 0 freezes the trained parameters (a check, a continuation at equal weights)
     "optimizer.weight_decay": Range(0),
     "optimizer.eps": POSITIVE,
     "scheduler.warmup_ratio": Range(0, 1),
