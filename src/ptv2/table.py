@@ -32,7 +32,16 @@ from ptv2.errors import UserError
 
 REFERENCES = Path(__file__).parent / "references.yaml"
 # Config keys that never make two runs different configs: the seed (seeds are aggregated), bookkeeping and logging.
-IGNORED = ("trainer.seed", "trainer.progress", "trainer.cache_dir", "logger.", "task.labels", "backbone.name_or_path")
+IGNORED = (
+    "trainer.seed",
+    "trainer.progress",
+    "trainer.cache_dir",
+    "trainer.overwrite",
+    "trainer.resume",
+    "logger.",
+    "task.labels",
+    "backbone.name_or_path",
+)
 IGNORED += ("ckpt", "split", "input", "output_dir")
 PROTOCOL = (
     "Selection protocol: every run keeps its best dev epoch (results.json `best_epoch`, chosen by the task's "
