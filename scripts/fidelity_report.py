@@ -76,6 +76,17 @@ def method_table(all_runs: list[dict]) -> list[str]:
     return lines
 
 
+def save_plot(figure, axis, labels: tuple[str, str, str], path: Path) -> None:
+    """Label (x, y, title), grid, legend and write the figure."""
+    axis.set_xlabel(labels[0])
+    axis.set_ylabel(labels[1])
+    axis.set_title(labels[2])
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
 def learning_curves(all_runs: list[dict], path: Path) -> None:
     curves = defaultdict(list)
     for run in all_runs:
@@ -85,13 +96,7 @@ def learning_curves(all_runs: list[dict], path: Path) -> None:
         width = min(len(c) for c in curves[method])
         means = [statistics.fmean(c[i] for c in curves[method]) for i in range(width)]
         axis.plot(range(1, width + 1), means, marker="o", label=f"{method} (n={len(curves[method])})")
-    axis.set_xlabel("epoch")
-    axis.set_ylabel("dev f1 (mean over seeds)")
-    axis.set_title("CoNLL03, MiniLM-L6: dev f1 per epoch")
-    axis.grid(alpha=0.3)
-    axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    save_plot(figure, axis, ("epoch", "dev f1 (mean over seeds)", "CoNLL03, MiniLM-L6: dev f1 per epoch"), path)
 
 
 def length_curve(length_runs: list[dict], path: Path) -> list[str]:
@@ -103,13 +108,9 @@ def length_curve(length_runs: list[dict], path: Path) -> list[str]:
     axis.plot([p for p, _, _ in points], [d for _, d, _ in points], marker="o", label="dev f1 (best epoch)")
     axis.plot([p for p, _, _ in points], [t for _, _, t in points], marker="s", label="test f1 (at best dev epoch)")
     axis.set_xscale("log", base=2)
-    axis.set_xlabel("prompt length P (per layer)")
-    axis.set_ylabel("f1")
-    axis.set_title("CoNLL03, MiniLM-L6, P-Tuning v2: prompt length")
-    axis.grid(alpha=0.3)
-    axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    save_plot(
+        figure, axis, ("prompt length P (per layer)", "f1", "CoNLL03, MiniLM-L6, P-Tuning v2: prompt length"), path
+    )
     lines = ["| P | dev f1 (best epoch) | test f1 (at best dev epoch) |", "|---|---|---|"]
     return lines + [f"| {p} | {d:.1f} | {t:.1f} |" for p, d, t in points]
 
@@ -162,11 +163,8 @@ def main() -> None:
     learning_curves(method_runs, args.out / "learning_curves.png")
     lines += ["![learning curves](learning_curves.png)", ""]
     if args.length:
-        lines += [
-            "## Prompt length (P-Tuning v2, seed 1)",
-            "",
-            *length_curve(runs(args.length), args.out / "length.png"),
-        ]
+        length_runs = [run for folder in args.length for run in runs(folder)]
+        lines += ["## Prompt length (P-Tuning v2, seed 1)", "", *length_curve(length_runs, args.out / "length.png")]
         lines += ["", "![prompt length](length.png)", ""]
     if args.search:
         lines += runs_by_name(args.search, "Learning-rate search")
