@@ -62,9 +62,8 @@ class PromptModel(nn.Module):
             self.prompt = InputPrompt(config.hidden_size, prompt_cfg.length, encoder_kind, prompt_cfg.dropout)
 
         self.heads = nn.ModuleDict({name: self._build_head(spec, config, head_dropout) for name, spec in heads.items()})
-        std = config.initializer_range
         if self.prompt is not None:
-            official_init_(self.prompt, std, embedding_std=prompt_cfg.get("init_std"))
+            official_init_(self.prompt, config.initializer_range, embedding_std=prompt_cfg.get("init_std"))
         self.encoder.requires_grad_(self.method not in FROZEN_METHODS)
         self._set_backbone_head_trainability()
 

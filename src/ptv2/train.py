@@ -151,7 +151,6 @@ def head_spec(member: Member, tokenizer, parts: backbone.BackboneHeads):
         return task.type, len(task.labels), parts.pooler
     if kind != "verbalizer":
         return task.type, len(task.labels)
-    lm_head = parts.lm_head
     if task.type not in VERBALIZER_TYPES:
         raise UserError(f"task.head=verbalizer works for task types {', '.join(VERBALIZER_TYPES)}, not {task.type}")
     if tokenizer.mask_token_id is None:
@@ -161,7 +160,7 @@ def head_spec(member: Member, tokenizer, parts: backbone.BackboneHeads):
     if len(words) != expected:
         wanted = "one word" if expected == 1 else f"{expected} words, one per label of {list(task.labels)}"
         raise UserError(f"task {member.name}: task.options.verbalizer={words} needs {wanted}")
-    return VerbalizerHead(lm_head, backbone.label_word_ids(tokenizer, words, f"task {member.name}"))
+    return VerbalizerHead(parts.lm_head, backbone.label_word_ids(tokenizer, words, f"task {member.name}"))
 
 
 @torch.inference_mode()
