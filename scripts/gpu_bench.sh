@@ -1,40 +1,18 @@
 #!/usr/bin/env bash
 # P3 in one go on a lent GPU machine: `ptv2 bench` on a random-init RoBERTa-large shape (config.json only, no
 # weights, no tokenizer), bf16 autocast, batch 32 x length 128, prompt length 128, every method in its own process.
-# Run from the repository root. The device has torch, transformers and accelerate but not hydra/omegaconf: they
-# travel as pure-Python copies in $CARRY/site (made by `scripts/gpu_bench.sh --prepare` here), together with the
-# transformers wheel this project is tested with. Figures land in $OUT (the device tool brings that folder back).
+# Run from the repository root; what the device lacks travels in $CARRY (scripts/gpu_env.sh). Figures land in $OUT
+# (the device tool brings that folder back).
 #
 #   scripts/gpu_bench.sh --prepare                 # here: fill outputs/gpu_carry (carry it to the device)
 #   SMALL=1 scripts/gpu_bench.sh                   # here: the whole script on the CPU with tiny sizes
 #   scripts/gpu_bench.sh                           # there
 set -euo pipefail
-CARRY=${CARRY:-outputs/gpu_carry}
 OUT=${OUT:-outputs/gpu_bench}
-PYTHON=${PYTHON:-python3}
+source "$(dirname "$0")/gpu_env.sh"
 mkdir -p "$OUT"
-
-if [[ "${1:-}" == "--prepare" ]]; then
-    site=$($PYTHON -c "import omegaconf, pathlib; print(pathlib.Path(omegaconf.__file__).parents[1])")
-    rm -rf "$CARRY" && mkdir -p "$CARRY/site" "$CARRY/wheels"
-    for package in hydra omegaconf antlr4; do cp -r "$site/$package" "$CARRY/site/"; done
-    find "$CARRY/site" -name __pycache__ -prune -exec rm -rf {} +
-    $PYTHON -m pip download -q --no-deps --only-binary=:all: -d "$CARRY/wheels" \
-        "transformers==$($PYTHON -c 'import transformers; print(transformers.__version__)')"
-    du -sh "$CARRY"
-    exit 0
-fi
-
-# ptv2 without installing it: the package from src/ with its config tree at ptv2/conf, as the wheel lays it out.
-work=$(mktemp -d)
-cp -r src/ptv2 "$work/ptv2" && rm -rf "$work/ptv2/conf" && cp -r conf "$work/ptv2/conf"
-if ! $PYTHON -c "import hydra, omegaconf" 2>/dev/null; then
-    if compgen -G "$CARRY/wheels/*.whl" >/dev/null; then
-        $PYTHON -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$work/site" "$CARRY"/wheels/*.whl
-    fi
-    export PYTHONPATH="$work/site:$(realpath "$CARRY/site")${PYTHONPATH:+:$PYTHONPATH}"
-fi
-export PYTHONPATH="$work${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+if [[ "${1:-}" == "--prepare" ]]; then gpu_carry_prepare && du -sh "$CARRY"; exit 0; fi
+gpu_activate "$OUT/environment.txt"
 
 # RoBERTa-large's published hyper-parameters (random init needs nothing else). SMALL=1 shrinks everything.
 mkdir -p "$work/roberta-large"
@@ -51,11 +29,6 @@ if [[ -n "${SMALL:-}" ]]; then sizes=(bench.batch_size=2 bench.seq_length=16 ben
     bench.warmup_steps=1 bench.eval_batches=1 bench.eval_batch_size=2)
 else sizes=(bench.batch_size=32 bench.seq_length=128 bench.prompt_length=128 bench.steps=10 bench.warmup_steps=3
     bench.eval_batches=5 bench.eval_batch_size=64); fi
-$PYTHON - <<'PY' | tee "$OUT/environment.txt"
-import torch, transformers
-name = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-print(f"torch {torch.__version__}, transformers {transformers.__version__}, device: {name}")
-PY
 common=(backbone=roberta-large "backbone.name_or_path=$work/roberta-large" backbone.random_init=true
     trainer.precision=bf16 "${sizes[@]}")
 # 1. every method, fp32 weights + bf16 autocast for all (the like-for-like comparison)

