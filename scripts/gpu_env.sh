@@ -30,7 +30,8 @@ gpu_activate() {
         fi
         export PYTHONPATH="$work/site:$(realpath "$CARRY/site")${PYTHONPATH:+:$PYTHONPATH}"
     fi
-    export PYTHONPATH="$work${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+    # The machine has no network: never wait on the hub.
+    export PYTHONPATH="$work${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
     $PYTHON - <<'PY' | tee "$1"
 import torch, transformers
 name = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"

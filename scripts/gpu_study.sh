@@ -19,7 +19,7 @@
 set -euo pipefail
 OUT=${OUT:-outputs/gpu_study}
 CARRY_B=${CARRY_B:-outputs/gpu_carry_b}
-JOBS=${JOBS:-12}
+JOBS=${JOBS:-16}
 DEADLINE=${DEADLINE:-420}
 source "$(dirname "$0")/gpu_env.sh"
 SHARED=${SHARED:-../shared/data}
@@ -103,7 +103,7 @@ run_job() {  # one line of jobs.txt: NAME OVERRIDES...; its status and wall time
     echo "$name $status $((SECONDS - start))s" >>"$runs/status.txt"
 }
 export -f run_job
-export runs PYTHON
+export runs PYTHON OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false  # many jobs share the cores
 mkdir -p "$runs"
 echo "$(wc -l <"$jobs") jobs, $JOBS at a time, deadline ${DEADLINE}s"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || true
