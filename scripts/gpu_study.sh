@@ -5,7 +5,7 @@
 #            the 2,500-sentence limits lifted;
 #   RTE:     preset=rte-bert-large-cased with backbone=minilm (the official head: frozen pooler, then a linear layer)
 #            against task.head=linear (the [CLS] vector, no pooler), and fine-tuning (lr 2e-5 and 5e-5, 10 epochs).
-# Jobs start in that order, JOBS at a time; at DEADLINE seconds the unfinished ones are stopped (their train.log keeps
+# Jobs start in that order, JOBS at a time (ONLY=REGEX keeps the jobs whose names match); at DEADLINE seconds the unfinished ones are stopped (their train.log keeps
 # the epochs they finished). Run folders (without weights) come back as $OUT/runs.tar.gz; then, here:
 #   ptv2 table DIR/conll03 ... or python scripts/fidelity_report.py --methods DIR/conll03 --out docs/results/fidelity
 #
@@ -93,6 +93,7 @@ for lr in 2e-5 5e-5; do
             optimizer.lr=$lr trainer.epochs=10 trainer.batch_size=32 task.head=linear trainer.seed=$seed
     done
 done
+if [[ -n "${ONLY:-}" ]]; then grep -E "^($ONLY) " "$jobs" >"$jobs.only" || true; mv "$jobs.only" "$jobs"; fi
 cp "$jobs" "$OUT/jobs.txt"
 
 run_job() {  # one line of jobs.txt: NAME OVERRIDES...; its status and wall time go to status.txt
@@ -113,7 +114,7 @@ start=$SECONDS
 while kill -0 $pool 2>/dev/null && ((SECONDS - start < DEADLINE)); do
     sleep 5
     if (((SECONDS - start) % 60 < 5)); then
-        echo "$((SECONDS - start))s: $(wc -l <"$runs/status.txt" 2>/dev/null || echo 0) done"
+        echo "$((SECONDS - start))s: $(cat "$runs/status.txt" 2>/dev/null | wc -l) done"
         nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader 2>/dev/null || true
     fi
 done
