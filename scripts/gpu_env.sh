@@ -12,6 +12,10 @@ gpu_carry_prepare() {
     site=$($PYTHON -c "import omegaconf, pathlib; print(pathlib.Path(omegaconf.__file__).parents[1])")
     rm -rf "$CARRY" && mkdir -p "$CARRY/site" "$CARRY/wheels"
     for package in hydra omegaconf antlr4 datasets dill seqeval; do cp -r "$site/$package" "$CARRY/site/"; done
+    # their metadata too: datasets asks importlib.metadata for dill's version
+    for dist in hydra_core omegaconf antlr4_python3_runtime datasets dill seqeval; do
+        cp -r "$site/$dist"-*.dist-info "$CARRY/site/"
+    done
     find "$CARRY/site" -name __pycache__ -prune -exec rm -rf {} +
     # multiprocess has per-Python-version code: the wheel for the machine's Python (3.12), not this venv's copy.
     $PYTHON -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

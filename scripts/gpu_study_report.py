@@ -1,0 +1,122 @@
+"""Report of scripts/gpu_study.sh: every job's epochs read from its train.log, so runs stopped at the study's deadline
+count with the epochs they finished; test F1 where a run finished (results.json).
+
+    python scripts/gpu_study_report.py RUNS_DIR [RUNS_DIR ...] --out docs/results/fidelity/gpu
+Each RUNS_DIR is an unpacked runs.tar.gz of one call; when a job ran in several calls, the later folder wins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import re
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import yaml  # noqa: E402
+
+EPOCH_LINE = re.compile(r"epoch (\d+): (.*)$")
+
+
+def read_job(folder: Path) -> dict:
+    """A job's planned epochs, its per-epoch metrics and, if it finished, its results."""
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    epochs = []
+    for line in (folder / "train.log").read_text().splitlines():
+        match = EPOCH_LINE.search(line)
+        if match:
+            values = dict(item.split("=") for item in match.group(2).split(", "))
+            epochs.append({"epoch": int(match.group(1)), **{k: float(v) for k, v in values.items()}})
+    results_path = folder / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else None
+    return {"config": config, "epochs": epochs, "results": results}
+
+
+def arm_of(name: str) -> str:
+    return re.sub(r"-s\d+$", "", name)
+
+
+def mean_std(values: list[float]) -> str:
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.fmean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", type=Path, nargs="+")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    jobs = {}
+    for call, root in enumerate(args.runs, 1):
+        for log in sorted(root.glob("*/*/train.log")):
+            job = read_job(log.parent)
+            if job["epochs"]:
+                jobs[f"{log.parent.parent.name}/{log.parent.name}"] = {**job, "call": call}
+
+    with (args.out / "epochs.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["job", "call", "epoch", "metric", "dev", "train_loss", "train_seconds"])
+        for name, job in sorted(jobs.items()):
+            metric = job["config"]["task"]["metric"]
+            for e in job["epochs"]:
+                writer.writerow(
+                    [
+                        name,
+                        job["call"],
+                        e["epoch"],
+                        metric,
+                        f"{100 * e[f'dev/{metric}']:.2f}",
+                        f"{e['train_loss']:.4f}",
+                        f"{e['train_seconds']:.1f}",
+                    ]
+                )
+
+    arms = defaultdict(list)
+    for name, job in jobs.items():
+        arms[arm_of(name)].append(job)
+    lines = [
+        "| task | arm | lr | epochs done / planned | dev at the last common epoch | best dev so far | test f1 at best dev "
+        "(finished runs) | n |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    figure, axis = plt.subplots(figsize=(7, 4.2))
+    for arm, members in sorted(arms.items()):
+        config = members[0]["config"]
+        metric = config["task"]["metric"]
+        done = min(len(m["epochs"]) for m in members)
+        last = [100 * m["epochs"][done - 1][f"dev/{metric}"] for m in members]
+        best = [100 * max(e[f"dev/{metric}"] for e in m["epochs"][:done]) for m in members]
+        tests = [
+            100 * m["results"]["test_at_best"]["f1"] for m in members if m["results"] and "test_at_best" in m["results"]
+        ]
+        task, label = arm.split("/")
+        lines.append(
+            f"| {task} ({metric}) | {label} | {config['optimizer']['lr']:g} | {done} / {config['trainer']['epochs']} "
+            f"| {mean_std(last)} | {mean_std(best)} | {mean_std(tests)} | {len(members)} |"
+        )
+        if task == "conll03":
+            curve = [statistics.fmean(100 * m["epochs"][i][f"dev/{metric}"] for m in members) for i in range(done)]
+            axis.plot(range(1, done + 1), curve, marker="o", label=f"{label} (n={len(members)})")
+    axis.set_xlabel("epoch")
+    axis.set_ylabel("dev f1 (mean over seeds)")
+    axis.set_title("CoNLL03 (full), MiniLM-L6, H200: dev f1 per epoch")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(args.out / "learning_curves.png", dpi=120)
+    (args.out / "table.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
