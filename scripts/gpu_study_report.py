@@ -85,8 +85,8 @@ def main() -> None:
     for name, job in jobs.items():
         arms[arm_of(name)].append(job)
     lines = [
-        "| task | arm | lr | epochs done / planned | dev at the last common epoch | best dev so far | test f1 at best dev "
-        "(finished runs) | n |",
+        "| task | arm | lr | epochs done / planned | dev at the last common epoch | best dev so far "
+        "| test f1 at best dev (finished runs) | n |",
         "|---|---|---|---|---|---|---|---|",
     ]
     figure, axis = plt.subplots(figsize=(7, 4.2))
