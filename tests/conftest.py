@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModel, BertConfig, DebertaV2Config, ElectraConfig, RobertaConfig
 
-from ptv2 import injection
+from ptv2.modeling import injection
 
 TINY = dict(vocab_size=120, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64)
 

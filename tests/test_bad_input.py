@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from test_cli import RTE
 
-from ptv2.state import STATE_DIR, STATE_FILE
-from ptv2.state import read as read_state
+from ptv2.runs.resume import STATE_DIR, STATE_FILE
+from ptv2.runs.resume import read as read_state
 
 BASE = ["backbone=tiny", "trainer=smoke", "logger=none"]
 

@@ -14,9 +14,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from ptv2 import bench, injection
+from ptv2.commands import bench
+from ptv2.commands.train import pad_to_length
 from ptv2.config import RunConfig
-from ptv2.train import pad_to_length
+from ptv2.modeling import injection
 
 FIXTURES = Path(__file__).parent / "fixtures"
 RTE = FIXTURES / "rte_small"

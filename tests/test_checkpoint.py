@@ -14,9 +14,11 @@ from safetensors.torch import load_file, save_file
 from test_cli import RTE, SMOKE, ptv2
 from test_config import compose_train
 
-from ptv2 import __version__, checkpoint, evaluate
+from ptv2 import __version__
+from ptv2.commands import evaluate
 from ptv2.errors import UserError
-from ptv2.model import PromptModel
+from ptv2.modeling.model import PromptModel
+from ptv2.runs import checkpoint
 
 LABELS = ["entailment", "not_entailment"]
 

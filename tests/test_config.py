@@ -11,7 +11,7 @@ from transformers import BertConfig, DebertaV2Config, RobertaConfig
 
 from ptv2.config import register, validate
 from ptv2.errors import UserError
-from ptv2.model import prompt_layers
+from ptv2.modeling.model import prompt_layers
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = ["backbone", "task", "prompt", "optimizer", "scheduler", "trainer", "logger", "preset", "experiment"]
@@ -113,9 +113,9 @@ def test_every_shipped_option_passes_the_start_up_checks(group, option):
 
 
 def test_the_check_tables_name_real_settings():
-    from ptv2.backbone import DTYPES
     from ptv2.config import CHOICES, NAMES, RANGES
     from ptv2.config import DTYPES as CHECKED_DTYPES
+    from ptv2.modeling.backbone import DTYPES
 
     cfg = compose_train()
     for command in ("eval", "predict", "bench"):

@@ -18,12 +18,12 @@ from hydra import compose, initialize_config_module
 from transformers import AutoModel, BertConfig, DynamicCache, RobertaConfig, RobertaForMaskedLM
 
 import ptv2.config
-from ptv2 import backbone, injection
 from ptv2.cli import with_official_preset
+from ptv2.commands.train import Member, head_spec
 from ptv2.errors import UserError
-from ptv2.model import PromptModel
+from ptv2.modeling import backbone, injection
+from ptv2.modeling.model import PromptModel
 from ptv2.tasks import task_type
-from ptv2.train import Member, head_spec
 
 PRESETS = {"bert": "rte-bert-large-cased", "roberta": "rte-roberta-large"}
 TOKENIZER = SimpleNamespace(name_or_path="tiny")  # what head_spec reads of a tokenizer for linear/pooler heads

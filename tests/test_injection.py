@@ -11,8 +11,8 @@ from conftest import FAMILY_CONFIGS, padded_batch, tiny_encoder
 from omegaconf import OmegaConf
 from transformers import DynamicCache
 
-from ptv2 import injection
-from ptv2.model import PromptModel
+from ptv2.modeling import injection
+from ptv2.modeling.model import PromptModel
 
 FAMILIES = list(FAMILY_CONFIGS)
 PREFIX_LENGTH = 4

@@ -10,7 +10,7 @@ from conftest import padded_batch, tiny_encoder
 from omegaconf import OmegaConf
 from test_cli import RTE, SMOKE, ptv2
 
-from ptv2.model import PromptModel
+from ptv2.modeling.model import PromptModel
 from ptv2.serving import PromptServer
 
 

@@ -12,7 +12,7 @@ from test_cli import RTE, ptv2
 from test_config import compose_train, options
 from tqdm import tqdm
 
-from ptv2 import progress
+from ptv2.runs import progress
 
 
 class Clock:

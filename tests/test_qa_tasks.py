@@ -13,9 +13,9 @@ import torch
 from omegaconf import OmegaConf
 from test_cli import ptv2
 
-from ptv2 import backbone
 from ptv2.data import Split, squad
 from ptv2.errors import UserError
+from ptv2.modeling import backbone
 from ptv2.tasks import span
 
 SQUAD = Path(__file__).parent / "fixtures" / "squad"

@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file
 from test_cli import RTE
 
-from ptv2 import state
-from ptv2.state import STATE_DIR, STATE_FILE
+from ptv2.runs import resume as state
+from ptv2.runs.resume import STATE_DIR, STATE_FILE
 
 RUN = [
     "train",

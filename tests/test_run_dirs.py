@@ -13,7 +13,7 @@ import pytest
 from test_bad_input import BASE, one_line_error, run
 from test_cli import RTE
 
-from ptv2.rundir import LOCK_FILE, unique_now
+from ptv2.runs.rundir import LOCK_FILE, unique_now
 
 TRAIN = ["train", *BASE, f"task.data_dir={RTE}"]
 

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from ptv2.data import squad
 from ptv2.errors import UserError
-from ptv2.metrics_squad import (
+from ptv2.metrics.squad import (
     exact_match,
     normalize_answer,
     squad_metrics,

@@ -21,15 +21,15 @@ from safetensors import safe_open
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
 import ptv2.config
-from ptv2 import backbone, injection
-from ptv2.backbone import BackboneHeads
+from ptv2.commands.train import Member, head_spec
 from ptv2.config import PromptConfig
 from ptv2.data import Split, superglue
 from ptv2.errors import UserError
-from ptv2.heads import VerbalizerHead
-from ptv2.model import PromptModel
+from ptv2.modeling import backbone, injection
+from ptv2.modeling.backbone import BackboneHeads
+from ptv2.modeling.heads import VerbalizerHead
+from ptv2.modeling.model import PromptModel
 from ptv2.tasks import classification, multiple_choice
-from ptv2.train import Member, head_spec
 
 FIXTURES = Path(__file__).parent / "fixtures" / "superglue"
 FOLDERS = SUPERGLUE_FOLDERS
@@ -131,7 +131,7 @@ def test_multiple_choice_encode_and_collate_flatten_choices_example_major():
 
 
 def multiple_choice_head_scores(batch: dict) -> torch.Tensor:
-    from ptv2.heads import MultipleChoiceHead
+    from ptv2.modeling.heads import MultipleChoiceHead
 
     hidden = torch.arange(4.0).view(4, 1, 1).expand(4, 3, 2)  # sequence i has every hidden value i
     head = MultipleChoiceHead(2, 1, 0.0)

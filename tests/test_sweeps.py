@@ -15,8 +15,8 @@ import pytest
 import yaml
 from test_cli import SMOKE, _wandb_records, ptv2
 
-from ptv2 import table
 from ptv2.cli import objective
+from ptv2.commands import table
 
 ROOT = Path(__file__).resolve().parents[1]
 

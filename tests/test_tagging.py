@@ -20,7 +20,7 @@ from ptv2.data.tagging import (
     to_bio,
 )
 from ptv2.errors import UserError
-from ptv2.metrics_tagging import tagging_metrics
+from ptv2.metrics.tagging import tagging_metrics
 
 FIXTURES = Path(__file__).parent / "fixtures" / "tagging"
 REPO = Path(__file__).resolve().parents[1]

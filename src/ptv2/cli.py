@@ -21,9 +21,10 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ptv2 import __version__, rundir
+from ptv2 import __version__
 from ptv2.config import check_values, register
 from ptv2.errors import UserError
+from ptv2.runs import rundir
 
 log = logging.getLogger("ptv2")
 CONFIG_PATH = "pkg://ptv2.conf"
@@ -100,11 +101,19 @@ def hydra_app(config_name: str, run):
 # name -> (target "module:function", Hydra config name or None for a plain argv command, one-line help).
 # A Hydra command's target is run(cfg, run_dir); a plain command's target is main(argv) -> exit code.
 COMMANDS = {
-    "train": ("ptv2.train:run", "train", "train a prompt (or a baseline) on a task; keeps the best dev epoch"),
-    "eval": ("ptv2.evaluate:run", "eval", "evaluate a trained checkpoint (ckpt=RUN_DIR_OR_FILE) on a split"),
-    "predict": ("ptv2.predict:run", "predict", "write prediction / submission files of checkpoints"),
-    "bench": ("ptv2.bench:run", "bench", "time train steps, eval throughput and peak memory per prompt method"),
-    "table": ("ptv2.table:main", None, "collect results.json of runs/sweeps into a Markdown table, CSV and plots"),
+    "train": ("ptv2.commands.train:run", "train", "train a prompt (or a baseline) on a task; keeps the best dev epoch"),
+    "eval": ("ptv2.commands.evaluate:run", "eval", "evaluate a trained checkpoint (ckpt=RUN_DIR_OR_FILE) on a split"),
+    "predict": ("ptv2.commands.predict:run", "predict", "write prediction / submission files of checkpoints"),
+    "bench": (
+        "ptv2.commands.bench:run",
+        "bench",
+        "time train steps, eval throughput and peak memory per prompt method",
+    ),
+    "table": (
+        "ptv2.commands.table:main",
+        None,
+        "collect results.json of runs/sweeps into a Markdown table, CSV and plots",
+    ),
 }
 
 

@@ -193,7 +193,7 @@ def register() -> None:
     if not OmegaConf.has_resolver("asset"):
         OmegaConf.register_new_resolver("asset", lambda name: str(Path(__file__).parent / "assets" / name))
     if not OmegaConf.has_resolver("unique_now"):
-        from ptv2.rundir import unique_now
+        from ptv2.runs.rundir import unique_now
 
         OmegaConf.register_new_resolver("unique_now", unique_now, use_cache=True)
 
@@ -365,7 +365,7 @@ def check_values(cfg) -> None:
 
 def validate(cfg, backbone_config) -> None:
     """check_values, then the checks that need the backbone's config; raise UserError with one clear line."""
-    from ptv2.injection import encoder_shape, positions_used
+    from ptv2.modeling.injection import encoder_shape, positions_used
 
     check_values(cfg)
     prompt = cfg.prompt

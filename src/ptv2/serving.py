@@ -23,12 +23,13 @@ from accelerate.utils import set_seed
 from omegaconf import DictConfig
 from torch import nn
 
-from ptv2 import backbone, checkpoint
 from ptv2.config import task_members, validate
 from ptv2.errors import UserError
-from ptv2.injection import family_of, run_encoder, shifted_position_ids
-from ptv2.model import PromptModel
-from ptv2.prompts import PrefixEncoder
+from ptv2.modeling import backbone
+from ptv2.modeling.injection import family_of, run_encoder, shifted_position_ids
+from ptv2.modeling.model import PromptModel
+from ptv2.modeling.prompts import PrefixEncoder
+from ptv2.runs import checkpoint
 
 MIXABLE_METHODS = ("ptv2", "linear_probe")  # methods whose backbone and token sequence are untouched
 
@@ -55,8 +56,8 @@ def load_backbone(cfg: DictConfig):
 
 def model_for(cfg: DictConfig, encoder: nn.Module, tokenizer, parts) -> PromptModel:
     """A PromptModel for a checkpoint's config on an already-loaded encoder (its heads as training built them)."""
+    from ptv2.commands.train import Member, head_spec
     from ptv2.tasks import task_type
-    from ptv2.train import Member, head_spec
 
     heads = {
         name: head_spec(Member(name, task, task_type(task.type), {}), tokenizer, parts)

@@ -23,7 +23,7 @@ import datasets
 import torch
 from omegaconf import OmegaConf, open_dict
 
-from ptv2.data.io import local_split
+from ptv2.data.files import local_split
 from ptv2.errors import UserError
 
 log = logging.getLogger("ptv2")

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from ptv2.data.io import field, load_hub_split, local_split, read_json
+from ptv2.data.files import field, load_hub_split, local_split, read_json
 from ptv2.errors import UserError
 
 log = logging.getLogger("ptv2")

@@ -47,9 +47,9 @@ from typing import Any
 
 import numpy as np
 
-from ptv2.data.io import atomic_write, field, label_id, load_hub_split, local_split, read_jsonl
+from ptv2.data.files import atomic_write, field, label_id, load_hub_split, local_split, read_jsonl
 from ptv2.errors import UserError
-from ptv2.metrics import record_predictions
+from ptv2.metrics.superglue import record_predictions
 
 TASKS = ("boolq", "cb", "copa", "multirc", "record", "rte", "wic", "wsc")
 SPLITS = ("train", "dev", "test")

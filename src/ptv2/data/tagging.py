@@ -44,7 +44,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ptv2.data.io import field, load_hub_split, local_split, read_json, read_jsonl
+from ptv2.data.files import field, load_hub_split, local_split, read_json, read_jsonl
 from ptv2.errors import UserError
 
 SRL_TASKS = ("conll05", "conll12")

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ptv2.checkpoint import atomic_write
 from ptv2.data import Split
+from ptv2.runs.checkpoint import atomic_write
 
 
 def encode(batch: dict[str, list], tokenizer, task) -> dict[str, list]:
@@ -76,7 +76,7 @@ def metrics(task, split: Split, outputs: list[np.ndarray]) -> dict[str, float]:
     """Accuracy, or the SuperGLUE task's official metrics when the task comes from the SuperGLUE reader."""
     scores = np.stack(outputs)  # (examples, labels)
     if task.reader == "superglue":
-        from ptv2.metrics import superglue_metrics
+        from ptv2.metrics.superglue import superglue_metrics
 
         return superglue_metrics(task.name, split.examples, scores)
     labels = np.array([example["label"] for example in split.examples])

@@ -35,8 +35,8 @@ from tokenizers import pre_tokenizers
 
 from ptv2.data import Split
 from ptv2.data.tagging import label_set
-from ptv2.heads import IGNORE_INDEX
-from ptv2.metrics_tagging import tagging_metrics
+from ptv2.metrics.tagging import tagging_metrics
+from ptv2.modeling.heads import IGNORE_INDEX
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 NO_WORD = -1  # word_ids entry of a token that predicts no word's tag

@@ -28,10 +28,10 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ptv2 import backbone
 from ptv2.config import INPUT_PROMPT_METHODS, PromptConfig, RunConfig, validate
 from ptv2.errors import UserError
-from ptv2.model import FROZEN_METHODS, PromptModel
+from ptv2.modeling import backbone
+from ptv2.modeling.model import FROZEN_METHODS, PromptModel
 
 log = logging.getLogger("ptv2")
 BASELINE = "finetune"
@@ -290,7 +290,7 @@ def measure_isolated(variant: DictConfig, work_dir: Path, profile: bool) -> dict
     method = variant.prompt.method
     config_path, result_path = work_dir / f"variant_{method}.yaml", work_dir / f"variant_{method}.json"
     config_path.write_text(OmegaConf.to_yaml(variant))
-    command = [sys.executable, "-m", "ptv2.bench", str(config_path), str(result_path)]
+    command = [sys.executable, "-m", "ptv2.commands.bench", str(config_path), str(result_path)]
     if profile:
         command.append(str(work_dir / f"profile_{method}.txt"))
     finished = subprocess.run(command, capture_output=True, text=True)
@@ -379,7 +379,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 
 
 def _worker(argv: list[str]) -> None:
-    """python -m ptv2.bench VARIANT.yaml RESULT.json [PROFILE.txt]: measure one method in this process."""
+    """python -m ptv2.commands.bench VARIANT.yaml RESULT.json [PROFILE.txt]: measure one method in this process."""
     # Over the schema, so keys the config lacks get their defaults and the worker sees typed values.
     cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(argv[0]))
     profile = Path(argv[2]) if len(argv) > 2 else None

@@ -12,9 +12,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from ptv2 import checkpoint
+from ptv2.commands.train import build, evaluate_all
 from ptv2.errors import UserError
-from ptv2.train import build, evaluate_all
+from ptv2.runs import checkpoint
 
 log = logging.getLogger("ptv2")
 OWN_KEYS = ("ckpt", "split", "input", "output_dir")  # this command's own keys, not the run's

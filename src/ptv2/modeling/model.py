@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ptv2.heads import HEADS, VerbalizerHead
-from ptv2.injection import encoder_shape, run_encoder, shifted_position_ids
-from ptv2.prompts import InputPrompt, PrefixEncoder, official_init_
+from ptv2.modeling.heads import HEADS, VerbalizerHead
+from ptv2.modeling.injection import encoder_shape, run_encoder, shifted_position_ids
+from ptv2.modeling.prompts import InputPrompt, PrefixEncoder, official_init_
 
 # Which methods freeze the encoder, and which prompt each one builds.
 FROZEN_METHODS = {"ptv2", "prompt_tuning", "ptuning_v1", "linear_probe"}

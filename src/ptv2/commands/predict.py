@@ -14,14 +14,14 @@ import numpy as np
 from accelerate import Accelerator
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
-from ptv2 import checkpoint
+from ptv2.commands.evaluate import checkpoint_config
+from ptv2.commands.train import Member, predict
 from ptv2.config import task_members
 from ptv2.data import prepare_split
 from ptv2.errors import UserError
-from ptv2.evaluate import checkpoint_config
+from ptv2.runs import checkpoint
 from ptv2.serving import PromptServer
 from ptv2.tasks import task_type
-from ptv2.train import Member, predict
 
 log = logging.getLogger("ptv2")
 INPUT_SPLIT = "test"  # input=FILE is read as the test split: labels optional, readers know the format

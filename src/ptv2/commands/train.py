@@ -23,16 +23,17 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.utils.data import DataLoader
 from transformers import get_linear_schedule_with_warmup
 
-from ptv2 import backbone, checkpoint
-from ptv2 import state as training_state
 from ptv2.config import task_members, validate
 from ptv2.data import LengthGroupedBatches, Split, prepare_split, sorted_batches, timed
 from ptv2.errors import UserError
-from ptv2.heads import POOLER_TYPES, VerbalizerHead
-from ptv2.model import PromptModel
-from ptv2.progress import epoch_progress
+from ptv2.modeling import backbone
+from ptv2.modeling.heads import POOLER_TYPES, VerbalizerHead
+from ptv2.modeling.model import PromptModel
+from ptv2.runs import checkpoint
+from ptv2.runs import resume as training_state
+from ptv2.runs.progress import epoch_progress
+from ptv2.runs.tracking import Tracker
 from ptv2.tasks import task_type
-from ptv2.tracking import Tracker
 
 log = logging.getLogger("ptv2")
 

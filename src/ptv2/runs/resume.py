@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from ptv2 import checkpoint
 from ptv2.errors import UserError
+from ptv2.runs import checkpoint
 
 log = logging.getLogger("ptv2")
 STATE_DIR = "state"

@@ -20,7 +20,7 @@ import string
 from collections import Counter
 from pathlib import Path
 
-from ptv2.data.io import atomic_write
+from ptv2.data.files import atomic_write
 
 _PUNCTUATION = set(string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)

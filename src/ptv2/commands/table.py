@@ -30,7 +30,7 @@ import yaml
 
 from ptv2.errors import UserError
 
-REFERENCES = Path(__file__).parent / "references.yaml"
+REFERENCES = Path(__file__).parents[1] / "references.yaml"
 # Config keys that never make two runs different configs: the seed (seeds are aggregated), bookkeeping and logging.
 IGNORED = (
     "trainer.seed",
@@ -439,7 +439,7 @@ def log_to_wandb(out: Path, root: Path, project: str, plots: list[dict]) -> None
     """The table as a W&B Table (in the run and as an artifact with the CSV/Markdown files) and the plots."""
     import wandb
 
-    from ptv2.tracking import _has_api_key
+    from ptv2.runs.tracking import _has_api_key
 
     mode = os.environ.get("WANDB_MODE") or ("online" if _has_api_key() else "offline")
     with (out / "table.csv").open() as handle:
