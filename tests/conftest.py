@@ -9,7 +9,10 @@ import pytest
 import torch
 from transformers import AutoModel, BertConfig, DebertaV2Config, ElectraConfig, RobertaConfig
 
+import ptv2
 from ptv2.modeling import injection
+
+TINY_BERT = Path(ptv2.__file__).parent / "assets" / "tiny-bert"  # the packaged tiny tokenizer + config
 
 TINY = dict(vocab_size=120, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64)
 

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_BERT
 from omegaconf import OmegaConf
 
 from ptv2.commands import bench
-from ptv2.commands.train import pad_to_length
 from ptv2.config import RunConfig
+from ptv2.engine import pad_to_length
 from ptv2.modeling import injection
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -48,7 +49,7 @@ def tiny_cfg(method: str = "ptv2", **bench_keys):
         {
             "backbone": {
                 "name": "tiny",
-                "name_or_path": str(Path(bench.__file__).parent / "assets" / "tiny-bert"),
+                "name_or_path": str(TINY_BERT),
                 "random_init": True,
             },
             "task": {"name": "rte", "reader": "superglue"},

@@ -19,7 +19,7 @@ from transformers import AutoModel, BertConfig, DynamicCache, RobertaConfig, Rob
 
 import ptv2.config
 from ptv2.cli import with_official_preset
-from ptv2.commands.train import Member, head_spec
+from ptv2.engine import Member, head_spec
 from ptv2.errors import UserError
 from ptv2.modeling import backbone, injection
 from ptv2.modeling.model import PromptModel

@@ -21,9 +21,9 @@ from safetensors import safe_open
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
 import ptv2.config
-from ptv2.commands.train import Member, head_spec
 from ptv2.config import PromptConfig
 from ptv2.data import Split, superglue
+from ptv2.engine import Member, head_spec
 from ptv2.errors import UserError
 from ptv2.modeling import backbone, injection
 from ptv2.modeling.backbone import BackboneHeads

@@ -27,11 +27,10 @@ from ptv2.config import task_members, validate
 from ptv2.errors import UserError
 from ptv2.modeling import backbone
 from ptv2.modeling.injection import family_of, run_encoder, shifted_position_ids
+from ptv2.modeling.methods import method, mixable
 from ptv2.modeling.model import PromptModel
 from ptv2.modeling.prompts import PrefixEncoder
 from ptv2.runs import checkpoint
-
-MIXABLE_METHODS = ("ptv2", "linear_probe")  # methods whose backbone and token sequence are untouched
 
 
 def checkpoint_configs(paths) -> list[DictConfig]:
@@ -56,7 +55,7 @@ def load_backbone(cfg: DictConfig):
 
 def model_for(cfg: DictConfig, encoder: nn.Module, tokenizer, parts) -> PromptModel:
     """A PromptModel for a checkpoint's config on an already-loaded encoder (its heads as training built them)."""
-    from ptv2.commands.train import Member, head_spec
+    from ptv2.engine import Member, head_spec
     from ptv2.tasks import task_type
 
     heads = {
@@ -107,10 +106,10 @@ class PromptServer(nn.Module):
             raise UserError(f"checkpoints from different backbones cannot share one: {listing}")
         if len(paths) > 1:
             for path, cfg in zip(paths, configs, strict=True):
-                if cfg.prompt.method not in MIXABLE_METHODS:
+                if not method(cfg.prompt.method).mixes_in_batch:
                     raise UserError(
                         f"{path} uses prompt.method={cfg.prompt.method}, which changes the backbone or its input; "
-                        f"only {' and '.join(MIXABLE_METHODS)} checkpoints share a backbone (serve it alone)"
+                        f"only {' and '.join(mixable())} checkpoints share a backbone (serve it alone)"
                     )
         encoder, tokenizer, parts = load_backbone(configs[0])
         models, served = {}, {}

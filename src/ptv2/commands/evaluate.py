@@ -12,7 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from ptv2.commands.train import build, evaluate_all
+from ptv2.engine import build, evaluate_all
 from ptv2.errors import UserError
 from ptv2.runs import checkpoint
 

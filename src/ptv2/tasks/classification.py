@@ -13,7 +13,16 @@ import numpy as np
 import torch
 
 from ptv2.data import Split
+from ptv2.modeling.heads import ClassificationHead
 from ptv2.runs.checkpoint import atomic_write
+
+HEAD = ClassificationHead
+HEAD_KINDS = ("linear", "pooler", "verbalizer")
+VERBALIZER_WORDS = None  # one label word per label
+
+
+def feature_length(input_ids: list[int]) -> int:
+    return len(input_ids)
 
 
 def encode(batch: dict[str, list], tokenizer, task) -> dict[str, list]:

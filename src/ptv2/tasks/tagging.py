@@ -36,13 +36,21 @@ from tokenizers import pre_tokenizers
 from ptv2.data import Split
 from ptv2.data.tagging import label_set
 from ptv2.metrics.tagging import tagging_metrics
-from ptv2.modeling.heads import IGNORE_INDEX
+from ptv2.modeling.heads import IGNORE_INDEX, TokenClassificationHead
 
+HEAD = TokenClassificationHead
+HEAD_KINDS = ("linear",)
+VERBALIZER_WORDS = None
+PER_TOKEN = ("labels",)  # batch keys with one value per token (padded like input_ids)
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 NO_WORD = -1  # word_ids entry of a token that predicts no word's tag
 SRL_EXCLUDED_TYPES = ("V",)  # the predicate span is given in the input, so it is not scored (as srl-eval.pl)
 
 _word_tokenizers: dict[int, tuple[object, object]] = {}
+
+
+def feature_length(input_ids: list[int]) -> int:
+    return len(input_ids)
 
 
 def labels(examples: list[dict]) -> list[str]:
