@@ -3,16 +3,43 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModel, BertConfig, DebertaV2Config, ElectraConfig, RobertaConfig
 
-import ptv2
 from ptv2.modeling import injection
 
-TINY_BERT = Path(ptv2.__file__).parent / "assets" / "tiny-bert"  # the packaged tiny tokenizer + config
+TINY_BERT = Path(injection.__file__).parents[1] / "assets" / "tiny-bert"  # the packaged tiny tokenizer + config
+FIXTURES = Path(__file__).parent / "fixtures"
+RTE = FIXTURES / "rte_small"
+SMOKE = ["backbone=tiny", "trainer=smoke", f"task.data_dir={RTE}"]
+
+
+def ptv2(*args: str, home: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(WANDB_SILENT="true", HYDRA_FULL_ERROR="0")
+    if home is not None:
+        env["HOME"] = str(home)  # no ~/.netrc: W&B must choose offline mode by itself
+    result = subprocess.run([sys.executable, "-m", "ptv2", *args], capture_output=True, text=True, env=env, timeout=300)
+    if check and result.returncode != 0:
+        raise AssertionError(f"ptv2 {' '.join(args)} failed ({result.returncode}):\n{result.stderr[-3000:]}")
+    return result
+
+
+def ptv2_in_process(monkeypatch, *args: str) -> int:
+    """`ptv2 ARGS` run by the entrypoint in this process (no interpreter start, no re-import of torch): its exit code.
+    What the command changes in the process (sys.argv, HYDRA_FULL_ERROR) is put back by monkeypatch."""
+    from ptv2 import cli
+
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    return cli.main(list(args))
+
 
 TINY = dict(vocab_size=120, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64)
 

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_cli import RTE
+from conftest import RTE
 
 from ptv2.runs.resume import STATE_DIR, STATE_FILE
 from ptv2.runs.resume import read as read_state

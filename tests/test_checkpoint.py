@@ -7,11 +7,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import padded_batch, tiny_encoder
+from conftest import RTE, SMOKE, padded_batch, ptv2, tiny_encoder
 from omegaconf import OmegaConf
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from test_cli import RTE, SMOKE, ptv2
 from test_config import compose_train
 
 from ptv2 import __version__

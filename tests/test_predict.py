@@ -6,9 +6,8 @@ import json
 
 import pytest
 import torch
-from conftest import padded_batch, tiny_encoder
+from conftest import RTE, SMOKE, padded_batch, ptv2, tiny_encoder
 from omegaconf import OmegaConf
-from test_cli import RTE, SMOKE, ptv2
 
 from ptv2.modeling.model import PromptModel
 from ptv2.serving import PromptServer

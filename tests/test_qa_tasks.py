@@ -10,8 +10,8 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from conftest import ptv2
 from omegaconf import OmegaConf
-from test_cli import ptv2
 
 from ptv2.data import Split, squad
 from ptv2.errors import UserError

@@ -10,8 +10,8 @@ import sys
 
 import pytest
 import torch
+from conftest import RTE
 from safetensors.torch import load_file
-from test_cli import RTE
 
 from ptv2.runs import resume as state
 from ptv2.runs.resume import STATE_DIR, STATE_FILE

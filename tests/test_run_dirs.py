@@ -10,8 +10,8 @@ import subprocess
 import sys
 
 import pytest
+from conftest import RTE
 from test_bad_input import BASE, one_line_error, run
-from test_cli import RTE
 
 from ptv2.runs.rundir import LOCK_FILE, unique_now
 

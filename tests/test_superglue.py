@@ -17,7 +17,8 @@ from omegaconf import OmegaConf
 from ptv2.data import superglue
 from ptv2.data.superglue import HUB, LABELS, SUBMISSION_NAMES, hub_examples, load, write_submission
 from ptv2.errors import UserError
-from ptv2.metrics.superglue import macro_f1, normalize_answer, superglue_metrics
+from ptv2.metrics.squad import normalize_answer
+from ptv2.metrics.superglue import macro_f1, superglue_metrics
 
 FIXTURES = Path(__file__).parent / "fixtures" / "superglue"
 FOLDERS = SUPERGLUE_FOLDERS

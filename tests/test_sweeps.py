@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_cli import SMOKE, _wandb_records, ptv2
+from conftest import SMOKE, ptv2
+from test_cli import _wandb_records
 
 from ptv2.cli import objective
 from ptv2.commands import table

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import RTE
 from safetensors.torch import load_file, save_file
 from test_bad_input import BASE, one_line_error, run
-from test_cli import RTE
 
 from ptv2.errors import UserError
 from ptv2.runs import checkpoint
