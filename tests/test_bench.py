@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import RTE, TINY_BERT, ptv2_in_process
+from conftest import RTE, TINY_BERT, ptv2
 from omegaconf import OmegaConf
 
 from ptv2.commands import bench
@@ -63,7 +63,7 @@ def tiny_cfg(method: str = "ptv2", **bench_keys):
 
 def test_bench_command_writes_every_method_and_ratios(tmp_path):
     out = tmp_path / "bench"
-    result = run_ptv2("bench", *TINY_BENCH, "bench.isolate=false", f"hydra.run.dir={out}")
+    result = ptv2("bench", *TINY_BENCH, "bench.isolate=false", f"hydra.run.dir={out}")
     report = json.loads((out / "bench.json").read_text())
     methods = report["methods"]
     assert list(methods) == METHODS
@@ -80,7 +80,7 @@ def test_bench_command_writes_every_method_and_ratios(tmp_path):
 @pytest.mark.slow
 def test_isolated_bench_measures_memory_per_process(tmp_path):
     out = tmp_path / "bench"
-    run_ptv2("bench", *TINY_BENCH, "bench.methods=[ptv2,finetune]", f"hydra.run.dir={out}")
+    ptv2("bench", *TINY_BENCH, "bench.methods=[ptv2,finetune]", f"hydra.run.dir={out}")
     methods = json.loads((out / "bench.json").read_text())["methods"]
     assert methods["finetune"]["memory_ratio"] == 1.0
     assert methods["ptv2"]["peak_memory_bytes"] > 0 and methods["ptv2"]["memory_kind"] == "cpu_peak_rss"
@@ -145,12 +145,11 @@ def test_official_style_knobs_train(tmp_path, monkeypatch):
         train_command, "LengthGroupedBatches", lambda *args: seen["grouped"].append(args[3]) or batches(*args)
     )
     out = tmp_path / "run"
-    code = ptv2_in_process(
-        monkeypatch, "train", "backbone=tiny", "trainer=smoke", f"task.data_dir={RTE}", "logger=none",
+    ptv2(
+        "train", "backbone=tiny", "trainer=smoke", f"task.data_dir={RTE}", "logger=none",
         "trainer.pad_to_max_length=true", "trainer.group_by_length=false", "backbone.attention=eager",
         f"hydra.run.dir={out}",
     )  # fmt: skip
-    assert code == 0
     max_length = OmegaConf.load(out / "config.yaml").task.max_length
     assert seen["widths"] == {max_length}  # the fixture's sentences are far shorter: padding did this
     assert seen["grouped"] == [False]

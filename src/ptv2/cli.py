@@ -15,6 +15,7 @@ import traceback
 from pathlib import Path
 
 import hydra
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
 from hydra.types import RunMode
@@ -190,6 +191,7 @@ def usage() -> str:
 def main(argv: list[str] | None = None) -> int:
     global job_error
     job_error = None
+    failed_jobs.clear()  # main may run several times in one process (the tests call it in-process)
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
@@ -224,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.argv = [f"ptv2 {command}", *args]
     full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"  # the user asked for Hydra's tracebacks
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors instead of printing them: reported below
+    GlobalHydra.instance().clear()  # a Hydra app of an earlier call in this process
     try:
         hydra_app(config_name, function)()
     except (HydraException, OmegaConfBaseException) as error:
