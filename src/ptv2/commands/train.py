@@ -8,7 +8,6 @@ are the engine's; this module is the loop and its bookkeeping.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -35,6 +34,7 @@ from ptv2.engine import (
     selection_value,
 )
 from ptv2.errors import UserError
+from ptv2.io import write_json
 from ptv2.optim import make_optimizer, make_scheduler
 from ptv2.runs import checkpoint
 from ptv2.runs import resume as training_state
@@ -227,7 +227,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     tracker.summary({**flatten("best", members, progress.best), "best_epoch": progress.best_epoch})
     tracker.finish()
     if accelerator.is_main_process:
-        checkpoint.atomic_write(run_dir / "results.json", lambda tmp: tmp.write_text(json.dumps(results, indent=2)))
+        write_json(run_dir / "results.json", results)
         log.info(
             "best %s=%.4f at epoch %d; results in %s",
             cfg.task.metric,

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -179,43 +178,3 @@ def load_hub_split(path: str, name: str | None, revision: str | None, split: str
             "without the hub, pass local files with task.data_dir=DIR"
         ) from None
     return list(dataset)
-
-
-def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> None:
-    """Call write(temporary_path) in the target's folder, then rename over `path`: a killed run never leaves a
-    half-written file, and a failed write leaves no temporary behind. A write the disk refuses (full, quota, file
-    size limit, read-only) ends with one line naming the file and the reason; the previous file, if any, is kept."""
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write(temporary)
-        os.replace(temporary, path)
-    except BaseException as error:
-        temporary.unlink(missing_ok=True)
-        reason = _write_failure(error)
-        if reason is None:
-            raise
-        try:
-            reason += f"; {shutil.disk_usage(path.parent).free / 1e6:.0f} MB free there"
-        except OSError:
-            pass
-        raise UserError(f"cannot write {path} ({reason}); its previous version, if any, is kept") from None
-
-
-def _write_failure(error: BaseException) -> str | None:
-    """The reason a file write failed for a user to fix, or None for anything else. torch.save and safetensors
-    wrap the OS error in their own exception types, hence the look at their text."""
-    if isinstance(error, OSError) and error.errno is not None:
-        return error.strerror or str(error)
-    text = str(error)
-    known = {
-        "No space left": "no space left on the device",
-        "StorageFull": "no space left on the device",
-        "Disk quota": "disk quota exceeded",
-        "File too large": "file too large for this file system or limit",
-        "FileTooLarge": "file too large for this file system or limit",
-        "file write failed": "the write was cut short: is the disk full?",
-        "unexpected pos": "the write was cut short: is the disk full?",
-    }
-    return next((reason for marker, reason in known.items() if marker in text), None)

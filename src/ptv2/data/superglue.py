@@ -47,8 +47,9 @@ from typing import Any
 
 import numpy as np
 
-from ptv2.data.files import atomic_write, field, label_id, load_hub_split, local_split, read_jsonl
+from ptv2.data.files import field, label_id, load_hub_split, local_split, read_jsonl
 from ptv2.errors import UserError
+from ptv2.io import write_jsonl
 from ptv2.metrics.superglue import record_predictions
 
 TASKS = ("boolq", "cb", "copa", "multirc", "record", "rte", "wic", "wsc")
@@ -501,7 +502,7 @@ def write_submission(task_name: str, examples: list[dict], scores, path, labels:
         else:
             pairs = zip(examples, predicted, strict=True)
             lines = [{"idx": example["idx"], "label": _submission_label(name, p)} for example, p in pairs]
-    _write_jsonl_atomic(path, lines)
+    write_jsonl(path, lines)
 
 
 def _submission_label(name: str, predicted) -> Any:
@@ -523,8 +524,3 @@ def _multirc_lines(examples: list[dict], predicted: list[str]) -> list[dict]:
         {"idx": p, "passage": {"questions": [{"idx": q, "answers": answers} for q, answers in questions.items()]}}
         for p, questions in paragraphs.items()
     ]
-
-
-def _write_jsonl_atomic(path, lines: list[dict]) -> None:
-    text = "".join(json.dumps(line) + "\n" for line in lines)
-    atomic_write(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))

@@ -29,6 +29,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ptv2.errors import UserError
+from ptv2.io import atomic_write
 from ptv2.runs import checkpoint
 
 log = logging.getLogger("ptv2")
@@ -119,7 +120,7 @@ def save(run_dir: Path, model, optimizer, scheduler, cfg, progress: Progress) ->
         "config": json.dumps(OmegaConf.to_container(cfg, resolve=True)),
         "progress": json.dumps(progress, default=_plain),
     }
-    checkpoint.atomic_write(path, lambda tmp: torch.save(state, tmp))
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
     return path
 
 
@@ -222,7 +223,7 @@ def restore(cfg, run_dir: Path, model, optimizer, scheduler) -> Resumed | None:
     progress = state["progress"]
     if folder != Path(run_dir) and (folder / checkpoint.FILENAME).is_file():
         # The best epoch's checkpoint so far belongs to this run's directory too.
-        checkpoint.atomic_write(
+        atomic_write(
             Path(run_dir) / checkpoint.FILENAME, lambda tmp: shutil.copyfile(folder / checkpoint.FILENAME, tmp)
         )
     log.info(

@@ -6,15 +6,14 @@ With `task.head=verbalizer` every sequence also gets a mask slot, "? <mask>", be
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ptv2.data import Split
+from ptv2.io import write_jsonl
 from ptv2.modeling.heads import ClassificationHead
-from ptv2.runs.checkpoint import atomic_write
 
 HEAD = ClassificationHead
 HEAD_KINDS = ("linear", "pooler", "verbalizer")
@@ -109,10 +108,3 @@ def write_predictions(task, split: Split, outputs: list[np.ndarray], out_dir) ->
         for i, (example, predicted) in enumerate(zip(split.examples, scores.argmax(-1), strict=True))
     ]
     return [write_jsonl(out_dir / f"{task.name}-{split.name}.jsonl", lines)]
-
-
-def write_jsonl(path: Path, lines: list[dict]) -> Path:
-    """Write one JSON object per line, atomically (a killed run leaves no half-written file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: tmp.write_text("".join(json.dumps(line) + "\n" for line in lines)))
-    return path

@@ -15,9 +15,10 @@ import torch
 
 from ptv2.data import Split
 from ptv2.errors import UserError
+from ptv2.io import write_jsonl
 from ptv2.modeling.heads import MultipleChoiceHead
 from ptv2.tasks import classification
-from ptv2.tasks.classification import insert_mask_slot, mask_slot, pad, write_jsonl
+from ptv2.tasks.classification import insert_mask_slot, mask_slot, pad
 
 HEAD = MultipleChoiceHead
 HEAD_KINDS = ("linear", "pooler", "verbalizer")
