@@ -75,6 +75,13 @@ class TaskConfig:
     members: dict[str, Any] = field(default_factory=dict)
 
 
+def flat_keys(container, prefix: str = "") -> dict[str, Any]:
+    """A nested dict as {"dotted.key": leaf value} (the keys an override names)."""
+    if isinstance(container, dict):
+        return {k: v for key, value in container.items() for k, v in flat_keys(value, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): container}
+
+
 def task_members(task) -> list[tuple[str, Any]]:
     """(head name, task config) of every dataset a run trains on: the task itself, or its multi-task members."""
     if not task.members:

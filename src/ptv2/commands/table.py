@@ -28,6 +28,7 @@ from pathlib import Path
 
 import yaml
 
+from ptv2.config import flat_keys
 from ptv2.errors import UserError
 
 REFERENCES = Path(__file__).parents[1] / "references.yaml"
@@ -72,14 +73,11 @@ class Run:
 # ---------------------------------------------------------------------------------------------- collecting runs
 
 
-def flatten(node, prefix: str = "") -> dict[str, str]:
-    if isinstance(node, dict):
-        out = {}
-        for key, value in node.items():
-            out.update(flatten(value, f"{prefix}{key}."))
-        return out
-    text = json.dumps(node) if isinstance(node, list) else str(node)
-    return {prefix[:-1]: text}
+def flatten(config: dict) -> dict[str, str]:
+    """A run's config as {"dotted.key": short text} (lists as JSON)."""
+    return {
+        key: json.dumps(value) if isinstance(value, list) else str(value) for key, value in flat_keys(config).items()
+    }
 
 
 def _metric_of(select, member: str | None = None) -> str:

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
+from ptv2.config import flat_keys
 from ptv2.errors import UserError
 from ptv2.io import atomic_write
 from ptv2.runs import checkpoint
@@ -97,12 +98,6 @@ def _plain(value):
     raise TypeError(f"{type(value).__name__} in the training progress is not a plain value")
 
 
-def _flat(container, prefix: str = "") -> dict:
-    if isinstance(container, dict):
-        return {k: v for key, value in container.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
-    return {prefix.rstrip("."): container}
-
-
 def save(run_dir: Path, model, optimizer, scheduler, cfg, progress: Progress) -> Path:
     """Write the state atomically (at an epoch's start, with no batch done, the epoch's losses are not kept)."""
     path = Path(run_dir) / STATE_DIR / STATE_FILE
@@ -170,7 +165,7 @@ def state_path(cfg, run_dir: Path) -> Path | None:
 def config_changes(saved: dict, cfg, labels_known: bool = True) -> list[str]:
     """Keys whose values differ between a saved run config and `cfg`, beside the FREE_KEYS. Before the label
     names are derived from the training data (labels_known=False), an empty `labels` in `cfg` is not a change."""
-    old, now = _flat(saved), _flat(OmegaConf.to_container(cfg, resolve=True))
+    old, now = flat_keys(saved), flat_keys(OmegaConf.to_container(cfg, resolve=True))
     return sorted(
         key
         for key in old.keys() | now.keys()
@@ -183,7 +178,7 @@ def config_changes(saved: dict, cfg, labels_known: bool = True) -> list[str]:
 def _refuse_changes(saved: dict, cfg, labels_known: bool) -> None:
     changed = config_changes(saved, cfg, labels_known)
     if changed:
-        old, now = _flat(saved), _flat(OmegaConf.to_container(cfg, resolve=True))
+        old, now = flat_keys(saved), flat_keys(OmegaConf.to_container(cfg, resolve=True))
         shown = ", ".join(f"{k}={old.get(k)!r}->{now.get(k)!r}" for k in changed[:3])
         raise UserError(f"trainer.resume: the config differs from the interrupted run's ({shown}); resume unchanged")
 
