@@ -90,9 +90,7 @@ def build(cfg: DictConfig, splits_of):
     Label names missing from a task config are derived from its training data and written into the config, so
     the run's config.yaml and checkpoint record them.
     """
-    backbone_config = backbone.load_config(cfg.backbone)
-    validate(cfg, backbone_config)
-    tokenizer = backbone.load_tokenizer(cfg.backbone)
+    backbone_config, tokenizer = load_backbone(cfg)
     members, prep_seconds = [], {}
     for name, task in task_members(cfg.task):
         kind = task_type(task.type)
@@ -112,11 +110,27 @@ def build(cfg: DictConfig, splits_of):
         with open_dict(cfg.task):
             for member in members:
                 cfg.task.members[member.name] = member.task
-    head_kinds = {m.task.get("head", "linear") for m in members}
-    encoder, parts = backbone.load_with_heads(cfg.backbone, backbone_config, head_kinds)
+    encoder, parts = load_encoder(cfg, backbone_config)
+    return tokenizer, members, prep_seconds, prompt_model(cfg, members, encoder, tokenizer, parts)
+
+
+def load_backbone(cfg: DictConfig):
+    """(the backbone's HF config, its tokenizer); the run config is checked against the backbone first."""
+    backbone_config = backbone.load_config(cfg.backbone)
+    validate(cfg, backbone_config)
+    return backbone_config, backbone.load_tokenizer(cfg.backbone)
+
+
+def load_encoder(cfg: DictConfig, backbone_config):
+    """(encoder, the backbone's head parts the run's heads read: pooler, MLM head)."""
+    head_kinds = {task.get("head", "linear") for _, task in task_members(cfg.task)}
+    return backbone.load_with_heads(cfg.backbone, backbone_config, head_kinds)
+
+
+def prompt_model(cfg: DictConfig, members: list[Member], encoder, tokenizer, parts) -> PromptModel:
+    """The run's PromptModel on a loaded encoder: its prompt method and one head per member."""
     heads = {m.name: head_spec(m, tokenizer, parts) for m in members}
-    model = PromptModel(encoder, cfg.prompt, heads=heads, head_dropout=cfg.task.head_dropout)
-    return tokenizer, members, prep_seconds, model
+    return PromptModel(encoder, cfg.prompt, heads=heads, head_dropout=cfg.task.head_dropout)
 
 
 def head_spec(member: Member, tokenizer, parts: backbone.BackboneHeads):

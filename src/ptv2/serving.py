@@ -25,7 +25,6 @@ from torch import nn
 
 from ptv2.config import task_members, validate
 from ptv2.errors import UserError
-from ptv2.modeling import backbone
 from ptv2.modeling.injection import family_of, run_encoder, shifted_position_ids
 from ptv2.modeling.methods import method, mixable
 from ptv2.modeling.model import PromptModel
@@ -44,25 +43,21 @@ def checkpoint_configs(paths) -> list[DictConfig]:
 def load_backbone(cfg: DictConfig):
     """(encoder, tokenizer, backbone head parts) of a run config; the encoder's random init (tiny test backbones)
     is reproduced by seeding as training did."""
-    backbone_config = backbone.load_config(cfg.backbone)
-    validate(cfg, backbone_config)
-    tokenizer = backbone.load_tokenizer(cfg.backbone)
+    from ptv2 import engine
+
+    backbone_config, tokenizer = engine.load_backbone(cfg)
     set_seed(cfg.trainer.seed)
-    head_kinds = {task.get("head", "linear") for _, task in task_members(cfg.task)}
-    encoder, parts = backbone.load_with_heads(cfg.backbone, backbone_config, head_kinds)
+    encoder, parts = engine.load_encoder(cfg, backbone_config)
     return encoder, tokenizer, parts
 
 
 def model_for(cfg: DictConfig, encoder: nn.Module, tokenizer, parts) -> PromptModel:
     """A PromptModel for a checkpoint's config on an already-loaded encoder (its heads as training built them)."""
-    from ptv2.engine import Member, head_spec
+    from ptv2.engine import Member, prompt_model
     from ptv2.tasks import task_type
 
-    heads = {
-        name: head_spec(Member(name, task, task_type(task.type), {}), tokenizer, parts)
-        for name, task in task_members(cfg.task)
-    }
-    return PromptModel(encoder, cfg.prompt, heads=heads, head_dropout=cfg.task.head_dropout)
+    members = [Member(name, task, task_type(task.type), {}) for name, task in task_members(cfg.task)]
+    return prompt_model(cfg, members, encoder, tokenizer, parts)
 
 
 class PromptServer(nn.Module):
