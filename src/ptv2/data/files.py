@@ -178,3 +178,20 @@ def load_hub_split(path: str, name: str | None, revision: str | None, split: str
             "without the hub, pass local files with task.data_dir=DIR"
         ) from None
     return list(dataset)
+
+
+def hub_rows(task: Any, split: str, files: str, default_splits: dict[str, str] | None = None) -> tuple[list[dict], str]:
+    """(rows, where) of `split` from the hub copy a task names, for a task without task.data_dir: dataset
+    `task.hub` (path, name, revision) at split `task.hub_splits[split]` (else `default_splits[split]`); `where` names
+    it in messages. A task that names no hub copy or no such split gets one line; `files` says what task.data_dir
+    would hold instead."""
+    named = {key: value for key, value in (task.get("hub_splits") or {}).items() if value}
+    hub, splits = task.get("hub") or {}, {**(default_splits or {}), **named}
+    if not hub.get("path"):
+        raise UserError(f"task {task.get('name')}: set task.data_dir=DIR ({files}) or task.hub.path")
+    if split not in splits:
+        raise UserError(
+            f"task {task.get('name')}: no hub split configured for '{split}' (task.hub_splits: {dict(splits)})"
+        )
+    where = f"hub {hub['path']}{'/' + hub['name'] if hub.get('name') else ''} split {splits[split]}"
+    return load_hub_split(hub["path"], hub.get("name"), hub.get("revision"), splits[split]), where

@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from ptv2.data.files import field, label_id, load_hub_split, local_split, read_jsonl
+from ptv2.data.files import field, hub_rows, label_id, local_split, read_jsonl
 from ptv2.errors import UserError
 from ptv2.io import write_jsonl
 from ptv2.metrics.superglue import record_predictions
@@ -151,14 +151,7 @@ def load(task, split: str) -> list[dict]:
         records = ((f"{path}:{line}", record) for line, record in read_jsonl(path))
         return official_examples(name, records, labels, options, labelled)
 
-    hub = task.get("hub") or {}
-    splits = task.get("hub_splits") or {}
-    if not hub.get("path"):
-        raise UserError(f"task {name}: set task.data_dir=DIR (official jsonl files) or task.hub.path")
-    if split not in splits:
-        raise UserError(f"task {name}: no hub split configured for '{split}' (task.hub_splits: {dict(splits)})")
-    rows = load_hub_split(hub["path"], hub.get("name"), hub.get("revision"), splits[split])
-    where = f"hub {hub['path']}/{hub.get('name')} split {splits[split]}"
+    rows, where = hub_rows(task, split, "official jsonl files")
     return hub_examples(name, rows, labels, options, labelled, where)
 
 
