@@ -16,7 +16,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
-from ptv2.errors import UserError
+from ptv2.errors import UserError, unknown
 from ptv2.modeling.methods import METHODS, method
 
 HEADS = ("linear", "pooler", "verbalizer")  # task.head
@@ -342,11 +342,10 @@ def check_values(cfg) -> None:
     for key, allowed in {**CHOICES, **tables}.items():
         for shown, value in _settings(cfg, key):
             if value not in allowed:
-                listed = ", ".join("null" if choice is None else str(choice) for choice in allowed)
-                raise UserError(f"{shown}={value} is unknown; choose one of {listed}")
+                raise unknown(shown, value, allowed)
     for shown, value in _settings(cfg, "task.reader"):
         if value not in (known := readers()):
-            raise UserError(f"{shown}={value} is unknown; choose one of {', '.join(known)}")
+            raise unknown(shown, value, known)
     for key in NAMES:
         for shown, value in _settings(cfg, key):
             if value is not None or key != "task.test_split":

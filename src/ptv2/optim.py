@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import get_linear_schedule_with_warmup
 
-from ptv2.errors import UserError
+from ptv2.errors import unknown
 
 # name -> optimizer over the trainable parameters, built from the `optimizer` config group.
 OPTIMIZERS = {
@@ -29,7 +29,7 @@ SCHEDULERS = {
 
 def _lookup(table: dict, key: str, name: str):
     if name not in table:
-        raise UserError(f"{key}={name} is unknown; choose one of {', '.join(table)}")
+        raise unknown(key, name, table)
     return table[name]
 
 

@@ -25,7 +25,7 @@ import torch
 from omegaconf import OmegaConf, open_dict
 
 from ptv2.data.files import local_split
-from ptv2.errors import UserError
+from ptv2.errors import UserError, unknown
 
 log = logging.getLogger("ptv2")
 datasets.disable_progress_bars()  # tokenization is timed and logged instead
@@ -49,7 +49,7 @@ def readers() -> list[str]:
 def reader(name: str):
     """The reader module `task.reader` names, or one line listing the readers."""
     if name not in (known := readers()):
-        raise UserError(f"task.reader={name} is unknown; choose one of {', '.join(known)}")
+        raise unknown("task.reader", name, known)
     return importlib.import_module(f"{__name__}.{name}")
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ptv2.errors import UserError
+from ptv2.errors import unknown
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ BASELINE = "finetune"  # what bench divides by
 def method(name: str) -> Method:
     """The row of `prompt.method`, or one line naming the known methods."""
     if name not in METHODS:
-        raise UserError(f"prompt.method={name} is unknown; choose one of {', '.join(METHODS)}")
+        raise unknown("prompt.method", name, METHODS)
     return METHODS[name]
 
 

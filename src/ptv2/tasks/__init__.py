@@ -14,7 +14,7 @@ import importlib
 import pkgutil
 from typing import Protocol
 
-from ptv2.errors import UserError
+from ptv2.errors import unknown
 
 TASK_TYPES = tuple(sorted(module.name for module in pkgutil.iter_modules(__path__)))
 
@@ -40,7 +40,7 @@ REQUIRED = ("HEAD", "HEAD_KINDS", "VERBALIZER_WORDS", "feature_length", "encode"
 
 def task_type(name: str) -> TaskType:
     if name not in TASK_TYPES:
-        raise UserError(f"task.type={name} is unknown; choose one of {', '.join(TASK_TYPES)}")
+        raise unknown("task.type", name, TASK_TYPES)
     module = importlib.import_module(f"{__name__}.{name}")
     missing = [attribute for attribute in REQUIRED if not hasattr(module, attribute)]
     if missing:  # a programming error in a new task type, not a user's
