@@ -15,8 +15,8 @@ import torch
 from conftest import RTE, TINY_BERT, ptv2
 from omegaconf import OmegaConf
 
+from ptv2 import engine
 from ptv2.commands import bench
-from ptv2.commands import train as train_command
 from ptv2.config import RunConfig
 from ptv2.engine import pad_to_length
 from ptv2.modeling import injection
@@ -139,11 +139,9 @@ def test_official_style_knobs_train(tmp_path, monkeypatch):
             seen["attention"].add(self.encoder.config._attn_implementation)
         return forward(self, batch, head)
 
-    batches = train_command.LengthGroupedBatches
+    batches = engine.LengthGroupedBatches
     monkeypatch.setattr(PromptModel, "forward", recording_forward)
-    monkeypatch.setattr(
-        train_command, "LengthGroupedBatches", lambda *args: seen["grouped"].append(args[3]) or batches(*args)
-    )
+    monkeypatch.setattr(engine, "LengthGroupedBatches", lambda *args: seen["grouped"].append(args[3]) or batches(*args))
     out = tmp_path / "run"
     ptv2(
         "train", "backbone=tiny", "trainer=smoke", f"task.data_dir={RTE}", "logger=none",

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, open_dict
 from torch.utils.data import DataLoader
 
 from ptv2.config import task_members, validate
-from ptv2.data import Split, prepare_split, sorted_batches, timed
+from ptv2.data import LengthGroupedBatches, Split, prepare_split, sorted_batches, timed
 from ptv2.errors import UserError
 from ptv2.modeling import backbone
 from ptv2.modeling.heads import VerbalizerHead
@@ -75,6 +75,20 @@ def pad_to_length(batch: dict, length: int, pad_id: int, per_token: tuple[str, .
         if torch.is_tensor(tensor) and tensor.shape[1] < length:
             padded[key] = torch.nn.functional.pad(tensor, (0, length - tensor.shape[1]), value=fill)
     return padded
+
+
+def train_loaders(cfg: DictConfig, members: list[Member], tokenizer) -> dict[str, DataLoader]:
+    """Per member, its training batches: length-grouped (trainer.group_by_length), reshuffled every epoch from
+    trainer.seed + epoch (`loader.batch_sampler.set_epoch`)."""
+    loaders = {}
+    for member in members:
+        features = member.splits["train"].features
+        lengths = feature_lengths(member.kind, features)
+        batches = LengthGroupedBatches(lengths, cfg.trainer.batch_size, cfg.trainer.seed, cfg.trainer.group_by_length)
+        pad_to = member.task.max_length if cfg.trainer.pad_to_max_length else None
+        collate = make_collate(member.kind, tokenizer, pad_to)
+        loaders[member.name] = DataLoader(IndexedFeatures(features), batch_sampler=batches, collate_fn=collate)
+    return loaders
 
 
 def feature_lengths(kind: TaskType, features) -> list[int]:

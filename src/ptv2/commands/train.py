@@ -19,20 +19,8 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader
 
-from ptv2.data import LengthGroupedBatches
-from ptv2.engine import (
-    IndexedFeatures,
-    TrainStep,
-    build,
-    evaluate_all,
-    feature_lengths,
-    flatten,
-    interleaved,
-    make_collate,
-    selection_value,
-)
+from ptv2.engine import Member, TrainStep, build, evaluate_all, flatten, interleaved, selection_value, train_loaders
 from ptv2.errors import UserError
 from ptv2.io import write_json
 from ptv2.optim import make_optimizer, make_scheduler
@@ -67,22 +55,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         ", ".join(f"{k} {v:.2f}s" for k, v in prep_seconds.items()),
     )
 
-    samplers, loaders = {}, {}
-    for member in members:
-        features = member.splits["train"].features
-        samplers[member.name] = LengthGroupedBatches(
-            feature_lengths(member.kind, features),
-            cfg.trainer.batch_size,
-            cfg.trainer.seed,
-            cfg.trainer.group_by_length,
-        )
-        loaders[member.name] = DataLoader(
-            IndexedFeatures(features),
-            batch_sampler=samplers[member.name],
-            collate_fn=make_collate(
-                member.kind, tokenizer, member.task.max_length if cfg.trainer.pad_to_max_length else None
-            ),
-        )
+    loaders = train_loaders(cfg, members, tokenizer)
+    samplers = {name: loader.batch_sampler for name, loader in loaders.items()}  # reshuffled every epoch
     optimizer = make_optimizer(cfg, (p for p in model.parameters() if p.requires_grad))
     model, optimizer = accelerator.prepare(model, optimizer)
     loaders = {name: accelerator.prepare_data_loader(loader) for name, loader in loaders.items()}
@@ -201,22 +175,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     stop.uninstall()
 
     single = len(members) == 1
-    results = {
-        "task": cfg.task.name,
-        "backbone": cfg.backbone.name,
-        "method": cfg.prompt.method,
-        "select_metric": members[0].task.metric if single else {m.name: m.task.metric for m in members},
-        "best_epoch": progress.best_epoch,
-        "best": progress.best[members[0].name] if single else progress.best,
-        "best_value": progress.best_value,
-        "final": progress.history[-1],
-        "history": progress.history,
-        **counts,
-        "train_examples": {m.name: len(m.splits["train"].examples) for m in members},
-        "steps": progress.step,
-        "stopped_early": stopped_early,  # trainer.early_stopping_patience ended the run before trainer.epochs
-        "data_prep_seconds": prep_seconds,
-    }
+    results = {**summary(cfg, members, progress), **counts, "stopped_early": stopped_early}
+    results["data_prep_seconds"] = prep_seconds
     tested = [m for m in members if m.task.test_split]
     if tested:
         # Tagging protocol: the test score of the best dev epoch.
@@ -236,3 +196,21 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             run_dir,
         )
     return results
+
+
+def summary(cfg: DictConfig, members: list[Member], progress: Progress) -> dict:
+    """What results.json says about the run's epochs: the selection metric, the best epoch and the history."""
+    single = len(members) == 1
+    return {
+        "task": cfg.task.name,
+        "backbone": cfg.backbone.name,
+        "method": cfg.prompt.method,
+        "select_metric": members[0].task.metric if single else {m.name: m.task.metric for m in members},
+        "best_epoch": progress.best_epoch,
+        "best": progress.best[members[0].name] if single else progress.best,
+        "best_value": progress.best_value,
+        "final": progress.history[-1],
+        "history": progress.history,
+        "train_examples": {m.name: len(m.splits["train"].examples) for m in members},
+        "steps": progress.step,
+    }
