@@ -2,14 +2,88 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import subprocess
+import sys
+import traceback
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModel, BertConfig, DebertaV2Config, ElectraConfig, RobertaConfig
 
-from ptv2 import injection
+from ptv2.modeling import injection
+
+TINY_BERT = Path(injection.__file__).parents[1] / "assets" / "tiny-bert"  # the packaged tiny tokenizer + config
+FIXTURES = Path(__file__).parent / "fixtures"
+RTE = FIXTURES / "rte_small"
+SMOKE = ["backbone=tiny", "trainer=smoke", f"task.data_dir={RTE}"]
+
+
+def _environment(home: Path | None, env: dict | None) -> dict[str, str]:
+    """The variables a `ptv2` run sees: no W&B settings or test knobs of the caller's, W&B quiet, Hydra's errors
+    folded into one line; home: HOME for the run (no ~/.netrc: W&B must choose offline mode by itself)."""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "PTV2_DIE"))}
+    environment.update({"WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0", **(env or {})})
+    if home is not None:
+        environment["HOME"] = str(home)
+    return environment
+
+
+def _checked(result: subprocess.CompletedProcess, check: bool) -> subprocess.CompletedProcess:
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(result.args)} failed ({result.returncode}):\n{result.stderr[-3000:]}")
+    return result
+
+
+def ptv2(
+    *args: str, home: Path | None = None, env: dict | None = None, cwd: Path | None = None, check: bool = True
+) -> subprocess.CompletedProcess:
+    """`ptv2 ARGS` through its entrypoint in this process, as lightning-hydra-template's tests run theirs: the exit
+    code, stdout and stderr the console script gives, without starting Python and importing torch again per run.
+    What a run changes in the process (environment, working folder, argv, accelerate's state, torch threads) is put
+    back. Tests of the console script itself, of signals and of process limits use `ptv2_subprocess`."""
+    from accelerate.state import AcceleratorState
+
+    from ptv2 import cli
+
+    saved = dict(os.environ), list(sys.argv), os.getcwd(), torch.get_num_threads()
+    out, err = io.StringIO(), io.StringIO()
+    os.environ.clear()
+    os.environ.update(_environment(home, env))
+    AcceleratorState._reset_state(reset_partial_state=True)  # each run chooses its own precision and device
+    try:
+        os.chdir(cwd or saved[2])
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = cli.main(list(args))
+            except SystemExit as exit:  # what the interpreter makes of it
+                code = exit.code if isinstance(exit.code, int) else 0 if exit.code is None else 1
+                if isinstance(exit.code, str):
+                    print(exit.code, file=sys.stderr)
+            except Exception:
+                traceback.print_exc()
+                code = 1
+    finally:
+        os.environ.clear()
+        os.environ.update(saved[0])
+        sys.argv[:] = saved[1]
+        os.chdir(saved[2])
+        torch.set_num_threads(saved[3])
+        AcceleratorState._reset_state(reset_partial_state=True)
+    return _checked(subprocess.CompletedProcess(["ptv2", *args], code, out.getvalue(), err.getvalue()), check)
+
+
+def ptv2_subprocess(
+    *args: str, home: Path | None = None, env: dict | None = None, cwd: Path | None = None, check: bool = True
+) -> subprocess.CompletedProcess:
+    """`python -m ptv2 ARGS` in a fresh process."""
+    command = [sys.executable, "-m", "ptv2", *args]
+    result = subprocess.run(command, capture_output=True, text=True, env=_environment(home, env), timeout=300, cwd=cwd)
+    return _checked(result, check)
+
 
 TINY = dict(vocab_size=120, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64)
 

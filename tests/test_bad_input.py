@@ -16,19 +16,16 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_cli import RTE
+from conftest import RTE, ptv2, ptv2_subprocess
 
-from ptv2.state import STATE_DIR, STATE_FILE
-from ptv2.state import read as read_state
+from ptv2.runs.resume import STATE_DIR, STATE_FILE
+from ptv2.runs.resume import read as read_state
 
 BASE = ["backbone=tiny", "trainer=smoke", "logger=none"]
 
 
 def run(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    environment = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "PTV2_DIE"))}
-    environment.update(HYDRA_FULL_ERROR="0", **(env or {}))
-    command = [sys.executable, "-m", "ptv2", *args]
-    return subprocess.run(command, capture_output=True, text=True, env=environment, timeout=300, cwd=cwd)
+    return ptv2(*args, env=env, cwd=cwd, check=False)
 
 
 def one_line_error(result: subprocess.CompletedProcess) -> str:
@@ -105,7 +102,7 @@ BAD_VALUES = [
     ("scheduler.warmup_ratio=1.5", "scheduler.warmup_ratio=1.5 is out of range; use a number in [0, 1]"),
     ("scheduler.gamma=0", "scheduler.gamma=0.0 is out of range; use a number in (0, 1]"),
     ("task.type=regression", "task.type=regression is unknown; choose one of classification, multiple_choice, "),
-    ("optimizer.name=sgd", "optimizer.name=sgd is unknown; choose one of adamw"),
+    ("optimizer.name=adam", "optimizer.name=adam is unknown; choose one of adamw, sgd"),
     ("logger.name=tensorboard", "logger.name=tensorboard is unknown; choose one of wandb, none"),
     ("task.name=../../elsewhere", "task.name='../../elsewhere' is not a valid name: use letters, digits, '_', "),
     ("split=a/b", "split='a/b' is not a valid name"),
@@ -196,9 +193,9 @@ def test_unreachable_wandb_falls_back_to_offline(tmp_path):
         "HOME": str(tmp_path),
     }
     run_dir = tmp_path / "run"
-    result = run(
+    result = ptv2_subprocess(
         "train", "backbone=tiny", "trainer=smoke", f"task.data_dir={RTE}", "logger=wandb", "logger.init_timeout=15",
-        f"hydra.run.dir={run_dir}", env=env,
+        f"hydra.run.dir={run_dir}", env=env, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     assert (run_dir / "results.json").exists()

@@ -12,14 +12,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import RTE, TINY_BERT, ptv2
 from omegaconf import OmegaConf
 
-from ptv2 import bench, injection
+from ptv2 import engine
+from ptv2.commands import bench
 from ptv2.config import RunConfig
-from ptv2.train import pad_to_length
+from ptv2.engine import pad_to_length
+from ptv2.modeling import injection
+from ptv2.modeling.model import PromptModel
 
 FIXTURES = Path(__file__).parent / "fixtures"
-RTE = FIXTURES / "rte_small"
 METHODS = ["ptv2", "finetune", "prompt_tuning", "linear_probe"]
 TINY_BENCH = [
     "backbone=tiny",
@@ -47,7 +50,7 @@ def tiny_cfg(method: str = "ptv2", **bench_keys):
         {
             "backbone": {
                 "name": "tiny",
-                "name_or_path": str(Path(bench.__file__).parent / "assets" / "tiny-bert"),
+                "name_or_path": str(TINY_BERT),
                 "random_init": True,
             },
             "task": {"name": "rte", "reader": "superglue"},
@@ -60,7 +63,7 @@ def tiny_cfg(method: str = "ptv2", **bench_keys):
 
 def test_bench_command_writes_every_method_and_ratios(tmp_path):
     out = tmp_path / "bench"
-    result = run_ptv2("bench", *TINY_BENCH, "bench.isolate=false", f"hydra.run.dir={out}")
+    result = ptv2("bench", *TINY_BENCH, "bench.isolate=false", f"hydra.run.dir={out}")
     report = json.loads((out / "bench.json").read_text())
     methods = report["methods"]
     assert list(methods) == METHODS
@@ -77,7 +80,7 @@ def test_bench_command_writes_every_method_and_ratios(tmp_path):
 @pytest.mark.slow
 def test_isolated_bench_measures_memory_per_process(tmp_path):
     out = tmp_path / "bench"
-    run_ptv2("bench", *TINY_BENCH, "bench.methods=[ptv2,finetune]", f"hydra.run.dir={out}")
+    ptv2("bench", *TINY_BENCH, "bench.methods=[ptv2,finetune]", f"hydra.run.dir={out}")
     methods = json.loads((out / "bench.json").read_text())["methods"]
     assert methods["finetune"]["memory_ratio"] == 1.0
     assert methods["ptv2"]["peak_memory_bytes"] > 0 and methods["ptv2"]["memory_kind"] == "cpu_peak_rss"
@@ -124,15 +127,32 @@ def test_pad_to_length_pads_token_tensors_only():
     assert padded["labels"].tolist() == [1]
 
 
-def test_official_style_knobs_train(tmp_path):
+def test_official_style_knobs_train(tmp_path, monkeypatch):
+    """trainer.pad_to_max_length, trainer.group_by_length=false and backbone.attention=eager reach the training loop:
+    every training batch is task.max_length wide, batches are not grouped by length, attention is written out."""
+    seen = {"widths": set(), "attention": set(), "grouped": []}
+    forward = PromptModel.forward
+
+    def recording_forward(self, batch, head=None):
+        if self.training:
+            seen["widths"].add(batch["input_ids"].shape[1])
+            seen["attention"].add(self.encoder.config._attn_implementation)
+        return forward(self, batch, head)
+
+    batches = engine.LengthGroupedBatches
+    monkeypatch.setattr(PromptModel, "forward", recording_forward)
+    monkeypatch.setattr(engine, "LengthGroupedBatches", lambda *args: seen["grouped"].append(args[3]) or batches(*args))
     out = tmp_path / "run"
-    run_ptv2(
+    ptv2(
         "train", "backbone=tiny", "trainer=smoke", f"task.data_dir={RTE}", "logger=none",
         "trainer.pad_to_max_length=true", "trainer.group_by_length=false", "backbone.attention=eager",
         f"hydra.run.dir={out}",
     )  # fmt: skip
-    results = json.loads((out / "results.json").read_text())
-    assert results["history"][0]["train_seconds"] > 0
+    max_length = OmegaConf.load(out / "config.yaml").task.max_length
+    assert seen["widths"] == {max_length}  # the fixture's sentences are far shorter: padding did this
+    assert seen["grouped"] == [False]
+    assert seen["attention"] == {injection.EAGER_ATTENTION_KEY}
+    assert json.loads((out / "results.json").read_text())["history"][0]["train_seconds"] > 0
 
 
 def free_port() -> int:

@@ -7,16 +7,18 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import padded_batch, tiny_encoder
+from conftest import RTE, SMOKE, padded_batch, ptv2, tiny_encoder
 from omegaconf import OmegaConf
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from test_cli import RTE, SMOKE, ptv2
 from test_config import compose_train
 
-from ptv2 import __version__, checkpoint, evaluate
+from ptv2 import __version__
+from ptv2.commands import evaluate
 from ptv2.errors import UserError
-from ptv2.model import PromptModel
+from ptv2.modeling.heads import ClassificationHead
+from ptv2.modeling.model import PromptModel
+from ptv2.runs import checkpoint
 
 LABELS = ["entailment", "not_entailment"]
 
@@ -44,7 +46,7 @@ def new_model(cfg, seed: int) -> PromptModel:
     """A PromptModel on the same tiny encoder weights every time; `seed` sets the prompt/head init."""
     _, encoder = tiny_encoder("bert")
     torch.manual_seed(seed)
-    return PromptModel(encoder, cfg.prompt, heads={"rte": ("classification", 2)}, head_dropout=0.1)
+    return PromptModel(encoder, cfg.prompt, heads={"rte": (ClassificationHead, 2)}, head_dropout=0.1)
 
 
 def trained(cfg) -> tuple[PromptModel, dict]:
@@ -118,7 +120,7 @@ def test_load_refuses_other_backbone_and_other_prompt_shape(tmp_path):
     path = tmp_path / checkpoint.FILENAME
     checkpoint.save(path, new_model(cfg, seed=1), cfg, {"rte": LABELS})
     _, roberta = tiny_encoder("roberta")
-    other_backbone = PromptModel(roberta, cfg.prompt, heads={"rte": ("classification", 2)}, head_dropout=0.1)
+    other_backbone = PromptModel(roberta, cfg.prompt, heads={"rte": (ClassificationHead, 2)}, head_dropout=0.1)
     with pytest.raises(UserError, match="was trained on backbone tiny/bert, which differs from the one loaded"):
         checkpoint.load(path, other_backbone)
     longer = run_cfg("none")

@@ -4,28 +4,11 @@ files, determinism, and one-line errors for bad input."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import RTE, SMOKE, ptv2, ptv2_subprocess
 from safetensors import safe_open
-
-FIXTURES = Path(__file__).parent / "fixtures"
-RTE = FIXTURES / "rte_small"
-SMOKE = ["backbone=tiny", "trainer=smoke", f"task.data_dir={RTE}"]
-
-
-def ptv2(*args: str, home: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    env.update(WANDB_SILENT="true", HYDRA_FULL_ERROR="0")
-    if home is not None:
-        env["HOME"] = str(home)  # no ~/.netrc: W&B must choose offline mode by itself
-    result = subprocess.run([sys.executable, "-m", "ptv2", *args], capture_output=True, text=True, env=env, timeout=300)
-    if check and result.returncode != 0:
-        raise AssertionError(f"ptv2 {' '.join(args)} failed ({result.returncode}):\n{result.stderr[-3000:]}")
-    return result
 
 
 def test_help_lists_commands_and_config_groups():
@@ -89,7 +72,7 @@ def test_multirun_sweeps_prompt_length(tmp_path):
 
 def test_wandb_goes_offline_without_login_and_records_metrics(tmp_path):
     run_dir = tmp_path / "run"
-    ptv2("train", *SMOKE, "logger=wandb", f"hydra.run.dir={run_dir}", home=tmp_path)
+    ptv2_subprocess("train", *SMOKE, "logger=wandb", f"hydra.run.dir={run_dir}", home=tmp_path)
     offline_runs = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(offline_runs) == 1
     history = _wandb_history(next(offline_runs[0].glob("*.wandb")))

@@ -5,13 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 from transformers import BertConfig, DebertaV2Config, RobertaConfig
 
-from ptv2.config import register, validate
+from ptv2.config import check_values, register, validate
 from ptv2.errors import UserError
-from ptv2.model import prompt_layers
+from ptv2.modeling.injection import positions_used
+from ptv2.modeling.model import prompt_layers
+from ptv2.optim import make_optimizer
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = ["backbone", "task", "prompt", "optimizer", "scheduler", "trainer", "logger", "preset", "experiment"]
@@ -84,16 +87,50 @@ def test_validate_rejects_impossible_values(overrides, backbone, message):
 
 
 @pytest.mark.parametrize(
-    ("overrides", "backbone"),
+    ("overrides", "backbone", "needed", "one_more"),
     [
-        (["prompt.shift_positions=true", "prompt.length=384", "task.max_length=128"], ROBERTA),  # 2 + 384 + 128 = 514
-        (["prompt.length=4000", "task.max_length=512"], BERT),  # no shift: prefixes take no positions
-        (["prompt.shift_positions=true", "prompt.length=4000"], DEBERTA),  # relative positions only
-        (["prompt.layers=[0,3]"], BERT),
+        # 2 + 384 + 128 = 514: the whole position table, and one more prompt token is refused
+        (
+            ["prompt.shift_positions=true", "prompt.length=384", "task.max_length=128"],
+            ROBERTA,
+            514,
+            "prompt.length=385",
+        ),
+        (["prompt.length=4000", "task.max_length=512"], BERT, 512, "task.max_length=513"),  # prefixes take no positions
+        (["prompt.shift_positions=true", "prompt.length=4000"], DEBERTA, 0, None),  # relative positions only: no limit
+        (["prompt.layers=[0,3]"], BERT, 128, "prompt.layers=[0,4]"),  # the last layer is 3
     ],
 )
-def test_validate_accepts_what_fits(overrides, backbone):
-    validate(compose_train(*overrides), backbone)
+def test_validate_accepts_what_fits(overrides, backbone, needed, one_more):
+    """A config that fits passes, uses the positions counted here, and is at the limit: one step more is refused."""
+    cfg = compose_train(*overrides)
+    validate(cfg, backbone)  # raises UserError when the config does not fit
+    shift = cfg.prompt.length if cfg.prompt.shift_positions else 0
+    assert positions_used(backbone, cfg.task.max_length, shift) == needed <= backbone.max_position_embeddings
+    if one_more:
+        with pytest.raises(UserError):
+            validate(compose_train(*overrides, one_more), backbone)
+
+
+@pytest.mark.parametrize(("name", "kind"), [("adamw", torch.optim.AdamW), ("sgd", torch.optim.SGD)])
+def test_optimizer_name_chooses_the_optimizer(name, kind):
+    cfg = compose_train(f"optimizer.name={name}", "optimizer.lr=0.5", "optimizer.weight_decay=0.01")
+    optimizer = make_optimizer(cfg, [torch.nn.Parameter(torch.zeros(2))])
+    assert type(optimizer) is kind
+    assert optimizer.defaults["lr"] == 0.5 and optimizer.defaults["weight_decay"] == 0.01
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optimizer.name=adam_typo", "optimizer.name=adam_typo is unknown; choose one of adamw, sgd"),
+        ("scheduler.name=cosine", "scheduler.name=cosine is unknown; choose one of linear, exponential, constant"),
+        ("task.reader=superglu", "task.reader=superglu is unknown; choose one of squad, superglue, tagging"),
+    ],
+)
+def test_unknown_table_entries_are_refused_in_one_line(override, message):
+    with pytest.raises(UserError, match=message):
+        check_values(compose_train(override))
 
 
 def test_prompt_layers_reads_all_top_bottom_and_lists():
@@ -113,9 +150,9 @@ def test_every_shipped_option_passes_the_start_up_checks(group, option):
 
 
 def test_the_check_tables_name_real_settings():
-    from ptv2.backbone import DTYPES
     from ptv2.config import CHOICES, NAMES, RANGES
     from ptv2.config import DTYPES as CHECKED_DTYPES
+    from ptv2.modeling.backbone import DTYPES
 
     cfg = compose_train()
     for command in ("eval", "predict", "bench"):

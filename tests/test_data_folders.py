@@ -10,8 +10,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import SMOKE, ptv2
 from omegaconf import OmegaConf
-from test_cli import SMOKE, ptv2
 from transformers import AutoTokenizer
 
 from ptv2 import tasks

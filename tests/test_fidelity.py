@@ -18,12 +18,13 @@ from hydra import compose, initialize_config_module
 from transformers import AutoModel, BertConfig, DynamicCache, RobertaConfig, RobertaForMaskedLM
 
 import ptv2.config
-from ptv2 import backbone, injection
 from ptv2.cli import with_official_preset
+from ptv2.engine import Member, head_spec
 from ptv2.errors import UserError
-from ptv2.model import PromptModel
+from ptv2.modeling import backbone, injection
+from ptv2.modeling.heads import ClassificationHead
+from ptv2.modeling.model import PromptModel
 from ptv2.tasks import task_type
-from ptv2.train import Member, head_spec
 
 PRESETS = {"bert": "rte-bert-large-cased", "roberta": "rte-roberta-large"}
 TOKENIZER = SimpleNamespace(name_or_path="tiny")  # what head_spec reads of a tokenizer for linear/pooler heads
@@ -130,7 +131,7 @@ def test_prompt_init_std_overrides_the_prefix_std(tmp_path):
     save_tiny_checkpoint("bert", tmp_path)
     cfg = composed("preset=rte-bert-large-cased", f"backbone.name_or_path={tmp_path}", "prompt.init_std=1.0")
     encoder, parts = backbone.load_with_heads(cfg.backbone, backbone.load_config(cfg.backbone), {"pooler"})
-    model = PromptModel(encoder, cfg.prompt, {"rte": ("classification", 2, parts.pooler)}, 0.1)
+    model = PromptModel(encoder, cfg.prompt, {"rte": (ClassificationHead, 2, parts.pooler)}, 0.1)
     assert 0.9 < model.prompt.embedding.weight.std().item() < 1.1
 
 

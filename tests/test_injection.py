@@ -11,8 +11,9 @@ from conftest import FAMILY_CONFIGS, padded_batch, tiny_encoder
 from omegaconf import OmegaConf
 from transformers import DynamicCache
 
-from ptv2 import injection
-from ptv2.model import PromptModel
+from ptv2.modeling import injection
+from ptv2.modeling.heads import ClassificationHead
+from ptv2.modeling.model import PromptModel
 
 FAMILIES = list(FAMILY_CONFIGS)
 PREFIX_LENGTH = 4
@@ -192,7 +193,7 @@ def prompt_cfg(**overrides):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_only_prompt_and_head_get_gradients(family):
     _, encoder = tiny_encoder(family)
-    model = PromptModel(encoder, prompt_cfg(layers="top:2"), {"t": ("classification", 3)}, head_dropout=0.0)
+    model = PromptModel(encoder, prompt_cfg(layers="top:2"), {"t": (ClassificationHead, 3)}, head_dropout=0.0)
     input_ids, mask = padded_batch(pad_id=pad_for(family))
     logits = model({"input_ids": input_ids, "attention_mask": mask})
     model.head_for(None).loss(logits, {"labels": torch.tensor([0, 1, 2])}).backward()
@@ -208,7 +209,7 @@ def test_only_prompt_and_head_get_gradients(family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_model_logits_match_reference_head_on_cls(family):
     _, encoder = tiny_encoder(family)
-    model = PromptModel(encoder, prompt_cfg(projection="mlp"), {"t": ("classification", 2)}, head_dropout=0.0).eval()
+    model = PromptModel(encoder, prompt_cfg(projection="mlp"), {"t": (ClassificationHead, 2)}, head_dropout=0.0).eval()
     input_ids, mask = padded_batch(pad_id=pad_for(family))
     with torch.no_grad():
         logits = model({"input_ids": input_ids, "attention_mask": mask})
@@ -241,7 +242,7 @@ def test_shifted_positions_equal_the_official_cache_path(family):
 def test_gradient_checkpointing_keeps_the_prefix(family):
     _, encoder = tiny_encoder(family)
     input_ids, mask = padded_batch(pad_id=pad_for(family))
-    model = PromptModel(encoder, prompt_cfg(), {"t": ("classification", 2)}, head_dropout=0.0).train()
+    model = PromptModel(encoder, prompt_cfg(), {"t": (ClassificationHead, 2)}, head_dropout=0.0).train()
     for module in model.modules():  # deterministic training-mode forward
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
@@ -260,7 +261,7 @@ def test_half_precision_backbone_with_fp32_prompt(family, dtype):
     _, reference_encoder = tiny_encoder(family)
     _, encoder = tiny_encoder(family, dtype=dtype)
     input_ids, mask = padded_batch(pad_id=pad_for(family))
-    model = PromptModel(encoder, prompt_cfg(), {"t": ("classification", 2)}, head_dropout=0.0)
+    model = PromptModel(encoder, prompt_cfg(), {"t": (ClassificationHead, 2)}, head_dropout=0.0)
     model.heads.float()
     assert model.prompt.embedding.weight.dtype == torch.float32
     hidden = injection.run_encoder(encoder, model.prompt(3), input_ids=input_ids, attention_mask=mask)

@@ -6,12 +6,12 @@ import json
 
 import pytest
 import torch
-from conftest import padded_batch, tiny_encoder
+from conftest import RTE, SMOKE, padded_batch, ptv2, tiny_encoder
 from omegaconf import OmegaConf
-from test_cli import RTE, SMOKE, ptv2
 
-from ptv2.model import PromptModel
+from ptv2.modeling.model import PromptModel
 from ptv2.serving import PromptServer
+from ptv2.tasks import task_type
 
 
 def prompt_cfg(length: int, layers="all", shift: bool = False, projection: str = "none", method: str = "ptv2"):
@@ -35,8 +35,8 @@ def make_server(family: str, prompts: dict, head_types: dict | None = None):
     torch.manual_seed(3)
     models = {}
     for name, cfg in prompts.items():
-        kind = (head_types or {}).get(name, "classification")
-        models[name] = PromptModel(encoder, cfg, heads={name: (kind, 3)}, head_dropout=0.1)
+        kind = task_type((head_types or {}).get(name, "classification"))
+        models[name] = PromptModel(encoder, cfg, heads={name: (kind.HEAD, 3)}, head_dropout=0.1)
         if models[name].prompt is not None:  # N(0, 1) prefixes are too small to matter: make them count
             with torch.no_grad():
                 models[name].prompt.embedding.weight.mul_(3)

@@ -8,11 +8,11 @@ import json
 import logging
 
 import pytest
-from test_cli import RTE, ptv2
+from conftest import RTE, ptv2
 from test_config import compose_train, options
 from tqdm import tqdm
 
-from ptv2 import progress
+from ptv2.runs import progress
 
 
 class Clock:

@@ -10,12 +10,12 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from conftest import ptv2
 from omegaconf import OmegaConf
-from test_cli import ptv2
 
-from ptv2 import backbone
 from ptv2.data import Split, squad
 from ptv2.errors import UserError
+from ptv2.modeling import backbone
 from ptv2.tasks import span
 
 SQUAD = Path(__file__).parent / "fixtures" / "squad"

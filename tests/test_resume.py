@@ -4,17 +4,15 @@ run, on the tiny backbone and the RTE fixture (3 epochs of 6 steps, dropout on).
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 
 import pytest
 import torch
+from conftest import RTE, ptv2, ptv2_subprocess
 from safetensors.torch import load_file
-from test_cli import RTE
 
-from ptv2 import state
-from ptv2.state import STATE_DIR, STATE_FILE
+from ptv2.runs import resume as state
+from ptv2.runs.resume import STATE_DIR, STATE_FILE
 
 RUN = [
     "train",
@@ -30,12 +28,10 @@ RUN = [
 
 
 def train(*args: str, die_at: int | None = None, signal: str = "KILL") -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "PTV2_DIE"))}
-    env["HYDRA_FULL_ERROR"] = "0"
-    if die_at is not None:
-        env.update(PTV2_DIE_AT_STEP=str(die_at), PTV2_DIE_SIGNAL=signal)
-    command = [sys.executable, "-m", "ptv2", *RUN, *args]
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    """A training run in this process; with die_at, a process of its own that a signal ends after step die_at."""
+    if die_at is None:
+        return ptv2(*RUN, *args, check=False)
+    return ptv2_subprocess(*RUN, *args, env={"PTV2_DIE_AT_STEP": str(die_at), "PTV2_DIE_SIGNAL": signal}, check=False)
 
 
 def final_state(run_dir) -> dict:

@@ -10,10 +10,10 @@ import subprocess
 import sys
 
 import pytest
+from conftest import RTE
 from test_bad_input import BASE, one_line_error, run
-from test_cli import RTE
 
-from ptv2.rundir import LOCK_FILE, unique_now
+from ptv2.runs.rundir import LOCK_FILE, unique_now
 
 TRAIN = ["train", *BASE, f"task.data_dir={RTE}"]
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from ptv2.data import squad
+from ptv2.data import files, squad
 from ptv2.errors import UserError
-from ptv2.metrics_squad import (
+from ptv2.metrics.squad import (
     exact_match,
     normalize_answer,
     squad_metrics,
@@ -182,11 +182,11 @@ def test_hub_rows_are_checked_like_local_ones(monkeypatch):
         calls.append((path, name, revision, split))
         return [row]
 
-    monkeypatch.setattr(squad, "load_hub_split", fake_hub)
+    monkeypatch.setattr(files, "load_hub_split", fake_hub)
     assert squad.load(task_config(data_dir=None), "dev") == [row]
     assert calls == [("rajpurkar/squad", "plain_text", squad.HUB["squad"][2], "validation")]
 
-    monkeypatch.setattr(squad, "load_hub_split", lambda *args: [{**row, "answers": {"text": ["x"]}}])
+    monkeypatch.setattr(files, "load_hub_split", lambda *args: [{**row, "answers": {"text": ["x"]}}])
     with pytest.raises(UserError, match="row 0.*answer_start"):
         squad.load(task_config(data_dir=None), "dev")
 

@@ -14,10 +14,11 @@ import pytest
 from conftest import SUPERGLUE_FOLDERS
 from omegaconf import OmegaConf
 
-from ptv2.data import superglue
+from ptv2.data import files, superglue
 from ptv2.data.superglue import HUB, LABELS, SUBMISSION_NAMES, hub_examples, load, write_submission
 from ptv2.errors import UserError
-from ptv2.metrics import macro_f1, normalize_answer, superglue_metrics
+from ptv2.metrics.squad import normalize_answer
+from ptv2.metrics.superglue import macro_f1, superglue_metrics
 
 FIXTURES = Path(__file__).parent / "fixtures" / "superglue"
 FOLDERS = SUPERGLUE_FOLDERS
@@ -258,7 +259,7 @@ def test_load_reads_hub_rows_when_no_data_dir(monkeypatch):
         calls.append((path, name, revision, split))
         return RTE_HUB
 
-    monkeypatch.setattr(superglue, "load_hub_split", fake_hub)
+    monkeypatch.setattr(files, "load_hub_split", fake_hub)
     examples = load(config("rte", data_dir=None), "dev")
     assert calls == [("aps/super_glue", "rte", "3de24cf8022e94f4ee4b9d55a6f539891524d646", "validation")]
     assert [e["label"] for e in examples] == [1, 0]

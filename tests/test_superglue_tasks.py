@@ -14,39 +14,28 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import FAMILY_CONFIGS, SUPERGLUE_FOLDERS, padded_batch
+from conftest import FAMILY_CONFIGS, SUPERGLUE_FOLDERS, TINY_BERT, padded_batch, ptv2
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 from safetensors import safe_open
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-import ptv2.config
-from ptv2 import backbone, injection
-from ptv2.backbone import BackboneHeads
-from ptv2.config import PromptConfig
+from ptv2.config import PromptConfig, register, validate
 from ptv2.data import Split, superglue
+from ptv2.engine import Member, head_spec
 from ptv2.errors import UserError
-from ptv2.heads import VerbalizerHead
-from ptv2.model import PromptModel
-from ptv2.tasks import classification, multiple_choice
-from ptv2.train import Member, head_spec
+from ptv2.modeling import backbone, injection
+from ptv2.modeling.backbone import BackboneHeads
+from ptv2.modeling.heads import VerbalizerHead
+from ptv2.modeling.model import PromptModel
+from ptv2.tasks import classification, multiple_choice, tagging
 
 FIXTURES = Path(__file__).parent / "fixtures" / "superglue"
 FOLDERS = SUPERGLUE_FOLDERS
 CONF = Path(str(importlib.resources.files("ptv2.conf")))  # conf/, installed as the package ptv2.conf
-TINY_BERT = Path(ptv2.config.__file__).parent / "assets" / "tiny-bert"
 # The tiny vocabulary has no "yes"/"no": single-token stand-ins for the label words.
 TINY_WORDS = "[is,not]"
 METHODS = ["ptv2", "prompt_tuning", "ptuning_v1", "finetune", "linear_probe"]
-
-
-def ptv2_cli(*args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    env.update(WANDB_SILENT="true", HYDRA_FULL_ERROR="0")
-    result = subprocess.run([sys.executable, "-m", "ptv2", *args], capture_output=True, text=True, env=env, timeout=600)
-    if result.returncode != 0:
-        raise AssertionError(f"ptv2 {' '.join(args)} failed ({result.returncode}):\n{result.stderr[-3000:]}")
-    return result
 
 
 def results_of(run_dir: Path) -> dict:
@@ -67,7 +56,7 @@ def task_runs(tmp_path_factory) -> Path:
         (root / "data" / name).parent.mkdir(exist_ok=True)
         (root / "data" / name).symlink_to(FIXTURES / folder)
     tasks = ",".join(FOLDERS)
-    ptv2_cli(
+    ptv2(
         "train", "-m", f"task={tasks}", "backbone=tiny", "trainer=smoke", "trainer.batch_size=1", "logger=none",
         f"task.data_dir={root}/data/${{task.name}}", f"hydra.sweep.dir={root}/runs", "hydra.sweep.subdir=${task.name}",
     )  # fmt: skip
@@ -131,7 +120,7 @@ def test_multiple_choice_encode_and_collate_flatten_choices_example_major():
 
 
 def multiple_choice_head_scores(batch: dict) -> torch.Tensor:
-    from ptv2.heads import MultipleChoiceHead
+    from ptv2.modeling.heads import MultipleChoiceHead
 
     hidden = torch.arange(4.0).view(4, 1, 1).expand(4, 3, 2)  # sequence i has every hidden value i
     head = MultipleChoiceHead(2, 1, 0.0)
@@ -248,7 +237,7 @@ def test_verbalizer_trains_only_what_the_method_trains(method):
 def verbalizer_runs(tmp_path_factory) -> Path:
     """One multirun: RTE with the verbalizer head, 2 steps with each prompt method."""
     root = tmp_path_factory.mktemp("verbalizer")
-    ptv2_cli(
+    ptv2(
         "train", "-m", f"prompt={','.join(METHODS)}", "task=rte", "task.head=verbalizer",
         f"task.options.verbalizer={TINY_WORDS}", "backbone=tiny", "trainer=smoke", "trainer.batch_size=1",
         "logger=none", f"task.data_dir={FIXTURES / 'RTE'}", f"hydra.sweep.dir={root}",
@@ -281,7 +270,7 @@ def test_verbalizer_trains_with_every_prompt_method(verbalizer_runs, method):
 @pytest.mark.slow  # one more ptv2 process
 def test_verbalizer_checkpoint_evaluates_to_the_same_accuracy(verbalizer_runs, tmp_path):
     run_dir = verbalizer_runs / "ptv2"
-    ptv2_cli("eval", f"ckpt={run_dir}", f"task.data_dir={FIXTURES / 'RTE'}", f"hydra.run.dir={tmp_path}")
+    ptv2("eval", f"ckpt={run_dir}", f"task.data_dir={FIXTURES / 'RTE'}", f"hydra.run.dir={tmp_path}")
     evaluation = json.loads((tmp_path / "eval.json").read_text())
     assert evaluation["metrics"]["accuracy"] == results_of(run_dir)["best"]["accuracy"]
 
@@ -318,14 +307,16 @@ def test_head_spec_checks_word_count_and_task_type():
         148
     ]
     task.type = "tagging"
-    with pytest.raises(UserError, match="not tagging"):
-        head_spec(Member("cb", task, classification, {}), tokenizer, BackboneHeads())
+    with pytest.raises(
+        UserError, match="task.head=verbalizer works for task types classification, multiple_choice, not tagging"
+    ):
+        head_spec(Member("cb", task, tagging, {}), tokenizer, BackboneHeads())
 
 
 def test_unknown_head_is_refused():
     cfg = composed("task=rte", "backbone=tiny", "task.head=softmax")
     with pytest.raises(UserError, match="task.head=softmax .* choose one of linear, pooler, verbalizer"):
-        ptv2.config.validate(cfg, backbone.load_config(cfg.backbone))
+        validate(cfg, backbone.load_config(cfg.backbone))
 
 
 # ---------------------------------------------------------------------------------------------- prediction files
@@ -333,7 +324,7 @@ def test_unknown_head_is_refused():
 
 def task_config(name: str):
     """The composed conf/task/<name>.yaml, reading the fixture folder."""
-    ptv2.config.register()
+    register()
     with initialize_config_module(config_module="ptv2.conf", version_base="1.3"):
         cfg = compose("train", overrides=[f"task={name}", f"task.data_dir={FIXTURES / FOLDERS[name]}"])
     return cfg.task
@@ -409,7 +400,7 @@ OFFICIAL = {
 
 
 def composed(*overrides: str):
-    ptv2.config.register()
+    register()
     with initialize_config_module(config_module="ptv2.conf", version_base="1.3"):
         return compose("train", overrides=list(overrides))
 

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_cli import SMOKE, _wandb_records, ptv2
+from conftest import SMOKE, ptv2, ptv2_subprocess
+from test_cli import _wandb_records
 
-from ptv2 import table
 from ptv2.cli import objective
+from ptv2.commands import table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -151,7 +152,9 @@ def test_a_job_returns_its_dev_value_for_optimizing_sweepers():
 
 def test_sweep_jobs_are_wandb_runs_of_one_group_with_their_overrides(tmp_path):
     sweep = tmp_path / "multirun" / "rte" / "tiny" / "now"
-    ptv2("train", "-m", *SMOKE, "logger=wandb", "prompt.length=2,4", f"hydra.sweep.dir={sweep}", home=tmp_path)
+    ptv2_subprocess(
+        "train", "-m", *SMOKE, "logger=wandb", "prompt.length=2,4", f"hydra.sweep.dir={sweep}", home=tmp_path
+    )
     runs = [_wandb_records(next(path.glob("*.wandb")), "run")[0].run for path in sweep.glob("*/wandb/offline-run-*")]
     assert len(runs) == 2
     assert {run.run_group for run in runs} == {"rte/tiny/now"}  # the sweep folder below multirun/

@@ -8,7 +8,7 @@ import pytest
 from omegaconf import OmegaConf
 from seqeval.metrics import f1_score, precision_score, recall_score
 
-from ptv2.data import tagging
+from ptv2.data import files, tagging
 from ptv2.data.tagging import (
     convert_hub_rows,
     label_set,
@@ -20,7 +20,7 @@ from ptv2.data.tagging import (
     to_bio,
 )
 from ptv2.errors import UserError
-from ptv2.metrics_tagging import tagging_metrics
+from ptv2.metrics.tagging import tagging_metrics
 
 FIXTURES = Path(__file__).parent / "fixtures" / "tagging"
 REPO = Path(__file__).resolve().parents[1]
@@ -212,7 +212,7 @@ def test_load_from_hub_maps_split_and_label_names(monkeypatch):
         calls.append((path, name, revision, split))
         return [{"tokens": ["Oslo"], "ner_tags": [5]}]
 
-    monkeypatch.setattr(tagging, "load_hub_split", fake_hub)
+    monkeypatch.setattr(files, "load_hub_split", fake_hub)
     task = make_task(hub={"path": "eriktks/conll2003", "name": None, "revision": "refs/convert/parquet"})
     assert load(task, "dev")[0]["tags"] == ["B-LOC"]
     assert calls == [("eriktks/conll2003", None, "refs/convert/parquet", "validation")]

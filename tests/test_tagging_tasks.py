@@ -11,9 +11,9 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from conftest import ptv2
 from omegaconf import OmegaConf
 from safetensors import safe_open
-from test_cli import ptv2
 from transformers import AutoTokenizer, RobertaTokenizer
 
 from ptv2.data import Split

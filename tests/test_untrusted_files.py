@@ -16,13 +16,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import RTE
 from safetensors.torch import load_file, save_file
 from test_bad_input import BASE, one_line_error, run
-from test_cli import RTE
 
-from ptv2 import checkpoint
 from ptv2.errors import UserError
-from ptv2.state import STATE_DIR, STATE_FILE
+from ptv2.runs import checkpoint
+from ptv2.runs.resume import STATE_DIR, STATE_FILE
 
 
 class Armed:

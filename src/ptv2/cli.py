@@ -15,15 +15,17 @@ import traceback
 from pathlib import Path
 
 import hydra
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ptv2 import __version__, rundir
+from ptv2 import __version__
 from ptv2.config import check_values, register
 from ptv2.errors import UserError
+from ptv2.runs import rundir
 
 log = logging.getLogger("ptv2")
 CONFIG_PATH = "pkg://ptv2.conf"
@@ -100,11 +102,19 @@ def hydra_app(config_name: str, run):
 # name -> (target "module:function", Hydra config name or None for a plain argv command, one-line help).
 # A Hydra command's target is run(cfg, run_dir); a plain command's target is main(argv) -> exit code.
 COMMANDS = {
-    "train": ("ptv2.train:run", "train", "train a prompt (or a baseline) on a task; keeps the best dev epoch"),
-    "eval": ("ptv2.evaluate:run", "eval", "evaluate a trained checkpoint (ckpt=RUN_DIR_OR_FILE) on a split"),
-    "predict": ("ptv2.predict:run", "predict", "write prediction / submission files of checkpoints"),
-    "bench": ("ptv2.bench:run", "bench", "time train steps, eval throughput and peak memory per prompt method"),
-    "table": ("ptv2.table:main", None, "collect results.json of runs/sweeps into a Markdown table, CSV and plots"),
+    "train": ("ptv2.commands.train:run", "train", "train a prompt (or a baseline) on a task; keeps the best dev epoch"),
+    "eval": ("ptv2.commands.evaluate:run", "eval", "evaluate a trained checkpoint (ckpt=RUN_DIR_OR_FILE) on a split"),
+    "predict": ("ptv2.commands.predict:run", "predict", "write prediction / submission files of checkpoints"),
+    "bench": (
+        "ptv2.commands.bench:run",
+        "bench",
+        "time train steps, eval throughput and peak memory per prompt method",
+    ),
+    "table": (
+        "ptv2.commands.table:main",
+        None,
+        "collect results.json of runs/sweeps into a Markdown table, CSV and plots",
+    ),
 }
 
 
@@ -181,6 +191,7 @@ def usage() -> str:
 def main(argv: list[str] | None = None) -> int:
     global job_error
     job_error = None
+    failed_jobs.clear()  # main may run several times in one process (the tests call it in-process)
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
@@ -215,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.argv = [f"ptv2 {command}", *args]
     full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"  # the user asked for Hydra's tracebacks
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors instead of printing them: reported below
+    GlobalHydra.instance().clear()  # a Hydra app of an earlier call in this process
     try:
         hydra_app(config_name, function)()
     except (HydraException, OmegaConfBaseException) as error:

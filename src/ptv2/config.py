@@ -6,7 +6,6 @@ backbone's table) live in `validate`, which needs the backbone's HF config.
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import math
 import re
@@ -17,10 +16,9 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
-from ptv2.errors import UserError
+from ptv2.errors import UserError, unknown
+from ptv2.modeling.methods import METHODS, method
 
-METHODS = ("ptv2", "prompt_tuning", "ptuning_v1", "finetune", "linear_probe")
-INPUT_PROMPT_METHODS = ("prompt_tuning", "ptuning_v1")
 HEADS = ("linear", "pooler", "verbalizer")  # task.head
 
 
@@ -38,7 +36,7 @@ class BackboneConfig:
 
 @dataclass
 class PromptConfig:
-    method: str = "ptv2"  # ptv2 | prompt_tuning | ptuning_v1 | finetune | linear_probe
+    method: str = "ptv2"  # modeling.methods.METHODS: ptv2 | prompt_tuning | ptuning_v1 | finetune | linear_probe
     length: int = 16  # number of prompt vectors (per layer for ptv2)
     projection: str = "none"  # ptv2 reparameterization: none | mlp
     projection_dim: int = 512  # hidden width of the reparameterization MLP
@@ -77,6 +75,13 @@ class TaskConfig:
     members: dict[str, Any] = field(default_factory=dict)
 
 
+def flat_keys(container, prefix: str = "") -> dict[str, Any]:
+    """A nested dict as {"dotted.key": leaf value} (the keys an override names)."""
+    if isinstance(container, dict):
+        return {k: v for key, value in container.items() for k, v in flat_keys(value, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): container}
+
+
 def task_members(task) -> list[tuple[str, Any]]:
     """(head name, task config) of every dataset a run trains on: the task itself, or its multi-task members."""
     if not task.members:
@@ -92,11 +97,12 @@ def task_members(task) -> list[tuple[str, Any]]:
 
 @dataclass
 class OptimizerConfig:
-    name: str = "adamw"
+    name: str = "adamw"  # a row of optim.OPTIMIZERS: adamw | sgd
     lr: float = 1e-2
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
+    momentum: float = 0.0  # sgd only
 
 
 @dataclass
@@ -193,7 +199,7 @@ def register() -> None:
     if not OmegaConf.has_resolver("asset"):
         OmegaConf.register_new_resolver("asset", lambda name: str(Path(__file__).parent / "assets" / name))
     if not OmegaConf.has_resolver("unique_now"):
-        from ptv2.rundir import unique_now
+        from ptv2.runs.rundir import unique_now
 
         OmegaConf.register_new_resolver("unique_now", unique_now, use_cache=True)
 
@@ -255,6 +261,7 @@ RANGES = {
     "optimizer.lr": Range(0),  # 0 freezes the trained parameters (a check, a continuation at equal weights)
     "optimizer.weight_decay": Range(0),
     "optimizer.eps": POSITIVE,
+    "optimizer.momentum": Range(0),
     "scheduler.warmup_ratio": Range(0, 1),
     "scheduler.gamma": Range(0, 1, low_open=True),
     "trainer.epochs": COUNT,
@@ -280,12 +287,10 @@ RANGES = {
 CHOICES = {
     "backbone.dtype": DTYPES,
     "backbone.attention": ("sdpa", "eager"),
-    "prompt.method": METHODS,
+    "prompt.method": tuple(METHODS),
     "prompt.projection": ("none", "mlp"),
     "prompt.encoder": ("lstm", "mlp"),
     "task.head": HEADS,
-    "optimizer.name": ("adamw",),
-    "scheduler.name": ("linear", "exponential", "constant"),
     "trainer.precision": ("no", "bf16", "fp16"),
     "logger.name": ("wandb", "none"),
     "logger.mode": ("auto", "online", "offline", "disabled"),
@@ -294,16 +299,6 @@ CHOICES = {
 }
 NAMES = ("backbone.name", "task.name", "task.eval_split", "task.test_split", "split")  # test_split may be null
 _ABSENT = object()
-
-
-def readers() -> list[str]:
-    """Modules of ptv2.data with a `load(task, split)`: the values task.reader takes."""
-    import pkgutil
-
-    import ptv2.data
-
-    names = [m.name for m in pkgutil.iter_modules(ptv2.data.__path__) if not m.name.startswith("_")]
-    return sorted(name for name in names if hasattr(importlib.import_module(f"ptv2.data.{name}"), "load"))
 
 
 def check_name(key: str, value: Any) -> None:
@@ -332,23 +327,25 @@ def check_values(cfg) -> None:
     """Every numeric and enumerated setting of a run config against RANGES, CHOICES and NAMES; the first bad one
     ends the run with one line naming the key, its value and what it admits. Keys a config lacks (an older
     checkpoint's) are skipped; a multi-task config is checked member by member."""
+    from ptv2.data import readers
+    from ptv2.optim import OPTIMIZERS, SCHEDULERS
     from ptv2.tasks import TASK_TYPES
 
     prompt = cfg.get("prompt")
-    if prompt is not None and prompt.method in ("ptv2", *INPUT_PROMPT_METHODS) and prompt.length < 1:
+    if prompt is not None and prompt.method in METHODS and method(prompt.method).has_prompt and prompt.length < 1:
         raise UserError(f"prompt.length={prompt.length} is out of range for prompt.method={prompt.method}; use {COUNT}")
     for key, allowed in RANGES.items():
         for shown, value in _settings(cfg, key):
             if not allowed.admits(value):
                 raise UserError(f"{shown}={value} is out of range; use {allowed}")
-    for key, allowed in {**CHOICES, "task.type": TASK_TYPES}.items():
+    tables = {"task.type": TASK_TYPES, "optimizer.name": tuple(OPTIMIZERS), "scheduler.name": tuple(SCHEDULERS)}
+    for key, allowed in {**CHOICES, **tables}.items():
         for shown, value in _settings(cfg, key):
             if value not in allowed:
-                listed = ", ".join("null" if choice is None else str(choice) for choice in allowed)
-                raise UserError(f"{shown}={value} is unknown; choose one of {listed}")
+                raise unknown(shown, value, allowed)
     for shown, value in _settings(cfg, "task.reader"):
         if value not in (known := readers()):
-            raise UserError(f"{shown}={value} is unknown; choose one of {', '.join(known)}")
+            raise unknown(shown, value, known)
     for key in NAMES:
         for shown, value in _settings(cfg, key):
             if value is not None or key != "task.test_split":
@@ -358,14 +355,14 @@ def check_values(cfg) -> None:
     betas = OmegaConf.select(cfg, "optimizer.betas", default=None)
     if betas is not None and (len(betas) != 2 or not all(PROBABILITY.admits(beta) for beta in betas)):
         raise UserError(f"optimizer.betas={list(betas)} is out of range; use two numbers in [0, 1)")
-    for method in OmegaConf.select(cfg, "bench.methods", default=None) or []:
-        if method not in METHODS:
-            raise UserError(f"bench.methods: {method} is unknown; choose from {', '.join(METHODS)}")
+    for name in OmegaConf.select(cfg, "bench.methods", default=None) or []:
+        if name not in METHODS:
+            raise UserError(f"bench.methods: {name} is unknown; choose from {', '.join(METHODS)}")
 
 
 def validate(cfg, backbone_config) -> None:
     """check_values, then the checks that need the backbone's config; raise UserError with one clear line."""
-    from ptv2.injection import encoder_shape, positions_used
+    from ptv2.modeling.injection import encoder_shape, positions_used
 
     check_values(cfg)
     prompt = cfg.prompt
@@ -390,8 +387,9 @@ def validate(cfg, backbone_config) -> None:
 
     task = cfg.task
     # Input prompts occupy positions like tokens; the official-style shift moves every token by P.
-    shift = prompt.length if (prompt.method == "ptv2" and prompt.shift_positions) else 0
-    extra = prompt.length if prompt.method in INPUT_PROMPT_METHODS else 0
+    chosen = method(prompt.method)
+    shift = prompt.length if (chosen.prompt == "prefix" and prompt.shift_positions) else 0
+    extra = prompt.length if chosen.input_prompt else 0
     needed = positions_used(backbone_config, task.max_length + extra, shift)
     available = backbone_config.max_position_embeddings
     if needed > available:

@@ -23,14 +23,13 @@ from accelerate.utils import set_seed
 from omegaconf import DictConfig
 from torch import nn
 
-from ptv2 import backbone, checkpoint
 from ptv2.config import task_members, validate
 from ptv2.errors import UserError
-from ptv2.injection import family_of, run_encoder, shifted_position_ids
-from ptv2.model import PromptModel
-from ptv2.prompts import PrefixEncoder
-
-MIXABLE_METHODS = ("ptv2", "linear_probe")  # methods whose backbone and token sequence are untouched
+from ptv2.modeling.injection import family_of, run_encoder, shifted_position_ids
+from ptv2.modeling.methods import method, mixable
+from ptv2.modeling.model import PromptModel
+from ptv2.modeling.prompts import PrefixEncoder
+from ptv2.runs import checkpoint
 
 
 def checkpoint_configs(paths) -> list[DictConfig]:
@@ -44,25 +43,21 @@ def checkpoint_configs(paths) -> list[DictConfig]:
 def load_backbone(cfg: DictConfig):
     """(encoder, tokenizer, backbone head parts) of a run config; the encoder's random init (tiny test backbones)
     is reproduced by seeding as training did."""
-    backbone_config = backbone.load_config(cfg.backbone)
-    validate(cfg, backbone_config)
-    tokenizer = backbone.load_tokenizer(cfg.backbone)
+    from ptv2 import engine
+
+    backbone_config, tokenizer = engine.load_backbone(cfg)
     set_seed(cfg.trainer.seed)
-    head_kinds = {task.get("head", "linear") for _, task in task_members(cfg.task)}
-    encoder, parts = backbone.load_with_heads(cfg.backbone, backbone_config, head_kinds)
+    encoder, parts = engine.load_encoder(cfg, backbone_config)
     return encoder, tokenizer, parts
 
 
 def model_for(cfg: DictConfig, encoder: nn.Module, tokenizer, parts) -> PromptModel:
     """A PromptModel for a checkpoint's config on an already-loaded encoder (its heads as training built them)."""
+    from ptv2.engine import Member, prompt_model
     from ptv2.tasks import task_type
-    from ptv2.train import Member, head_spec
 
-    heads = {
-        name: head_spec(Member(name, task, task_type(task.type), {}), tokenizer, parts)
-        for name, task in task_members(cfg.task)
-    }
-    return PromptModel(encoder, cfg.prompt, heads=heads, head_dropout=cfg.task.head_dropout)
+    members = [Member(name, task, task_type(task.type), {}) for name, task in task_members(cfg.task)]
+    return prompt_model(cfg, members, encoder, tokenizer, parts)
 
 
 class PromptServer(nn.Module):
@@ -106,10 +101,10 @@ class PromptServer(nn.Module):
             raise UserError(f"checkpoints from different backbones cannot share one: {listing}")
         if len(paths) > 1:
             for path, cfg in zip(paths, configs, strict=True):
-                if cfg.prompt.method not in MIXABLE_METHODS:
+                if not method(cfg.prompt.method).mixes_in_batch:
                     raise UserError(
                         f"{path} uses prompt.method={cfg.prompt.method}, which changes the backbone or its input; "
-                        f"only {' and '.join(MIXABLE_METHODS)} checkpoints share a backbone (serve it alone)"
+                        f"only {' and '.join(mixable())} checkpoints share a backbone (serve it alone)"
                     )
         encoder, tokenizer, parts = load_backbone(configs[0])
         models, served = {}, {}

@@ -14,6 +14,7 @@ import importlib
 import json
 import logging
 import os
+import pkgutil
 import shutil
 import time
 from dataclasses import dataclass
@@ -23,8 +24,8 @@ import datasets
 import torch
 from omegaconf import OmegaConf, open_dict
 
-from ptv2.data.io import local_split
-from ptv2.errors import UserError
+from ptv2.data.files import local_split
+from ptv2.errors import UserError, unknown
 
 log = logging.getLogger("ptv2")
 datasets.disable_progress_bars()  # tokenization is timed and logged instead
@@ -39,10 +40,23 @@ class Split:
     features: datasets.Dataset
 
 
+def readers() -> list[str]:
+    """Modules of this package with a `load(task, split)`: the values task.reader takes."""
+    names = [m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")]
+    return sorted(name for name in names if hasattr(importlib.import_module(f"{__name__}.{name}"), "load"))
+
+
+def reader(name: str):
+    """The reader module `task.reader` names, or one line listing the readers."""
+    if name not in (known := readers()):
+        raise unknown("task.reader", name, known)
+    return importlib.import_module(f"{__name__}.{name}")
+
+
 def load_examples(task, split: str) -> list[dict]:
-    reader = importlib.import_module(f"ptv2.data.{task.reader}")
+    reader_module = reader(task.reader)
     try:
-        examples = reader.load(task, split)
+        examples = reader_module.load(task, split)
     except UnicodeDecodeError as error:  # any reader's text files: name the file and line
         raise UserError(_not_utf8(task, split, error)) from None
     except OSError as error:  # unreadable file, I/O error: the reader's open() names the file
@@ -78,8 +92,8 @@ def with_local_file(task, split: str):
     the file read; `task` itself without task.data_dir."""
     if not task.get("data_dir"):
         return task
-    reader = importlib.import_module(f"ptv2.data.{task.reader}")
-    fmt, path = local_split(task, split, reader.local_files(task), getattr(reader, "sniff_format", None))
+    found = reader(task.reader)
+    fmt, path = local_split(task, split, found.local_files(task), getattr(found, "sniff_format", None))
     if not (task.get("files") or {}).get(split):
         log.info("task %s, %s split: %s (format %s)", task.name, split, path, fmt)
     resolved = OmegaConf.merge(task, {})  # a copy: the run's config keeps what the user gave

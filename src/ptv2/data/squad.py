@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from ptv2.data.io import field, load_hub_split, local_split, read_json
+from ptv2.data.files import field, hub_rows, local_split, read_json
 from ptv2.errors import UserError
 
 log = logging.getLogger("ptv2")
@@ -60,16 +60,7 @@ def load(task, split: str) -> list[dict]:
         _, path = local_split(task, split, local_files(task))
         return checked_answers(read_official(path), split, version_2, str(path))
 
-    hub = task.get("hub") or {}
-    splits = task.get("hub_splits") or {}
-    if not hub.get("path"):
-        raise UserError(f"task {task.get('name')}: set task.data_dir=DIR (official json files) or task.hub.path")
-    if split not in splits:
-        raise UserError(
-            f"task {task.get('name')}: no hub split configured for '{split}' (task.hub_splits: {dict(splits)})"
-        )
-    where = f"hub {hub['path']} split {splits[split]}"
-    rows = load_hub_split(hub["path"], hub.get("name"), hub.get("revision"), splits[split])
+    rows, where = hub_rows(task, split, "official json files")
     examples = _unique([check_example(row, f"{where} row {index}") for index, row in enumerate(rows)], where)
     return checked_answers(examples, split, version_2, where)
 

@@ -47,9 +47,10 @@ from typing import Any
 
 import numpy as np
 
-from ptv2.data.io import atomic_write, field, label_id, load_hub_split, local_split, read_jsonl
+from ptv2.data.files import field, hub_rows, label_id, local_split, read_jsonl
 from ptv2.errors import UserError
-from ptv2.metrics import record_predictions
+from ptv2.io import write_jsonl
+from ptv2.metrics.superglue import record_predictions
 
 TASKS = ("boolq", "cb", "copa", "multirc", "record", "rte", "wic", "wsc")
 SPLITS = ("train", "dev", "test")
@@ -150,14 +151,7 @@ def load(task, split: str) -> list[dict]:
         records = ((f"{path}:{line}", record) for line, record in read_jsonl(path))
         return official_examples(name, records, labels, options, labelled)
 
-    hub = task.get("hub") or {}
-    splits = task.get("hub_splits") or {}
-    if not hub.get("path"):
-        raise UserError(f"task {name}: set task.data_dir=DIR (official jsonl files) or task.hub.path")
-    if split not in splits:
-        raise UserError(f"task {name}: no hub split configured for '{split}' (task.hub_splits: {dict(splits)})")
-    rows = load_hub_split(hub["path"], hub.get("name"), hub.get("revision"), splits[split])
-    where = f"hub {hub['path']}/{hub.get('name')} split {splits[split]}"
+    rows, where = hub_rows(task, split, "official jsonl files")
     return hub_examples(name, rows, labels, options, labelled, where)
 
 
@@ -501,7 +495,7 @@ def write_submission(task_name: str, examples: list[dict], scores, path, labels:
         else:
             pairs = zip(examples, predicted, strict=True)
             lines = [{"idx": example["idx"], "label": _submission_label(name, p)} for example, p in pairs]
-    _write_jsonl_atomic(path, lines)
+    write_jsonl(path, lines)
 
 
 def _submission_label(name: str, predicted) -> Any:
@@ -523,8 +517,3 @@ def _multirc_lines(examples: list[dict], predicted: list[str]) -> list[dict]:
         {"idx": p, "passage": {"questions": [{"idx": q, "answers": answers} for q, answers in questions.items()]}}
         for p, questions in paragraphs.items()
     ]
-
-
-def _write_jsonl_atomic(path, lines: list[dict]) -> None:
-    text = "".join(json.dumps(line) + "\n" for line in lines)
-    atomic_write(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))

@@ -44,7 +44,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ptv2.data.io import field, load_hub_split, local_split, read_json, read_jsonl
+from ptv2.data.files import field, hub_rows, local_split, read_json, read_jsonl
 from ptv2.errors import UserError
 
 SRL_TASKS = ("conll05", "conll12")
@@ -119,13 +119,8 @@ def load(task: Any, split: str) -> list[dict]:
         return _load_local(task, split)
     if _is_srl(task):
         raise UserError(f"task {_cfg(task, 'name')}: SRL data is read from local files only; pass task.data_dir=DIR")
-    hub = _cfg(task, "hub")
-    path = _cfg(hub, "path")
-    if not path:
-        raise UserError(f"task {_cfg(task, 'name')}: set task.data_dir=DIR (local files) or task.hub.path")
-    hub_split = _cfg(_cfg(task, "hub_splits"), split) or DEFAULT_HUB_SPLITS.get(split, split)
-    rows = load_hub_split(path, _cfg(hub, "name"), _cfg(hub, "revision"), hub_split)
-    return convert_hub_rows(rows, _label_names(task, path), where=f"{path}[{hub_split}]")
+    rows, where = hub_rows(task, split, "local files", DEFAULT_HUB_SPLITS)
+    return convert_hub_rows(rows, _label_names(task, _cfg(task, "hub")["path"]), where=where)
 
 
 def label_set(examples: list[dict]) -> list[str]:

@@ -6,14 +6,22 @@ With `task.head=verbalizer` every sequence also gets a mask slot, "? <mask>", be
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ptv2.checkpoint import atomic_write
 from ptv2.data import Split
+from ptv2.io import write_jsonl
+from ptv2.modeling.heads import ClassificationHead
+
+HEAD = ClassificationHead
+HEAD_KINDS = ("linear", "pooler", "verbalizer")
+VERBALIZER_WORDS = None  # one label word per label
+
+
+def feature_length(input_ids: list[int]) -> int:
+    return len(input_ids)
 
 
 def encode(batch: dict[str, list], tokenizer, task) -> dict[str, list]:
@@ -76,7 +84,7 @@ def metrics(task, split: Split, outputs: list[np.ndarray]) -> dict[str, float]:
     """Accuracy, or the SuperGLUE task's official metrics when the task comes from the SuperGLUE reader."""
     scores = np.stack(outputs)  # (examples, labels)
     if task.reader == "superglue":
-        from ptv2.metrics import superglue_metrics
+        from ptv2.metrics.superglue import superglue_metrics
 
         return superglue_metrics(task.name, split.examples, scores)
     labels = np.array([example["label"] for example in split.examples])
@@ -100,10 +108,3 @@ def write_predictions(task, split: Split, outputs: list[np.ndarray], out_dir) ->
         for i, (example, predicted) in enumerate(zip(split.examples, scores.argmax(-1), strict=True))
     ]
     return [write_jsonl(out_dir / f"{task.name}-{split.name}.jsonl", lines)]
-
-
-def write_jsonl(path: Path, lines: list[dict]) -> Path:
-    """Write one JSON object per line, atomically (a killed run leaves no half-written file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: tmp.write_text("".join(json.dumps(line) + "\n" for line in lines)))
-    return path

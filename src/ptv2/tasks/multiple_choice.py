@@ -15,14 +15,24 @@ import torch
 
 from ptv2.data import Split
 from ptv2.errors import UserError
+from ptv2.io import write_jsonl
+from ptv2.modeling.heads import MultipleChoiceHead
 from ptv2.tasks import classification
-from ptv2.tasks.classification import insert_mask_slot, mask_slot, pad, write_jsonl
+from ptv2.tasks.classification import insert_mask_slot, mask_slot, pad
 
+HEAD = MultipleChoiceHead
+HEAD_KINDS = ("linear", "pooler", "verbalizer")
+VERBALIZER_WORDS = 1  # one label word, whose MLM logit scores each choice
 TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mask_position")
 
 # Scores are one row per example here too ((B, C) choice scores instead of (B, labels)), so outputs and metrics
 # are classification's.
 outputs, metrics = classification.outputs, classification.metrics
+
+
+def feature_length(input_ids: list[list[int]]) -> int:
+    """A feature holds one token list per choice: its longest one."""
+    return max(map(len, input_ids))
 
 
 def encode(batch: dict[str, list], tokenizer, task) -> dict[str, list]:

@@ -29,11 +29,19 @@ import torch
 
 from ptv2.data import Split, squad
 from ptv2.errors import UserError
-from ptv2.metrics_squad import squad_metrics, write_null_odds
-from ptv2.metrics_squad import write_predictions as write_predictions_json
+from ptv2.metrics.squad import squad_metrics, write_null_odds
+from ptv2.metrics.squad import write_predictions as write_predictions_json
+from ptv2.modeling.heads import SpanHead
 
+HEAD = SpanHead
+HEAD_KINDS = ("linear",)
+VERBALIZER_WORDS = None
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 DEFAULTS = {"stride": 128, "n_best": 20, "max_answer_length": 30, "version_2": False}
+
+
+def feature_length(input_ids: list[int]) -> int:
+    return len(input_ids)
 
 
 def option(task, name: str):

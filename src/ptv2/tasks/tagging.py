@@ -26,7 +26,6 @@ gets -100: it cannot be learnt, and the metrics still count its entity as missed
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 
 import numpy as np
@@ -35,14 +34,23 @@ from tokenizers import pre_tokenizers
 
 from ptv2.data import Split
 from ptv2.data.tagging import label_set
-from ptv2.heads import IGNORE_INDEX
-from ptv2.metrics_tagging import tagging_metrics
+from ptv2.io import write_jsonl
+from ptv2.metrics.tagging import tagging_metrics
+from ptv2.modeling.heads import IGNORE_INDEX, TokenClassificationHead
 
+HEAD = TokenClassificationHead
+HEAD_KINDS = ("linear",)
+VERBALIZER_WORDS = None
+PER_TOKEN = ("labels",)  # batch keys with one value per token (padded like input_ids)
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 NO_WORD = -1  # word_ids entry of a token that predicts no word's tag
 SRL_EXCLUDED_TYPES = ("V",)  # the predicate span is given in the input, so it is not scored (as srl-eval.pl)
 
 _word_tokenizers: dict[int, tuple[object, object]] = {}
+
+
+def feature_length(input_ids: list[int]) -> int:
+    return len(input_ids)
 
 
 def labels(examples: list[dict]) -> list[str]:
@@ -154,13 +162,14 @@ def metrics(task, split: Split, outputs: list[np.ndarray]) -> dict:
 def write_predictions(task, split: Split, outputs: list[np.ndarray], out_dir: str | Path) -> list[Path]:
     """`<task>-<split>-predictions.jsonl`: one line per example, ``{"idx", "tokens", "tags"}`` with the predicted
     word-level BIO tags (SRL lines also carry ``predicate``, the word index of the predicate)."""
-    path = Path(out_dir) / f"{task.name}-{split.name}-predictions.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
     srl = is_srl(example["predicate"] for example in split.examples)
-    with open(path, "w", encoding="utf-8") as handle:
-        for example, tags in zip(split.examples, predicted_tags(task, split, outputs), strict=True):
-            line = {"idx": example["idx"], "tokens": example["tokens"], "tags": tags}
-            if srl:
-                line["predicate"] = example["predicate"]
-            handle.write(json.dumps(line, ensure_ascii=False) + "\n")
-    return [path]
+    lines = [
+        {
+            "idx": example["idx"],
+            "tokens": example["tokens"],
+            "tags": tags,
+            **({"predicate": example["predicate"]} if srl else {}),
+        }
+        for example, tags in zip(split.examples, predicted_tags(task, split, outputs), strict=True)
+    ]
+    return [write_jsonl(Path(out_dir) / f"{task.name}-{split.name}-predictions.jsonl", lines)]

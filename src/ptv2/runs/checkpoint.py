@@ -23,8 +23,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from ptv2 import __version__
-from ptv2.data.io import atomic_write  # also used by train/evaluate/state as checkpoint.atomic_write
 from ptv2.errors import UserError
+from ptv2.io import atomic_write
 
 FILENAME = "prompt.safetensors"
 FOLDED_KEY = "prompt.folded"

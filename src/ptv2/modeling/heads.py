@@ -92,14 +92,3 @@ class VerbalizerHead(nn.Module):
 
     def loss(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
         return F.cross_entropy(logits.float(), batch["labels"])
-
-
-# Task types whose head may read the backbone's pooler (task.head=pooler), as the official sentence-level models do.
-POOLER_TYPES = ("classification", "multiple_choice")
-
-HEADS = {
-    "classification": ClassificationHead,
-    "multiple_choice": MultipleChoiceHead,
-    "tagging": TokenClassificationHead,
-    "span": SpanHead,
-}

@@ -15,19 +15,23 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import pickle
 import random
 import shutil
 import signal
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from ptv2 import checkpoint
+from ptv2.config import flat_keys
 from ptv2.errors import UserError
+from ptv2.io import atomic_write
+from ptv2.runs import checkpoint
 
 log = logging.getLogger("ptv2")
 STATE_DIR = "state"
@@ -36,6 +40,29 @@ STATE_FILE = "training_state.pt"
 FREE_KEYS = ("trainer.resume", "trainer.overwrite", "trainer.save_every_steps", "trainer.progress", "logger.")
 STATE_KEYS = {"trainable", "best_state", "optimizer", "scheduler", "rng", "config", "progress"}
 PROGRESS_KEYS = {"epoch", "batches_done", "step", "losses", "history", "best", "best_value", "best_epoch"}
+
+
+@dataclass
+class Progress:
+    """What the training loop carries from step to step, and what a resumed run takes back."""
+
+    epoch: int = 0  # the epoch under way (0-based)
+    batches_done: int = 0  # of that epoch
+    step: int = 0  # optimizer steps taken
+    losses: list[float] = field(default_factory=list)  # of the epoch under way
+    history: list[dict] = field(default_factory=list)  # one record per finished epoch
+    best: dict | None = None  # the best epoch's dev metrics per member
+    best_value: float = -math.inf
+    best_epoch: int = -1  # 1-based; -1 before the first evaluation
+    best_state: dict | None = None  # the best epoch's prompt and heads (tensors)
+
+
+@dataclass
+class Resumed:
+    progress: Progress
+    rng: dict  # the RNG states to apply once the interrupted epoch's done batches are skipped
+
+
 # Test-only knob: after step N, send the process this signal (KILL by default) to simulate a crash or preemption.
 DIE_AT_STEP, DIE_SIGNAL = "PTV2_DIE_AT_STEP", "PTV2_DIE_SIGNAL"
 
@@ -71,19 +98,14 @@ def _plain(value):
     raise TypeError(f"{type(value).__name__} in the training progress is not a plain value")
 
 
-def _flat(container, prefix: str = "") -> dict:
-    if isinstance(container, dict):
-        return {k: v for key, value in container.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
-    return {prefix.rstrip("."): container}
-
-
-def save(run_dir: Path, model, optimizer, scheduler, cfg, progress: dict) -> Path:
-    """Write the state atomically; progress: epoch, batches_done (of that epoch), step, losses, history, best...,
-    and best_state (the best epoch's tensors, or None)."""
+def save(run_dir: Path, model, optimizer, scheduler, cfg, progress: Progress) -> Path:
+    """Write the state atomically (at an epoch's start, with no batch done, the epoch's losses are not kept)."""
     path = Path(run_dir) / STATE_DIR / STATE_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    progress = dict(progress)
-    best_state = progress.pop("best_state", None)
+    best_state = progress.best_state
+    progress = {f.name: getattr(progress, f.name) for f in fields(progress) if f.name != "best_state"}
+    if not progress["batches_done"]:
+        progress["losses"] = []
     state = {
         "trainable": {k: v.detach().cpu().clone() for k, v in model.prompt_state_dict().items()},
         "best_state": None if best_state is None else {k: v.detach().cpu() for k, v in best_state.items()},
@@ -93,7 +115,7 @@ def save(run_dir: Path, model, optimizer, scheduler, cfg, progress: dict) -> Pat
         "config": json.dumps(OmegaConf.to_container(cfg, resolve=True)),
         "progress": json.dumps(progress, default=_plain),
     }
-    checkpoint.atomic_write(path, lambda tmp: torch.save(state, tmp))
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
     return path
 
 
@@ -143,7 +165,7 @@ def state_path(cfg, run_dir: Path) -> Path | None:
 def config_changes(saved: dict, cfg, labels_known: bool = True) -> list[str]:
     """Keys whose values differ between a saved run config and `cfg`, beside the FREE_KEYS. Before the label
     names are derived from the training data (labels_known=False), an empty `labels` in `cfg` is not a change."""
-    old, now = _flat(saved), _flat(OmegaConf.to_container(cfg, resolve=True))
+    old, now = flat_keys(saved), flat_keys(OmegaConf.to_container(cfg, resolve=True))
     return sorted(
         key
         for key in old.keys() | now.keys()
@@ -156,7 +178,7 @@ def config_changes(saved: dict, cfg, labels_known: bool = True) -> list[str]:
 def _refuse_changes(saved: dict, cfg, labels_known: bool) -> None:
     changed = config_changes(saved, cfg, labels_known)
     if changed:
-        old, now = _flat(saved), _flat(OmegaConf.to_container(cfg, resolve=True))
+        old, now = flat_keys(saved), flat_keys(OmegaConf.to_container(cfg, resolve=True))
         shown = ", ".join(f"{k}={old.get(k)!r}->{now.get(k)!r}" for k in changed[:3])
         raise UserError(f"trainer.resume: the config differs from the interrupted run's ({shown}); resume unchanged")
 
@@ -169,9 +191,9 @@ def check(cfg, run_dir: Path) -> None:
         _refuse_changes(read(path, mmap=True)["config"], cfg, labels_known=False)
 
 
-def restore(cfg, run_dir: Path, model, optimizer, scheduler) -> dict | None:
-    """Load the state to resume from into model/optimizer/scheduler; returns the progress (with "rng" and
-    "best_state") or None (fresh run).
+def restore(cfg, run_dir: Path, model, optimizer, scheduler) -> Resumed | None:
+    """Load the state to resume from into model/optimizer/scheduler; returns the loop's progress and the RNG states,
+    or None (fresh run).
 
     The RNG states are returned, not applied: the caller applies them once the interrupted epoch's already-done
     batches are skipped (creating the data iterators draws from the torch generator).
@@ -196,7 +218,7 @@ def restore(cfg, run_dir: Path, model, optimizer, scheduler) -> dict | None:
     progress = state["progress"]
     if folder != Path(run_dir) and (folder / checkpoint.FILENAME).is_file():
         # The best epoch's checkpoint so far belongs to this run's directory too.
-        checkpoint.atomic_write(
+        atomic_write(
             Path(run_dir) / checkpoint.FILENAME, lambda tmp: shutil.copyfile(folder / checkpoint.FILENAME, tmp)
         )
     log.info(
@@ -206,7 +228,7 @@ def restore(cfg, run_dir: Path, model, optimizer, scheduler) -> dict | None:
         progress["batches_done"],
         progress["step"],
     )
-    return {**progress, "best_state": state["best_state"], "rng": state["rng"]}
+    return Resumed(Progress(**progress, best_state=state["best_state"]), state["rng"])
 
 
 class StopRequests:

@@ -14,13 +14,12 @@ null-minus-span logit differences `postprocess` returns, whose predictions alrea
 
 from __future__ import annotations
 
-import json
 import re
 import string
 from collections import Counter
 from pathlib import Path
 
-from ptv2.data.io import atomic_write
+from ptv2.io import write_json
 
 _PUNCTUATION = set(string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
@@ -124,15 +123,9 @@ def _best_threshold(
 
 def write_predictions(path: str | Path, predictions: dict[str, str]) -> Path:
     """Write the official predictions file ({question id: answer text})."""
-    return _write_json_atomically(path, predictions)
+    return write_json(path, predictions)
 
 
 def write_null_odds(path: str | Path, null_odds: dict[str, float]) -> Path:
     """Write the official 2.0 `na_prob` file ({question id: null odds})."""
-    return _write_json_atomically(path, {qid: float(value) for qid, value in null_odds.items()})
-
-
-def _write_json_atomically(path: str | Path, content: dict) -> Path:
-    text = json.dumps(content, ensure_ascii=False, indent=2) + "\n"
-    atomic_write(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
-    return Path(path)
+    return write_json(path, {qid: float(value) for qid, value in null_odds.items()})

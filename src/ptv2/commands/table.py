@@ -28,9 +28,10 @@ from pathlib import Path
 
 import yaml
 
+from ptv2.config import flat_keys
 from ptv2.errors import UserError
 
-REFERENCES = Path(__file__).parent / "references.yaml"
+REFERENCES = Path(__file__).parents[1] / "references.yaml"
 # Config keys that never make two runs different configs: the seed (seeds are aggregated), bookkeeping and logging.
 IGNORED = (
     "trainer.seed",
@@ -72,14 +73,11 @@ class Run:
 # ---------------------------------------------------------------------------------------------- collecting runs
 
 
-def flatten(node, prefix: str = "") -> dict[str, str]:
-    if isinstance(node, dict):
-        out = {}
-        for key, value in node.items():
-            out.update(flatten(value, f"{prefix}{key}."))
-        return out
-    text = json.dumps(node) if isinstance(node, list) else str(node)
-    return {prefix[:-1]: text}
+def flatten(config: dict) -> dict[str, str]:
+    """A run's config as {"dotted.key": short text} (lists as JSON)."""
+    return {
+        key: json.dumps(value) if isinstance(value, list) else str(value) for key, value in flat_keys(config).items()
+    }
 
 
 def _metric_of(select, member: str | None = None) -> str:
@@ -439,7 +437,7 @@ def log_to_wandb(out: Path, root: Path, project: str, plots: list[dict]) -> None
     """The table as a W&B Table (in the run and as an artifact with the CSV/Markdown files) and the plots."""
     import wandb
 
-    from ptv2.tracking import _has_api_key
+    from ptv2.runs.tracking import _has_api_key
 
     mode = os.environ.get("WANDB_MODE") or ("online" if _has_api_key() else "offline")
     with (out / "table.csv").open() as handle:

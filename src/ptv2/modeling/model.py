@@ -5,13 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ptv2.heads import HEADS, VerbalizerHead
-from ptv2.injection import encoder_shape, run_encoder, shifted_position_ids
-from ptv2.prompts import InputPrompt, PrefixEncoder, official_init_
-
-# Which methods freeze the encoder, and which prompt each one builds.
-FROZEN_METHODS = {"ptv2", "prompt_tuning", "ptuning_v1", "linear_probe"}
-INPUT_PROMPT_ENCODERS = {"prompt_tuning": "none", "ptuning_v1": None}  # ptuning_v1 reads prompt.encoder
+from ptv2.modeling.heads import VerbalizerHead
+from ptv2.modeling.injection import encoder_shape, run_encoder, shifted_position_ids
+from ptv2.modeling.methods import method
+from ptv2.modeling.prompts import InputPrompt, PrefixEncoder, official_init_
 
 
 def prompt_layers(spec, num_layers: int) -> list[int]:
@@ -33,7 +30,7 @@ class PromptModel(nn.Module):
     """
 
     def __init__(self, encoder: nn.Module, prompt_cfg, heads: dict[str, tuple | nn.Module], head_dropout: float):
-        """heads: {name: (task type, number of labels[, pooler]) or a built head (VerbalizerHead)} — one head per
+        """heads: {name: (head class, number of labels[, pooler]) or a built head (VerbalizerHead)} — one head per
         dataset, all on the same prompt. A pooler (the backbone's, task.head=pooler) is shared by the heads given it.
 
         New modules (prompt, heads) start as the official models' did: N(0, initializer_range) weights, zero biases;
@@ -41,12 +38,15 @@ class PromptModel(nn.Module):
         super().__init__()
         self.encoder = encoder
         self.method = prompt_cfg.method
-        self.shift_positions = bool(prompt_cfg.shift_positions) and self.method == "ptv2"
+        chosen = method(self.method)
+        self.frozen = chosen.frozen
+        self.trains_backbone_heads = chosen.trains_backbone_heads
+        self.shift_positions = bool(prompt_cfg.shift_positions) and chosen.prompt == "prefix"
         config = encoder.config
         num_layers, num_heads, head_dim = encoder_shape(config)
 
         self.prompt: nn.Module | None = None
-        if self.method == "ptv2":
+        if chosen.prompt == "prefix":
             self.prompt = PrefixEncoder(
                 layers=prompt_layers(prompt_cfg.layers, num_layers),
                 heads=num_heads,
@@ -57,22 +57,22 @@ class PromptModel(nn.Module):
                 projection_dim=prompt_cfg.projection_dim,
                 dropout=prompt_cfg.dropout,
             )
-        elif self.method in INPUT_PROMPT_ENCODERS:
-            encoder_kind = INPUT_PROMPT_ENCODERS[self.method] or prompt_cfg.encoder
+        elif chosen.prompt == "input":
+            encoder_kind = chosen.input_encoder or prompt_cfg.encoder
             self.prompt = InputPrompt(config.hidden_size, prompt_cfg.length, encoder_kind, prompt_cfg.dropout)
 
         self.heads = nn.ModuleDict({name: self._build_head(spec, config, head_dropout) for name, spec in heads.items()})
         if self.prompt is not None:
             official_init_(self.prompt, config.initializer_range, embedding_std=prompt_cfg.get("init_std"))
-        self.encoder.requires_grad_(self.method not in FROZEN_METHODS)
+        self.encoder.requires_grad_(not self.frozen)
         self._set_backbone_head_trainability()
 
     @staticmethod
     def _build_head(spec, config, dropout: float) -> nn.Module:
         if isinstance(spec, nn.Module):
             return spec
-        task_type, num_labels, *pooler = spec
-        head = HEADS[task_type](config.hidden_size, num_labels, dropout, *pooler)
+        head_class, num_labels, *pooler = spec
+        head = head_class(config.hidden_size, num_labels, dropout, *pooler)
         official_init_(head.linear, config.initializer_range)  # the pooler is the backbone's, left as loaded
         return head
 
@@ -82,14 +82,13 @@ class PromptModel(nn.Module):
         head: there the MLM head's own layers train (never the word embeddings its decoder shares with the encoder,
         which `requires_grad_` on the encoder already decided)."""
         shared = {id(p) for p in self.encoder.parameters()}
-        frozen = self.method in FROZEN_METHODS
         for head in self.heads.values():
             if isinstance(head, VerbalizerHead):
                 for parameter in head.lm_head.parameters():
                     if id(parameter) not in shared:
-                        parameter.requires_grad_(not frozen or self.method == "linear_probe")
+                        parameter.requires_grad_(not self.frozen or self.trains_backbone_heads)
             elif getattr(head, "pooler", None) is not None:
-                head.pooler.requires_grad_(not frozen)
+                head.pooler.requires_grad_(not self.frozen)
 
     def forward(self, batch: dict, head: str | None = None) -> torch.Tensor:
         input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]

@@ -12,9 +12,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from ptv2 import checkpoint
+from ptv2.engine import build, evaluate_all
 from ptv2.errors import UserError
-from ptv2.train import build, evaluate_all
+from ptv2.io import write_json
+from ptv2.runs import checkpoint
 
 log = logging.getLogger("ptv2")
 OWN_KEYS = ("ckpt", "split", "input", "output_dir")  # this command's own keys, not the run's
@@ -78,6 +79,6 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "examples": {m.name: len(m.splits[split].examples) for m in members},
         "metrics": metrics[members[0].name] if single else metrics,
     }
-    checkpoint.atomic_write(run_dir / "eval.json", lambda tmp: tmp.write_text(json.dumps(results, indent=2)))
+    write_json(run_dir / "eval.json", results)
     log.info("%s %s: %s", metadata["task"], split, json.dumps(results["metrics"]))
     return results

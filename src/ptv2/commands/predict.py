@@ -6,7 +6,6 @@ official prediction file when its task type has `write_predictions`, else a gene
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -14,14 +13,15 @@ import numpy as np
 from accelerate import Accelerator
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
-from ptv2 import checkpoint
+from ptv2.commands.evaluate import checkpoint_config
 from ptv2.config import task_members
 from ptv2.data import prepare_split
+from ptv2.engine import Member, predict
 from ptv2.errors import UserError
-from ptv2.evaluate import checkpoint_config
+from ptv2.io import write_json, write_jsonl
+from ptv2.runs import checkpoint
 from ptv2.serving import PromptServer
 from ptv2.tasks import task_type
-from ptv2.train import Member, predict
 
 log = logging.getLogger("ptv2")
 INPUT_SPLIT = "test"  # input=FILE is read as the test split: labels optional, readers know the format
@@ -72,10 +72,8 @@ def write_generic(member: Member, split: str, outputs: list[np.ndarray], folder:
         line = {"index": index, "label": names if np.ndim(predicted) else names[0]}
         if len(outputs) == len(examples) and "idx" in examples[index]:
             line["idx"] = examples[index]["idx"]
-        lines.append(json.dumps(line) + "\n")
-    path = folder / f"{member.name}-{split}.jsonl"
-    checkpoint.atomic_write(path, lambda tmp: tmp.write_text("".join(lines)))
-    return [path]
+        lines.append(line)
+    return [write_jsonl(folder / f"{member.name}-{split}.jsonl", lines)]
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
@@ -117,5 +115,5 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             log.info(
                 "%s: %d predictions on %s -> %s", served, len(prepared.examples), split, ", ".join(map(str, files))
             )
-    checkpoint.atomic_write(folder / "predict.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
+    write_json(folder / "predict.json", summary)
     return summary

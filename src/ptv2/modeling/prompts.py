@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ptv2.injection import Prefix
+from ptv2.modeling.injection import Prefix
 
 
 def official_init_(module: nn.Module, std: float, embedding_std: float | None = None) -> None:

@@ -28,41 +28,44 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ptv2 import backbone
-from ptv2.config import INPUT_PROMPT_METHODS, PromptConfig, RunConfig, validate
+from ptv2.config import PromptConfig, RunConfig, validate
+from ptv2.engine import TrainStep
 from ptv2.errors import UserError
-from ptv2.model import FROZEN_METHODS, PromptModel
+from ptv2.modeling import backbone
+from ptv2.modeling.heads import ClassificationHead
+from ptv2.modeling.methods import BASELINE, method
+from ptv2.modeling.model import PromptModel
+from ptv2.optim import make_optimizer
 
 log = logging.getLogger("ptv2")
-BASELINE = "finetune"
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # ----------------------------------------------------------------------------------------------- configuration
 
 
-def method_overrides(method: str) -> dict:
+def method_overrides(name: str) -> dict:
     """The config a `prompt=<method>` group option sets: {"prompt": {...}} plus any global keys (optimizer.lr)."""
-    path = resources.files("ptv2.conf") / "prompt" / f"{method}.yaml"
+    path = resources.files("ptv2.conf") / "prompt" / f"{name}.yaml"
     if not path.is_file():
-        raise UserError(f"bench.methods: unknown method '{method}'")
+        raise UserError(f"bench.methods: unknown method '{name}'")
     text = path.read_text()
     values = OmegaConf.to_container(OmegaConf.create(text)) or {}  # OmegaConf reads 2e-5 as a float; PyYAML not
     return values if "@package _global_" in text else {"prompt": values}
 
 
-def variant_config(cfg: DictConfig, method: str) -> DictConfig:
+def variant_config(cfg: DictConfig, name: str) -> DictConfig:
     """The run config of one method: the command's own prompt config for its own method, otherwise the method's
     group option over the schema defaults; then the bench's prompt length, frozen dtype and sequence length."""
     variant = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    if method != cfg.prompt.method:
-        overrides = method_overrides(method)
+    if name != cfg.prompt.method:
+        overrides = method_overrides(name)
         variant.prompt = OmegaConf.merge(OmegaConf.structured(PromptConfig), overrides.pop("prompt"))
         variant.merge_with(overrides)
     bench = cfg.bench
-    if bench.prompt_length is not None and method in ("ptv2", *INPUT_PROMPT_METHODS):
+    if bench.prompt_length is not None and method(name).has_prompt:
         variant.prompt.length = bench.prompt_length
-    if bench.frozen_dtype is not None and method in FROZEN_METHODS:
+    if bench.frozen_dtype is not None and method(name).frozen:
         variant.backbone.dtype = bench.frozen_dtype
     variant.task.max_length = bench.seq_length
     return variant
@@ -129,31 +132,28 @@ def build_model(cfg: DictConfig, device: torch.device) -> PromptModel:
     config = backbone.load_config(cfg.backbone)
     validate(cfg, config)
     encoder, _ = backbone.load_encoder(cfg.backbone, config)
-    model = PromptModel(encoder, cfg.prompt, heads={"bench": ("classification", 2)}, head_dropout=cfg.task.head_dropout)
+    model = PromptModel(
+        encoder, cfg.prompt, heads={"bench": (ClassificationHead, 2)}, head_dropout=cfg.task.head_dropout
+    )
     return model.to(device)
 
 
 def make_step(model: PromptModel, cfg: DictConfig, device: torch.device):
-    """One train step as `ptv2 train` does it, returned as a function of the batch that times its three phases."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        trainable, lr=cfg.optimizer.lr, betas=tuple(cfg.optimizer.betas), eps=cfg.optimizer.eps
-    )
+    """The engine's train step (the one `ptv2 train` takes; no scheduler) as a function of the batch that times its
+    three phases: forward, backward, and the update (clipping, optimizer step)."""
+    optimizer = make_optimizer(cfg, (p for p in model.parameters() if p.requires_grad))
+    train_step = TrainStep(model, optimizer, max_grad_norm=cfg.trainer.max_grad_norm)
     autocast = autocast_for(cfg, device)
     clock = Clock(device)
-    head = model.head_for("bench")
 
     def step(batch: dict) -> tuple[float, float, float]:
         start = clock.now()
         with autocast:
-            loss = head.loss(model(batch, head="bench"), batch)
+            loss = train_step.loss(batch, "bench")
         forward = clock.now()
-        loss.backward()
+        train_step.backward(loss)
         backward = clock.now()
-        if cfg.trainer.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(trainable, cfg.trainer.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_step.update()
         end = clock.now()
         return forward - start, backward - forward, end - backward
 
@@ -206,7 +206,7 @@ class Variant:
         step_time = summary([sum(p) for p in self.phases])
         return {
             "method": cfg.prompt.method,
-            "prompt_length": cfg.prompt.length if cfg.prompt.method in ("ptv2", *INPUT_PROMPT_METHODS) else 0,
+            "prompt_length": cfg.prompt.length if method(cfg.prompt.method).has_prompt else 0,
             "backbone_dtype": cfg.backbone.dtype,
             "trainable_params": counts["trainable_params"],
             "total_params": counts["total_params"],
@@ -290,7 +290,7 @@ def measure_isolated(variant: DictConfig, work_dir: Path, profile: bool) -> dict
     method = variant.prompt.method
     config_path, result_path = work_dir / f"variant_{method}.yaml", work_dir / f"variant_{method}.json"
     config_path.write_text(OmegaConf.to_yaml(variant))
-    command = [sys.executable, "-m", "ptv2.bench", str(config_path), str(result_path)]
+    command = [sys.executable, "-m", "ptv2.commands.bench", str(config_path), str(result_path)]
     if profile:
         command.append(str(work_dir / f"profile_{method}.txt"))
     finished = subprocess.run(command, capture_output=True, text=True)
@@ -327,13 +327,13 @@ def table(results: dict[str, dict]) -> str:
         "| method | trainable | step s (min-max) | step ratio | fwd / bwd / opt s | eval ex/s | peak mem | mem ratio |"
     )
     lines = [header, "|" + "---|" * header.count(" | ") + "---|"]
-    for method, f in results.items():
+    for name, f in results.items():
         if "error" in f:
-            lines.append(f"| {method} | failed: {f['error']} |")
+            lines.append(f"| {name} | failed: {f['error']} |")
             continue
         step = f["step_seconds"]
         lines.append(
-            f"| {method} | {f['trainable_params']:,} | {step['median']:.3f} ({step['min']:.3f}-{step['max']:.3f}) "
+            f"| {name} | {f['trainable_params']:,} | {step['median']:.3f} ({step['min']:.3f}-{step['max']:.3f}) "
             f"| {ratio(f, 'step_ratio')} | {f['forward_seconds']:.3f} / {f['backward_seconds']:.3f} / "
             f"{f['optimizer_seconds']:.3f} | {f['eval_examples_per_second']:.1f} "
             f"| {memory(f['peak_memory_bytes'])} | {ratio(f, 'memory_ratio')} |"
@@ -345,7 +345,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     bench = cfg.bench
     if not bench.methods:
         raise UserError("bench.methods is empty")
-    variants = [variant_config(cfg, method) for method in dict.fromkeys(bench.methods)]
+    variants = [variant_config(cfg, name) for name in dict.fromkeys(bench.methods)]
     if bench.isolate:
         results = {}
         for variant in variants:
@@ -379,7 +379,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 
 
 def _worker(argv: list[str]) -> None:
-    """python -m ptv2.bench VARIANT.yaml RESULT.json [PROFILE.txt]: measure one method in this process."""
+    """python -m ptv2.commands.bench VARIANT.yaml RESULT.json [PROFILE.txt]: measure one method in this process."""
     # Over the schema, so keys the config lacks get their defaults and the worker sees typed values.
     cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(argv[0]))
     profile = Path(argv[2]) if len(argv) > 2 else None

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -181,41 +180,18 @@ def load_hub_split(path: str, name: str | None, revision: str | None, split: str
     return list(dataset)
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> None:
-    """Call write(temporary_path) in the target's folder, then rename over `path`: a killed run never leaves a
-    half-written file, and a failed write leaves no temporary behind. A write the disk refuses (full, quota, file
-    size limit, read-only) ends with one line naming the file and the reason; the previous file, if any, is kept."""
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write(temporary)
-        os.replace(temporary, path)
-    except BaseException as error:
-        temporary.unlink(missing_ok=True)
-        reason = _write_failure(error)
-        if reason is None:
-            raise
-        try:
-            reason += f"; {shutil.disk_usage(path.parent).free / 1e6:.0f} MB free there"
-        except OSError:
-            pass
-        raise UserError(f"cannot write {path} ({reason}); its previous version, if any, is kept") from None
-
-
-def _write_failure(error: BaseException) -> str | None:
-    """The reason a file write failed for a user to fix, or None for anything else. torch.save and safetensors
-    wrap the OS error in their own exception types, hence the look at their text."""
-    if isinstance(error, OSError) and error.errno is not None:
-        return error.strerror or str(error)
-    text = str(error)
-    known = {
-        "No space left": "no space left on the device",
-        "StorageFull": "no space left on the device",
-        "Disk quota": "disk quota exceeded",
-        "File too large": "file too large for this file system or limit",
-        "FileTooLarge": "file too large for this file system or limit",
-        "file write failed": "the write was cut short: is the disk full?",
-        "unexpected pos": "the write was cut short: is the disk full?",
-    }
-    return next((reason for marker, reason in known.items() if marker in text), None)
+def hub_rows(task: Any, split: str, files: str, default_splits: dict[str, str] | None = None) -> tuple[list[dict], str]:
+    """(rows, where) of `split` from the hub copy a task names, for a task without task.data_dir: dataset
+    `task.hub` (path, name, revision) at split `task.hub_splits[split]` (else `default_splits[split]`); `where` names
+    it in messages. A task that names no hub copy or no such split gets one line; `files` says what task.data_dir
+    would hold instead."""
+    named = {key: value for key, value in (task.get("hub_splits") or {}).items() if value}
+    hub, splits = task.get("hub") or {}, {**(default_splits or {}), **named}
+    if not hub.get("path"):
+        raise UserError(f"task {task.get('name')}: set task.data_dir=DIR ({files}) or task.hub.path")
+    if split not in splits:
+        raise UserError(
+            f"task {task.get('name')}: no hub split configured for '{split}' (task.hub_splits: {dict(splits)})"
+        )
+    where = f"hub {hub['path']}{'/' + hub['name'] if hub.get('name') else ''} split {splits[split]}"
+    return load_hub_split(hub["path"], hub.get("name"), hub.get("revision"), splits[split]), where

@@ -20,8 +20,8 @@ from pathlib import Path
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from ptv2 import state
 from ptv2.errors import UserError
+from ptv2.runs import resume as state
 
 LOCK_FILE = ".ptv2.lock"
 # What a finished (or interrupted) run leaves: a folder holding one of these is not written into silently.

@@ -6,12 +6,12 @@ SuperGLUE: accuracy, CB macro-F1, MultiRC F1a and EM, ReCoRD F1 and EM (SQuAD-st
 from __future__ import annotations
 
 import json
-import re
-import string
-from collections import Counter
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import numpy as np
+
+from ptv2.metrics.squad import exact_match, token_f1  # ReCoRD compares answers as SQuAD 1.1 does
 
 # MultiRC and ReCoRD logits are over the labels [false, true]: the "true" logit is at this index.
 TRUE_INDEX = 1
@@ -62,28 +62,6 @@ def multirc_scores(groups: Sequence[str], predictions: Sequence[int], golds: Seq
 # -------------------------------------------------------------------------------------------------------- ReCoRD
 
 
-def normalize_answer(text: str) -> str:
-    """SQuAD normalisation: lower case, drop punctuation, drop the articles a/an/the, collapse whitespace."""
-    text = "".join(ch for ch in text.lower() if ch not in string.punctuation)
-    text = re.sub(r"\b(a|an|the)\b", " ", text)
-    return " ".join(text.split())
-
-
-def token_f1(prediction: str, gold: str) -> float:
-    """F1 over the normalised tokens shared by prediction and gold (bag of words)."""
-    predicted, wanted = normalize_answer(prediction).split(), normalize_answer(gold).split()
-    common = sum((Counter(predicted) & Counter(wanted)).values())
-    if common == 0:
-        return 0.0
-    precision, recall = common / len(predicted), common / len(wanted)
-    return 2 * precision * recall / (precision + recall)
-
-
-def exact_match(prediction: str, gold: str) -> float:
-    """1.0 when the normalised texts are equal, else 0.0."""
-    return float(normalize_answer(prediction) == normalize_answer(gold))
-
-
 def max_over_golds(metric: Callable[[str, str], float], prediction: str, golds: Sequence[str]) -> float:
     """The best score of the prediction against any gold answer (0 when there is none)."""
     return max((metric(prediction, gold) for gold in golds), default=0.0)
@@ -112,7 +90,7 @@ def record_scores(examples: Sequence[dict], scores) -> dict[str, float]:
     predictions = record_predictions(examples, scores)
     if not predictions:
         return {"f1": 0.0, "em": 0.0}
-    f1 = [max_over_golds(token_f1, entity, meta["answers"]) for entity, meta in predictions]
+    f1 = [max_over_golds(partial(token_f1, version_2=False), entity, meta["answers"]) for entity, meta in predictions]
     em = [max_over_golds(exact_match, entity, meta["answers"]) for entity, meta in predictions]
     return {"f1": float(np.mean(f1)), "em": float(np.mean(em))}
 

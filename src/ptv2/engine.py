@@ -1,0 +1,268 @@
+"""What every command shares: build a run's model and data from its config, batch, take a training step, predict
+and evaluate. `ptv2 train` is the loop around these; eval, predict, serving and bench reuse them as they are.
+
+A run trains one prompt on one dataset, or on several ("members" of a multi-task config) with one head each.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from omegaconf import DictConfig, open_dict
+from torch.utils.data import DataLoader
+
+from ptv2.config import task_members, validate
+from ptv2.data import LengthGroupedBatches, Split, prepare_split, sorted_batches, timed
+from ptv2.errors import UserError
+from ptv2.modeling import backbone
+from ptv2.modeling.heads import VerbalizerHead
+from ptv2.modeling.model import PromptModel
+from ptv2.tasks import TASK_TYPES, TaskType, task_type
+
+
+@dataclass
+class Member:
+    """One dataset of a run: its head name, task config, task type module and prepared splits."""
+
+    name: str
+    task: DictConfig
+    kind: TaskType
+    splits: dict[str, Split]
+
+
+class IndexedFeatures(torch.utils.data.Dataset):
+    """Tokenized features with their row index, so outputs can be put back in order after sorted batching."""
+
+    def __init__(self, features):
+        self.features = features
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, index: int) -> dict:
+        return {**self.features[index], "index": index}
+
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        rows = self.features[indices]  # one Arrow read per batch instead of one per row
+        return [{**{k: v[i] for k, v in rows.items()}, "index": index} for i, index in enumerate(indices)]
+
+
+def make_collate(kind: TaskType, tokenizer, pad_to: int | None = None):
+    """Batches of features; pad_to right-pads the token dimension to a fixed length (trainer.pad_to_max_length)."""
+    per_token = getattr(kind, "PER_TOKEN", ())
+
+    def collate(items: list[dict]) -> dict:
+        indices = torch.tensor([item.pop("index") for item in items])
+        batch = kind.collate(items, tokenizer)
+        padded = pad_to_length(batch, pad_to, tokenizer.pad_token_id, per_token) if pad_to else batch
+        return {**padded, "index": indices}
+
+    return collate
+
+
+def pad_to_length(batch: dict, length: int, pad_id: int, per_token: tuple[str, ...] = ()) -> dict:
+    """The (rows, tokens) tensors right-padded to `length`: every batch as long as the longest possible, as the
+    official scripts padded (padding="max_length"). Only for speed comparisons: results are unchanged.
+
+    per_token: the task type's other keys with one value per token (PER_TOKEN: tagging's labels, padded -100)."""
+    fills = {"input_ids": pad_id, "attention_mask": 0, "token_type_ids": 0, **dict.fromkeys(per_token, -100)}
+    padded = dict(batch)
+    for key, fill in fills.items():
+        tensor = batch.get(key)
+        if torch.is_tensor(tensor) and tensor.shape[1] < length:
+            padded[key] = torch.nn.functional.pad(tensor, (0, length - tensor.shape[1]), value=fill)
+    return padded
+
+
+def train_loaders(cfg: DictConfig, members: list[Member], tokenizer) -> dict[str, DataLoader]:
+    """Per member, its training batches: length-grouped (trainer.group_by_length), reshuffled every epoch from
+    trainer.seed + epoch (`loader.batch_sampler.set_epoch`)."""
+    loaders = {}
+    for member in members:
+        features = member.splits["train"].features
+        lengths = feature_lengths(member.kind, features)
+        batches = LengthGroupedBatches(lengths, cfg.trainer.batch_size, cfg.trainer.seed, cfg.trainer.group_by_length)
+        pad_to = member.task.max_length if cfg.trainer.pad_to_max_length else None
+        collate = make_collate(member.kind, tokenizer, pad_to)
+        loaders[member.name] = DataLoader(IndexedFeatures(features), batch_sampler=batches, collate_fn=collate)
+    return loaders
+
+
+def feature_lengths(kind: TaskType, features) -> list[int]:
+    """Token count of each feature, as its task type counts it (multiple choice: its longest choice)."""
+    return [kind.feature_length(ids) for ids in features["input_ids"]]
+
+
+def build(cfg: DictConfig, splits_of):
+    """Tokenizer, members (task type + prepared splits each) and model for a config; shared by train and eval.
+
+    splits_of(task) -> the split names to prepare for a member task (None entries are skipped).
+
+    Label names missing from a task config are derived from its training data and written into the config, so
+    the run's config.yaml and checkpoint record them.
+    """
+    backbone_config, tokenizer = load_backbone(cfg)
+    members, prep_seconds = [], {}
+    for name, task in task_members(cfg.task):
+        kind = task_type(task.type)
+        if not task.labels and hasattr(kind, "labels"):
+            from ptv2.data import load_examples
+
+            with open_dict(task):
+                task.labels = kind.labels(load_examples(task, "train"))
+        prepared = {}
+        for split in dict.fromkeys(s for s in splits_of(task) if s):
+            limit = cfg.trainer.limit_train if split == "train" else cfg.trainer.limit_eval
+            prepared[split], prep_seconds[f"{name}/{split}"] = timed(
+                prepare_split, task, split, tokenizer, kind, cfg.trainer.cache_dir, limit
+            )
+        members.append(Member(name, task, kind, prepared))
+    if cfg.task.members:  # keep the (label-completed) member configs in the run config
+        with open_dict(cfg.task):
+            for member in members:
+                cfg.task.members[member.name] = member.task
+    encoder, parts = load_encoder(cfg, backbone_config)
+    return tokenizer, members, prep_seconds, prompt_model(cfg, members, encoder, tokenizer, parts)
+
+
+def load_backbone(cfg: DictConfig):
+    """(the backbone's HF config, its tokenizer); the run config is checked against the backbone first."""
+    backbone_config = backbone.load_config(cfg.backbone)
+    validate(cfg, backbone_config)
+    return backbone_config, backbone.load_tokenizer(cfg.backbone)
+
+
+def load_encoder(cfg: DictConfig, backbone_config):
+    """(encoder, the backbone's head parts the run's heads read: pooler, MLM head)."""
+    head_kinds = {task.get("head", "linear") for _, task in task_members(cfg.task)}
+    return backbone.load_with_heads(cfg.backbone, backbone_config, head_kinds)
+
+
+def prompt_model(cfg: DictConfig, members: list[Member], encoder, tokenizer, parts) -> PromptModel:
+    """The run's PromptModel on a loaded encoder: its prompt method and one head per member."""
+    heads = {m.name: head_spec(m, tokenizer, parts) for m in members}
+    return PromptModel(encoder, cfg.prompt, heads=heads, head_dropout=cfg.task.head_dropout)
+
+
+def head_spec(member: Member, tokenizer, parts: backbone.BackboneHeads):
+    """PromptModel's head for a member: (head class, label count) for a linear head, (head class, label count,
+    pooler) for a pooler head, or a VerbalizerHead on the backbone's MLM head reading `task.options.verbalizer`
+    (one word per label; multiple choice: one word, whose logit scores each choice)."""
+    task, head_class = member.task, member.kind.HEAD
+    kind = task.get("head", "linear")  # configs saved before task.head existed have linear heads
+    if kind not in member.kind.HEAD_KINDS:
+        admitting = [name for name in TASK_TYPES if kind in task_type(name).HEAD_KINDS]
+        raise UserError(f"task.head={kind} works for task types {', '.join(admitting)}, not {task.type}")
+    if kind == "pooler":
+        if parts.pooler is None:
+            raise UserError(
+                f"task.head=pooler: backbone {tokenizer.name_or_path} has no pooler (ELECTRA and DeBERTa have none); "
+                "use task.head=linear"
+            )
+        return head_class, len(task.labels), parts.pooler
+    if kind != "verbalizer":
+        return head_class, len(task.labels)
+    if tokenizer.mask_token_id is None:
+        raise UserError(f"task.head=verbalizer needs a backbone with a mask token; {tokenizer.name_or_path} has none")
+    words = [str(word) for word in (task.options.get("verbalizer") or [])]
+    expected = member.kind.VERBALIZER_WORDS or len(task.labels)
+    if len(words) != expected:
+        wanted = "one word" if expected == 1 else f"{expected} words, one per label of {list(task.labels)}"
+        raise UserError(f"task {member.name}: task.options.verbalizer={words} needs {wanted}")
+    return VerbalizerHead(parts.lm_head, backbone.label_word_ids(tokenizer, words, f"task {member.name}"))
+
+
+@torch.inference_mode()
+def predict(model, member: Member, split: str, tokenizer, accelerator: Accelerator, batch_size: int) -> np.ndarray:
+    """Outputs of every feature of a split, in feature order (batches are sorted by length for speed)."""
+    model.eval()
+    features = member.splits[split].features
+    loader = DataLoader(
+        IndexedFeatures(features),
+        batch_sampler=sorted_batches(feature_lengths(member.kind, features), batch_size),
+        collate_fn=make_collate(member.kind, tokenizer),
+    )
+    loader = accelerator.prepare_data_loader(loader)
+    ordered = [None] * len(features)
+    for batch in loader:
+        result = member.kind.outputs(model(batch, head=member.name), batch)
+        if accelerator.num_processes > 1:
+            # Ragged outputs (per-token: (B, L) tag ids, (B, L, 2) span logits) are padded to one width (a no-op
+            # for (B, labels) scores); repeated rows that even out the last batches across processes carry an
+            # index already seen and simply overwrite it.
+            result = accelerator.pad_across_processes(result, dim=1, pad_index=0) if result.dim() >= 2 else result
+            result, index = accelerator.gather((result, batch["index"]))
+        else:
+            index = batch["index"]
+        for row, i in zip(result.cpu().numpy(), index.tolist(), strict=True):
+            ordered[i] = row
+    return ordered
+
+
+def evaluate(model, member: Member, split: str, tokenizer, accelerator, cfg) -> dict[str, float]:
+    outputs = predict(model, member, split, tokenizer, accelerator, cfg.trainer.eval_batch_size)
+    return member.kind.metrics(member.task, member.splits[split], outputs)
+
+
+def evaluate_all(model, members: list[Member], split_of, tokenizer, accelerator, cfg) -> dict[str, dict]:
+    return {m.name: evaluate(model, m, split_of(m), tokenizer, accelerator, cfg) for m in members}
+
+
+def selection_value(members: list[Member], metrics: dict[str, dict]) -> float:
+    """The number that picks the best epoch: the selection metric, averaged over members."""
+    return float(np.mean([metrics[m.name][m.task.metric] for m in members]))
+
+
+def flatten(prefix: str, members: list[Member], metrics: dict[str, dict]) -> dict[str, float]:
+    """{'dev/accuracy': ...} for one dataset, {'dev/conll03/f1': ...} for several (nested values skipped)."""
+    single = len(members) == 1
+    return {
+        f"{prefix}/{k}" if single else f"{prefix}/{name}/{k}": v
+        for name, values in metrics.items()
+        for k, v in values.items()
+        if isinstance(v, (int, float))
+    }
+
+
+def interleaved(loaders: dict[str, DataLoader], seed: int, epoch: int):
+    """Yield (member name, batch): every batch of every loader once, members interleaved in a seeded order."""
+    schedule = [name for name, loader in loaders.items() for _ in range(len(loader))]
+    order = torch.randperm(len(schedule), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    iterators = {name: iter(loader) for name, loader in loaders.items()}
+    for position in order if len(loaders) > 1 else range(len(schedule)):
+        name = schedule[position]
+        yield name, next(iterators[name])
+
+
+class TrainStep:
+    """One optimizer step as `ptv2 train` takes it, in two halves so a caller can act between them (the loop checks
+    the loss is finite; bench times each phase): `loss(batch, head)` runs the forward pass, `update(loss)` runs the
+    backward pass, clips the gradients, steps the optimizer (and a per-step scheduler) and clears the gradients.
+
+    With an accelerator the backward pass and clipping go through it (mixed precision, several processes)."""
+
+    def __init__(
+        self, model, optimizer, *, max_grad_norm: float, scheduler=None, accelerator: Accelerator | None = None
+    ):
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.max_grad_norm, self.accelerator = max_grad_norm, accelerator
+        self.heads = (accelerator.unwrap_model(model) if accelerator else model).head_for
+        self.trainable = [p for group in optimizer.param_groups for p in group["params"]]
+
+    def loss(self, batch: dict, head: str | None) -> torch.Tensor:
+        return self.heads(head).loss(self.model(batch, head=head), batch)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.accelerator.backward(loss) if self.accelerator else loss.backward()
+
+    def update(self) -> None:
+        if self.max_grad_norm:
+            clip = self.accelerator.clip_grad_norm_ if self.accelerator else torch.nn.utils.clip_grad_norm_
+            clip(self.trainable, self.max_grad_norm)
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)

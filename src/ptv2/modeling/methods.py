@@ -1,0 +1,61 @@
+"""The prompt methods (`prompt.method`): what each one trains and which prompt it builds, in one table.
+
+Every other module reads this table (the config check, the model, serving, bench) instead of listing method names
+of its own; a new method is a new row here plus, when it needs a new kind of prompt, a module in prompts.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ptv2.errors import unknown
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    frozen: bool  # the backbone's weights stay as loaded; only the prompt and the heads train
+    # "prefix": key/value vectors on every chosen layer (deep prompt, prompts.PrefixEncoder); "input": vectors
+    # inserted after [CLS] (prompts.InputPrompt); None: no prompt
+    prompt: str | None = None
+    # An input prompt's reparameterization: "none" for plain embeddings; None: read prompt.encoder (lstm | mlp)
+    input_encoder: str | None = None
+    # Rows of different checkpoints may share one batch on one backbone: the weights and the token sequence are
+    # untouched (serving mixes them; each row gets its own prefix)
+    mixes_in_batch: bool = False
+    trains_backbone_heads: bool = False  # a verbalizer's MLM head trains although the backbone is frozen
+
+    @property
+    def has_prompt(self) -> bool:
+        """The method builds a prompt, so prompt.length must be at least 1."""
+        return self.prompt is not None
+
+    @property
+    def input_prompt(self) -> bool:
+        """The prompt takes token positions (prompt.length more positions per sequence)."""
+        return self.prompt == "input"
+
+
+METHODS: dict[str, Method] = {
+    method.name: method
+    for method in (
+        Method("ptv2", frozen=True, prompt="prefix", mixes_in_batch=True),  # P-Tuning v2 (deep prompt tuning)
+        Method("prompt_tuning", frozen=True, prompt="input", input_encoder="none"),  # Lester et al.
+        Method("ptuning_v1", frozen=True, prompt="input", input_encoder=None),  # P-tuning v1 (prompt encoder)
+        Method("finetune", frozen=False),  # the whole backbone trains: the baseline
+        Method("linear_probe", frozen=True, mixes_in_batch=True, trains_backbone_heads=True),  # heads only
+    )
+}
+BASELINE = "finetune"  # what bench divides by
+
+
+def method(name: str) -> Method:
+    """The row of `prompt.method`, or one line naming the known methods."""
+    if name not in METHODS:
+        raise unknown("prompt.method", name, METHODS)
+    return METHODS[name]
+
+
+def mixable() -> list[str]:
+    """Methods whose checkpoints share one backbone in a batch."""
+    return [name for name, row in METHODS.items() if row.mixes_in_batch]

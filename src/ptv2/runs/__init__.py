@@ -1,0 +1,1 @@
+"""Run bookkeeping: run directories, checkpoints, resumable training state, progress and experiment tracking."""
