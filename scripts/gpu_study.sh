@@ -24,7 +24,7 @@ if [[ "${1:-}" == "--prepare" ]]; then gpu_carry_prepare; exit 0; fi
 mkdir -p "$OUT"
 gpu_activate "$OUT/environment.txt" || exit 2
 if [[ "${1:-}" == "--check" ]]; then  # the first call: does everything import there?
-    $PYTHON -c "import datasets, seqeval.metrics, hydra, ptv2.train; print('imports ok; datasets', datasets.__version__)"
+    $PYTHON -c "import datasets, seqeval.metrics, hydra, ptv2.commands.train; print('imports ok; datasets', datasets.__version__)"
     $PYTHON -m ptv2 train --help >/dev/null && echo "ptv2 train --help ok"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
     exit 0
