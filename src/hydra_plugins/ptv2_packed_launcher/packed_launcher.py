@@ -28,7 +28,7 @@ class PackedLauncherConf:
     _target_: str = "hydra_plugins.ptv2_packed_launcher.packed_launcher.PackedLauncher"
     # Most jobs per group; see conf/hydra/launcher/packed.yaml for why 8.
     max_pack: int = 8
-    # Jobs whose blocks share one backbone forward; None: all on a GPU, one on a CPU (ptv2.packing).
+    # Jobs whose blocks share one backbone forward; None: all on a GPU, one on a CPU (ptv2.modeling.packing).
     jobs_per_forward: Optional[int] = None
 
 

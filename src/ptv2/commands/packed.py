@@ -2,12 +2,12 @@
 
 Every training batch (B rows) goes through the backbone as K x B rows: block k is job k's copy of the batch with
 job k's own prefix, drawn with job k's own prompt dropout (`jobs_per_forward` blocks per forward: all of them on a
-GPU, one at a time on a CPU, see packing.default_jobs_per_forward). Prompts of different lengths or layer sets are
-zero-padded to the longest one and the padded columns hidden from attention (the serving path's mask), so they get
-exactly zero weight. Rows never interact in an encoder, so the sum of the K losses has, for each job's prompt and
-head, exactly that job's own gradient; each job then clips, steps its own optimizer and scheduler, keeps its own
-best epoch, checkpoint, training state, results.json, log and W&B run in its own job folder: the files a separate
-job writes. Evaluation batches are packed the same way.
+GPU, one at a time on a CPU, see modeling.packing.default_jobs_per_forward). Prompts of different lengths or layer
+sets are zero-padded to the longest one and the padded columns hidden from attention (the serving path's mask), so
+they get exactly zero weight. Rows never interact in an encoder, so the sum of the K losses has, for each job's
+prompt and head, exactly that job's own gradient; each job then clips, steps its own optimizer and scheduler, keeps
+its own best epoch, checkpoint, training state, results.json, log and W&B run in its own job folder: the files a
+separate job writes. Evaluation batches are packed the same way.
 
 What may differ inside a group is in PER_JOB_KEYS; jobs that differ in anything else (task, backbone, data, batch
 size, epochs, max length, method, seed, ...) go to different groups (`group_key`). A job whose loss turns NaN ends
