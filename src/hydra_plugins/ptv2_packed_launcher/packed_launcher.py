@@ -106,6 +106,7 @@ class PackedLauncher(Launcher):
 
     def _run_packed(self, configs: list[DictConfig]) -> list[JobReturn]:
         """Hydra's job set-up for each job (folder, runtime config), then one training for the group."""
+        from ptv2.cli import objective, open_job, record_failure
         from ptv2.commands import packed
 
         def job(task_cfg: DictConfig) -> packed.Job:
@@ -117,9 +118,7 @@ class PackedLauncher(Launcher):
         # Logging stays the launcher's (console); commands.packed adds one <job name>.log per job folder.
         returns = [self._run(config, job, configure_logging=False) for config in configs]
         jobs = [job_return.return_value for job_return in returns]
-        packed.train_group(jobs, self.jobs_per_forward)
-        from ptv2.cli import objective
-
+        packed.train_group(jobs, self.jobs_per_forward, open_job, record_failure)
         for job_return, job in zip(returns, jobs, strict=True):
             job_return.return_value = objective(job.results) if job.results is not None else None
             job_return.status = JobStatus.COMPLETED  # a failed job is marked FAILED in its folder, as _job does

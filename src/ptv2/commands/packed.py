@@ -117,6 +117,7 @@ class Job:
     hydra: DictConfig  # {"hydra": ...}: the job's Hydra config, current while its folder or tracker is written
     num: int
     lock: object = None
+    report: object = None  # report(error, cfg, run_dir, num): a failed job's log line, failed list, FAILED marker
     model: PromptModel | None = None
     optimizer: torch.optim.Optimizer | None = None
     scheduler: object = None
@@ -188,22 +189,23 @@ def job_logs(jobs: list[Job]):
 
 
 def fail(job: Job, error: Exception) -> None:
-    """End one job as a failed sweep job (log line, failed list, FAILED marker); the group goes on."""
-    from ptv2.cli import record_failure
-
+    """End one job as a failed sweep job (log line, failed list, FAILED marker: job.report); the group goes on."""
     job.error = error
     if job.tracker is not None:
         job.tracker.finish()
     with current(job):
-        record_failure(error, job.cfg, job.run_dir, job.num)
+        job.report(error, job.cfg, job.run_dir, job.num)
 
 
-def train_group(jobs: list[Job], jobs_per_forward: int | None = None) -> None:
-    """Train every job of a group; each ends with `results` (written to its folder) or `error` (marked FAILED).
-    jobs_per_forward: how many jobs' blocks share one backbone forward (None: packing.default_jobs_per_forward)."""
-    from ptv2.cli import open_job
+def train_group(jobs: list[Job], jobs_per_forward: int | None, open_job, report) -> None:
+    """Train every job of a group; each ends with `results` (written to its folder) or `error` (reported).
 
+    jobs_per_forward: how many jobs' blocks share one backbone forward (None: packing.default_jobs_per_forward).
+    open_job(cfg, run_dir, command) -> lock, report(error, cfg, run_dir, job number): what the command line does
+    for every job before it runs and when it fails (cli.open_job, cli.record_failure; passed in by the launcher,
+    as the cli sits above the commands)."""
     for job in jobs:
+        job.report = report
         try:
             with current(job):
                 job.lock = open_job(job.cfg, job.run_dir, "train")
