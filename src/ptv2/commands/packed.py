@@ -279,7 +279,7 @@ def _save_state(job: Job, epoch: int, batches_done: int) -> None:
 
 @torch.inference_mode()
 def predict(encoder, jobs: list[Job], member, split, tokenizer, accelerator, batch_size, per_forward) -> list[list]:
-    """train.predict for K jobs at once: each eval batch through the backbone as K x B rows (per_forward jobs at a
+    """engine.predict for K jobs at once: each eval batch through the backbone as K x B rows (per_forward jobs at a
     time)."""
     for job in jobs:
         job.model.eval()
@@ -308,7 +308,7 @@ def predict(encoder, jobs: list[Job], member, split, tokenizer, accelerator, bat
 
 
 def _evaluate(encoder, jobs, members, split_of, tokenizer, accelerator, cfg, per_forward) -> list[dict]:
-    """{member: metrics} per job, as train.evaluate_all computes them for one."""
+    """{member: metrics} per job, as engine.evaluate_all computes them for one."""
     metrics = [{} for _ in jobs]
     for member in members:
         split = split_of(member)
@@ -407,9 +407,9 @@ def _train(jobs: list[Job], jobs_per_forward: int | None) -> None:
 def _loop(
     running, finish, start, stop, encoder, members, samplers, loaders, tokenizer, accelerator, labels, cfg, per_forward
 ):
-    """train.run's epochs for the group: a job takes part in the batches from its own start on."""
+    """commands.train.run's epochs for the group: a job takes part in the batches from its own start on."""
     for epoch in range(start[0], cfg.trainer.epochs):
-        # Per job, checked before the epoch, so a resumed job stops where it had stopped (as train.run).
+        # Per job, checked before the epoch, so a resumed job stops where it had stopped (as commands.train.run).
         stopping = []
         for job in running():
             patience, best_epoch = job.cfg.trainer.early_stopping_patience, job.progress.best_epoch
@@ -428,7 +428,7 @@ def _loop(
             sampler.set_epoch(epoch)
         batches, done = engine.interleaved(loaders, cfg.trainer.seed, epoch), 0
         if epoch == start[0] and start[1]:
-            done = start[1]  # the interrupted epoch's finished batches, skipped as train.run skips them
+            done = start[1]  # the interrupted epoch's finished batches, skipped as commands.train.run does
             for _ in range(done):
                 next(batches)
         if epoch == start[0]:
