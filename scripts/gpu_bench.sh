@@ -7,6 +7,7 @@
 #   scripts/gpu_bench.sh --prepare                 # here: fill outputs/gpu_carry (carry it to the device)
 #   SMALL=1 scripts/gpu_bench.sh                   # here: the whole script on the CPU with tiny sizes
 #   scripts/gpu_bench.sh                           # there
+#   PACK=1 scripts/gpu_bench.sh                    # there: the packed-sweep benchmarks instead (issue 15, below)
 set -euo pipefail
 OUT=${OUT:-outputs/gpu_bench}
 source "$(dirname "$0")/gpu_env.sh"
@@ -31,6 +32,27 @@ else sizes=(bench.batch_size=32 bench.seq_length=128 bench.prompt_length=128 ben
     bench.eval_batches=5 bench.eval_batch_size=64); fi
 common=(backbone=roberta-large "backbone.name_or_path=$work/roberta-large" backbone.random_init=true
     trainer.precision=bf16 "${sizes[@]}")
+if [[ -n "${PACK:-}" ]]; then
+    # Packed sweeps: K ptv2 jobs on one backbone (each batch as K x 32 rows) vs the same K jobs one after another,
+    # same steps each, each side in its own process. Targets: RoBERTa-large shape, prefix 128, K=8: wall <= 0.35x;
+    # MiniLM shape (random init, BERT 6 x 384), K=16: wall <= 0.2x. Peak memory: max_memory_allocated.
+    mkdir -p "$work/minilm"
+    if [[ -n "${SMALL:-}" ]]; then mini='"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64'
+        k_large=2 k_mini=3
+    else mini='"hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 12, "intermediate_size": 1536'
+        k_large=${K_LARGE:-8} k_mini=${K_MINI:-16}; fi
+    cat >"$work/minilm/config.json" <<JSON
+{"architectures": ["BertModel"], "model_type": "bert", $mini, "hidden_act": "gelu", "hidden_dropout_prob": 0.1,
+ "attention_probs_dropout_prob": 0.1, "max_position_embeddings": 512, "type_vocab_size": 2, "vocab_size": 30522,
+ "layer_norm_eps": 1e-12, "initializer_range": 0.02, "pad_token_id": 0}
+JSON
+    $PYTHON -m ptv2 bench "${common[@]}" bench.pack=$k_large hydra.run.dir="$work/pack_large" | tee "$OUT/pack_roberta_large.txt"
+    cp "$work/pack_large/bench.json" "$OUT/pack_roberta_large.json"
+    $PYTHON -m ptv2 bench backbone=minilm "backbone.name_or_path=$work/minilm" backbone.random_init=true \
+        trainer.precision=bf16 "${sizes[@]}" bench.pack=$k_mini hydra.run.dir="$work/pack_minilm" | tee "$OUT/pack_minilm.txt"
+    cp "$work/pack_minilm/bench.json" "$OUT/pack_minilm.json"
+    exit 0
+fi
 # 1. every method, fp32 weights + bf16 autocast for all (the like-for-like comparison)
 $PYTHON -m ptv2 bench "${common[@]}" hydra.run.dir="$work/run_all" | tee "$OUT/bench_all.txt"
 cp "$work/run_all/bench.json" "$OUT/bench_all.json"

@@ -54,30 +54,43 @@ def _job(function, cfg: DictConfig, command: str):
     sweeping = hydra_cfg.mode == RunMode.MULTIRUN
     lock = None
     try:
-        resolved(cfg)
-        check_values(cfg)
-        lock = rundir.open_run_dir(cfg, run_dir, command)
+        lock = open_job(cfg, run_dir, command)
         return objective(function(cfg, run_dir))
     except UserError as error:
-        message = f"ptv2: error: {error}"
         if not sweeping:
-            print(message, file=sys.stderr)
+            print(f"ptv2: error: {error}", file=sys.stderr)
             sys.exit(2)
-        log.error(message)
-        if isinstance(error, rundir.RunDirInUse):  # the folder is another run's: leave it as it is
-            failed_jobs.append(f"job {hydra_cfg.job.num} ({run_dir}: in use)")
-            return None
+        record_failure(error, cfg, run_dir, hydra_cfg.job.num)
     except Exception as error:
         if not sweeping:
             job_error = error  # a failure inside the job: a traceback, not a config mistake
             raise
-        log.error("job %s failed:\n%s", hydra_cfg.job.num, traceback.format_exc())
+        record_failure(error, cfg, run_dir, hydra_cfg.job.num)
     finally:
         if lock is not None:
             lock.release()
-    failed_jobs.append(f"job {hydra_cfg.job.num} ({run_dir})")
-    rundir.mark_failed(cfg, run_dir)
     return None
+
+
+def open_job(cfg: DictConfig, run_dir: Path, command: str) -> rundir.RunLock:
+    """Every value checked, the run directory locked and checked, the config written; the caller releases the lock."""
+    resolved(cfg)
+    check_values(cfg)
+    return rundir.open_run_dir(cfg, run_dir, command)
+
+
+def record_failure(error: Exception, cfg: DictConfig, run_dir: Path, job_num) -> None:
+    """A failed sweep job (the sweep goes on): its error in the log (one line for a user error, else the traceback),
+    its entry in the failed list, its FAILED marker; a folder that is another run's is left as it is."""
+    if isinstance(error, UserError):
+        log.error(f"ptv2: error: {error}")
+    else:
+        log.error("job %s failed:\n%s", job_num, "".join(traceback.format_exception(error)))
+    if isinstance(error, rundir.RunDirInUse):
+        failed_jobs.append(f"job {job_num} ({run_dir}: in use)")
+        return
+    failed_jobs.append(f"job {job_num} ({run_dir})")
+    rundir.mark_failed(cfg, run_dir)
 
 
 def objective(result):

@@ -165,6 +165,10 @@ class BenchConfig:
     isolate: bool = True  # each method in its own process, so its peak memory is its own
     threads: Optional[int] = None  # torch CPU threads (None: torch's default)
     profile: bool = False  # also write a torch.profiler table per method
+    # K: instead, K jobs of the command's prompt method packed on one backbone vs the same K jobs one after another
+    # (wall time and peak memory for the same steps; see pack_bench.py)
+    pack: Optional[int] = None
+    jobs_per_forward: Optional[int] = None  # bench.pack: jobs per backbone forward (None: as the packed launcher)
 
 
 @dataclass
@@ -283,6 +287,8 @@ RANGES = {
     "bench.eval_batches": COUNT,
     "bench.eval_batch_size": SOME_COUNT,
     "bench.threads": SOME_COUNT,
+    "bench.pack": SOME_COUNT,
+    "bench.jobs_per_forward": SOME_COUNT,
 }
 CHOICES = {
     "backbone.dtype": DTYPES,

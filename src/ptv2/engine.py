@@ -105,6 +105,14 @@ def build(cfg: DictConfig, splits_of):
     the run's config.yaml and checkpoint record them.
     """
     backbone_config, tokenizer = load_backbone(cfg)
+    members, prep_seconds = prepare_members(cfg, tokenizer, splits_of)
+    encoder, parts = load_encoder(cfg, backbone_config)
+    return tokenizer, members, prep_seconds, prompt_model(cfg, members, encoder, tokenizer, parts)
+
+
+def prepare_members(cfg: DictConfig, tokenizer, splits_of) -> tuple[list[Member], dict[str, float]]:
+    """(members with their prepared splits, preparation seconds per member/split): `build` without the model (a
+    packed sweep group prepares the data once for all its jobs)."""
     members, prep_seconds = [], {}
     for name, task in task_members(cfg.task):
         kind = task_type(task.type)
@@ -124,8 +132,7 @@ def build(cfg: DictConfig, splits_of):
         with open_dict(cfg.task):
             for member in members:
                 cfg.task.members[member.name] = member.task
-    encoder, parts = load_encoder(cfg, backbone_config)
-    return tokenizer, members, prep_seconds, prompt_model(cfg, members, encoder, tokenizer, parts)
+    return members, prep_seconds
 
 
 def load_backbone(cfg: DictConfig):

@@ -343,6 +343,10 @@ def table(results: dict[str, dict]) -> str:
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     bench = cfg.bench
+    if bench.pack:  # packed sweeps: K jobs on one backbone vs one after another
+        from ptv2.commands import pack_bench
+
+        return pack_bench.run(cfg, variant_config(cfg, cfg.prompt.method), run_dir)
     if not bench.methods:
         raise UserError("bench.methods is empty")
     variants = [variant_config(cfg, name) for name in dict.fromkeys(bench.methods)]

@@ -238,8 +238,14 @@ def encoder_shape(config: PretrainedConfig) -> tuple[int, int, int]:
 
 def shifted_position_ids(config: PretrainedConfig, attention_mask: torch.Tensor, shift: int) -> torch.Tensor | None:
     """Position ids moved by `shift`, as the official cache-based implementation numbered them (None if n/a)."""
+    return position_ids(config, attention_mask, shift) if shift else None
+
+
+def position_ids(config: PretrainedConfig, attention_mask: torch.Tensor, shift: int = 0) -> torch.Tensor | None:
+    """Position ids of tokens numbered from `shift` on (0: the stock numbering, written out); None for relative
+    families. Packed training numbers each job's block of rows with its own job's shift."""
     family = family_of(config)
-    if family.positions == "relative" or shift == 0:
+    if family.positions == "relative":
         return None
     if family.positions == "padding_offset":
         # RoBERTa numbers real tokens padding_idx+1, padding_idx+2, ... and keeps padding at padding_idx.

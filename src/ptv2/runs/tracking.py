@@ -54,7 +54,15 @@ class Tracker:
     In a multirun every job is a run of job_type 'sweep-job' in one group (logger.group, else the sweep folder),
     named after its job number, with the job's overrides in its config ('overrides') so the swept keys show."""
 
-    def __init__(self, cfg, run_dir: Path, job_type: str | None = None, group: str | None = None, enabled: bool = True):
+    def __init__(
+        self,
+        cfg,
+        run_dir: Path,
+        job_type: str | None = None,
+        group: str | None = None,
+        enabled: bool = True,
+        concurrent: bool = False,  # several runs open at once in this process (a packed sweep group)
+    ):
         self.run = None
         settings = cfg.logger
         if settings.name == "none" or not enabled:
@@ -80,7 +88,7 @@ class Tracker:
                 **{k: job[k] for k in ("overrides", "sweep_dir") if k in job},
             },
             dir=str(run_dir),
-            reinit="finish_previous",  # sweeps run several jobs in one process
+            reinit="create_new" if concurrent else "finish_previous",  # sweeps run several jobs in one process
         )
         for attempt in dict.fromkeys([mode, "offline"]):
             try:
