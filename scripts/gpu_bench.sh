@@ -4,7 +4,8 @@
 # Run from the repository root; what the device lacks travels in $CARRY (scripts/gpu_env.sh). Figures land in $OUT
 # (the device tool brings that folder back).
 #
-#   scripts/gpu_bench.sh --prepare                 # here: fill outputs/gpu_carry (carry it to the device)
+#   scripts/gpu_bench.sh --prepare                 # here: fill outputs/gpu_carry (carry it to the device;
+#                                                  # outputs/gpu_carry_b is only needed for backbone=minilm)
 #   SMALL=1 scripts/gpu_bench.sh                   # here: the whole script on the CPU with tiny sizes
 #   scripts/gpu_bench.sh                           # there
 #   PACK=1 scripts/gpu_bench.sh                    # there: the packed-sweep benchmarks instead (issue 15, below)
@@ -12,7 +13,7 @@ set -euo pipefail
 OUT=${OUT:-outputs/gpu_bench}
 source "$(dirname "$0")/gpu_env.sh"
 mkdir -p "$OUT"
-if [[ "${1:-}" == "--prepare" ]]; then gpu_carry_prepare && du -sh "$CARRY"; exit 0; fi
+if [[ "${1:-}" == "--prepare" ]]; then gpu_carry_prepare; exit 0; fi
 gpu_activate "$OUT/environment.txt"
 
 # RoBERTa-large's published hyper-parameters (random init needs nothing else). SMALL=1 shrinks everything.
