@@ -56,7 +56,9 @@ def _job(function, cfg: DictConfig, command: str):
     try:
         resolved(cfg)
         check_values(cfg)
-        lock = rundir.open_run_dir(cfg, run_dir, command)
+        # Under `accelerate launch` every process runs the job; the main one (RANK 0) owns the run directory.
+        if int(os.environ.get("RANK", "0")) == 0:
+            lock = rundir.open_run_dir(cfg, run_dir, command)
         return objective(function(cfg, run_dir))
     except UserError as error:
         message = f"ptv2: error: {error}"
