@@ -24,6 +24,7 @@ to (shorter prompts are zero-padded and their padded columns hidden: they get ex
 
 from __future__ import annotations
 
+import inspect
 import types
 from dataclasses import dataclass
 
@@ -288,6 +289,8 @@ def generate_greedy(
     """
     from transformers import DynamicCache
 
+    # transformers renamed `past_key_values` to `cache` during 5.x; an unknown name would be swallowed by **kwargs.
+    cache_name = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
     cache = DynamicCache(config=decoder.config)
     extra = {"prefix_key_values": prefix} if prefix else {}
     mask = attention_mask.long()
@@ -297,7 +300,12 @@ def generate_greedy(
     eos = torch.tensor(eos_token_ids, device=input_ids.device)
     for _ in range(max_new_tokens):
         hidden = decoder(
-            input_ids=step_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, **extra
+            input_ids=step_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            **{cache_name: cache},
+            **extra,
         ).last_hidden_state
         chosen = lm_head(hidden[:, -1]).argmax(-1)
         chosen = torch.where(done, eos[0], chosen)
