@@ -125,7 +125,10 @@ def test_optimizer_name_chooses_the_optimizer(name, kind):
     [
         ("optimizer.name=adam_typo", "optimizer.name=adam_typo is unknown; choose one of adamw, sgd"),
         ("scheduler.name=cosine", "scheduler.name=cosine is unknown; choose one of linear, exponential, constant"),
-        ("task.reader=superglu", "task.reader=superglu is unknown; choose one of squad, superglue, tagging"),
+        (
+            "task.reader=superglu",
+            "task.reader=superglu is unknown; choose one of instructions, squad, superglue, tagging",
+        ),
     ],
 )
 def test_unknown_table_entries_are_refused_in_one_line(override, message):

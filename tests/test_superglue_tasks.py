@@ -315,7 +315,7 @@ def test_head_spec_checks_word_count_and_task_type():
 
 def test_unknown_head_is_refused():
     cfg = composed("task=rte", "backbone=tiny", "task.head=softmax")
-    with pytest.raises(UserError, match="task.head=softmax .* choose one of linear, pooler, verbalizer"):
+    with pytest.raises(UserError, match="task.head=softmax .* choose one of linear, pooler, verbalizer, lm"):
         validate(cfg, backbone.load_config(cfg.backbone))
 
 

@@ -72,10 +72,13 @@ def _job(function, cfg: DictConfig, command: str):
     return None
 
 
-def open_job(cfg: DictConfig, run_dir: Path, command: str) -> rundir.RunLock:
+def open_job(cfg: DictConfig, run_dir: Path, command: str) -> rundir.RunLock | None:
     """Every value checked, the run directory locked and checked, the config written; the caller releases the lock."""
     resolved(cfg)
     check_values(cfg)
+    # Under `accelerate launch` every process runs the job; the main one (RANK 0) owns the run directory.
+    if int(os.environ.get("RANK", "0")) != 0:
+        return None
     return rundir.open_run_dir(cfg, run_dir, command)
 
 

@@ -19,7 +19,7 @@ from omegaconf import MISSING, OmegaConf
 from ptv2.errors import UserError, unknown
 from ptv2.modeling.methods import METHODS, method
 
-HEADS = ("linear", "pooler", "verbalizer")  # task.head
+HEADS = ("linear", "pooler", "verbalizer", "lm")  # task.head
 
 
 @dataclass
@@ -32,6 +32,8 @@ class BackboneConfig:
     dropout: Optional[float] = None  # overrides the backbone's hidden_dropout_prob (official scripts: 0.1)
     attention_dropout: Optional[float] = None  # overrides attention_probs_dropout_prob
     attention: str = "sdpa"  # sdpa | eager (written-out attention, as the official code ran; speed comparisons)
+    tokenizer: Optional[str] = None  # tokenizer hub id / folder when not name_or_path's (random-init shapes, tests)
+    gradient_checkpointing: bool = False  # recompute layer activations in the backward: memory for big backbones
 
 
 @dataclass
@@ -66,7 +68,8 @@ class TaskConfig:
     head_dropout: float = 0.1
     # linear: a linear layer on [CLS] (multiple choice: one score per choice) | pooler: the backbone's pooler (frozen
     # with the encoder), dropout, a linear layer: the official models' head | verbalizer: the backbone's MLM head
-    # scores the label words of `options.verbalizer` at a mask slot appended to the input (see heads.VerbalizerHead)
+    # scores the label words of `options.verbalizer` at a mask slot appended to the input (see heads.VerbalizerHead;
+    # decoders: their LM head's next-token logits after "?") | lm: the LM head on the answer tokens (generation)
     head: str = "linear"
     eval_split: str = "dev"
     test_split: Optional[str] = None  # also evaluated at the best dev epoch when set (tagging protocol)
@@ -368,7 +371,7 @@ def check_values(cfg) -> None:
 
 def validate(cfg, backbone_config) -> None:
     """check_values, then the checks that need the backbone's config; raise UserError with one clear line."""
-    from ptv2.modeling.injection import encoder_shape, positions_used
+    from ptv2.modeling.injection import encoder_shape, family_of, positions_used
 
     check_values(cfg)
     prompt = cfg.prompt
@@ -391,6 +394,11 @@ def validate(cfg, backbone_config) -> None:
                 f"(bad: {bad or 'empty list'})"
             )
 
+    if prompt.get("shift_positions") and family_of(backbone_config).causal:
+        raise UserError(
+            "prompt.shift_positions=true is for encoders; decoders number their tokens from 0 after the prefix "
+            "(set prompt.shift_positions=false)"
+        )
     task = cfg.task
     # Input prompts occupy positions like tokens; the official-style shift moves every token by P.
     chosen = method(prompt.method)

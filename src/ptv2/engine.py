@@ -18,7 +18,7 @@ from ptv2.config import task_members, validate
 from ptv2.data import LengthGroupedBatches, Split, prepare_split, sorted_batches, timed
 from ptv2.errors import UserError
 from ptv2.modeling import backbone
-from ptv2.modeling.heads import VerbalizerHead
+from ptv2.modeling.heads import LanguageModelHead, VerbalizerHead
 from ptv2.modeling.model import PromptModel
 from ptv2.tasks import TASK_TYPES, TaskType, task_type
 
@@ -170,9 +170,13 @@ def head_spec(member: Member, tokenizer, parts: backbone.BackboneHeads):
                 "use task.head=linear"
             )
         return head_class, len(task.labels), parts.pooler
+    if kind == "lm":
+        if not parts.causal:
+            raise UserError(f"task.type=generation needs a decoder backbone; {tokenizer.name_or_path} is an encoder")
+        return LanguageModelHead(parts.lm_head)
     if kind != "verbalizer":
         return head_class, len(task.labels)
-    if tokenizer.mask_token_id is None:
+    if tokenizer.mask_token_id is None and not parts.causal:
         raise UserError(f"task.head=verbalizer needs a backbone with a mask token; {tokenizer.name_or_path} has none")
     words = [str(word) for word in (task.options.get("verbalizer") or [])]
     expected = member.kind.VERBALIZER_WORDS or len(task.labels)
@@ -195,7 +199,10 @@ def predict(model, member: Member, split: str, tokenizer, accelerator: Accelerat
     loader = accelerator.prepare_data_loader(loader)
     ordered = [None] * len(features)
     for batch in loader:
-        result = member.kind.outputs(model(batch, head=member.name), batch)
+        if hasattr(member.kind, "generate"):  # generation: greedy decoding instead of one forward
+            result = member.kind.generate(accelerator.unwrap_model(model), batch, member, tokenizer)
+        else:
+            result = member.kind.outputs(model(batch, head=member.name), batch)
         if accelerator.num_processes > 1:
             # Ragged outputs (per-token: (B, L) tag ids, (B, L, 2) span logits) are padded to one width (a no-op
             # for (B, labels) scores); repeated rows that even out the last batches across processes carry an

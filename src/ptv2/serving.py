@@ -147,6 +147,10 @@ class PromptServer(nn.Module):
                 rows_out[row] = out[position]
         return rows_out
 
+    def generate(self, batch: dict, head: str, **options) -> torch.Tensor:
+        """Greedy answers of the served generation task `head` (see PromptModel.generate)."""
+        return self._model_of(head).generate(batch, head=self.owner[head][1], **options)
+
     def _model_of(self, head: str) -> PromptModel:
         if head not in self.owner:
             raise UserError(f"no served task named {head}; served: {', '.join(self.owner)}")

@@ -6,7 +6,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer, PretrainedConfig
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoTokenizer,
+    PretrainedConfig,
+)
 
 from ptv2.errors import UserError
 from ptv2.modeling import injection
@@ -31,6 +38,13 @@ def load_config(cfg) -> PretrainedConfig:
         config = AutoConfig.from_pretrained(cfg.name_or_path, revision=cfg.revision)
     except (OSError, ValueError) as error:
         raise _not_loadable("config", cfg, error) from None
+    if getattr(config, "auto_map", None):
+        # Remote code is never run. The paper's GLM-xlarge/xxlarge (THUDM/glm-2b, glm-10b) also name model type
+        # "glm", transformers' native GLM-4: without this check they would load as the wrong architecture.
+        raise UserError(
+            f"backbone {cfg.name_or_path} needs its own remote code (config.json has auto_map), which ptv2 does not "
+            "run; for the paper's GLM-xlarge/xxlarge use a native GLM such as backbone=glm-4-9b (see the README)"
+        )
     injection.family_of(config)
     if cfg.dropout is not None:
         config.hidden_dropout_prob = cfg.dropout
@@ -40,10 +54,19 @@ def load_config(cfg) -> PretrainedConfig:
 
 
 def load_tokenizer(cfg):
+    """The backbone's tokenizer (backbone.tokenizer when set: random-init shapes without their own files).
+
+    Decoder tokenizers often have no padding token: the end token pads (padding is masked out anyway). Batches are
+    padded on the right (the task types' labels assume it); generation pads its prompts on the left itself."""
+    location = cfg.get("tokenizer") or cfg.name_or_path
     try:
-        return AutoTokenizer.from_pretrained(cfg.name_or_path, revision=cfg.revision)
+        tokenizer = AutoTokenizer.from_pretrained(location, revision=None if cfg.get("tokenizer") else cfg.revision)
     except (OSError, ValueError) as error:
         raise _not_loadable("tokenizer", cfg, error) from None
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
 
 
 def _load_model(auto_class, cfg, config: PretrainedConfig, what: str) -> torch.nn.Module:
@@ -52,11 +75,17 @@ def _load_model(auto_class, cfg, config: PretrainedConfig, what: str) -> torch.n
     attention = injection.attention_key(config, cfg.get("attention", "sdpa"))
     options = {"attn_implementation": attention, "dtype": DTYPES[cfg.dtype]}
     if cfg.random_init:
-        return auto_class.from_config(config, **options)
-    try:
-        return auto_class.from_pretrained(cfg.name_or_path, config=config, revision=cfg.revision, **options)
-    except (OSError, ValueError) as error:
-        raise _not_loadable(what, cfg, error) from None
+        model = auto_class.from_config(config, **options)
+    else:
+        try:
+            model = auto_class.from_pretrained(cfg.name_or_path, config=config, revision=cfg.revision, **options)
+        except (OSError, ValueError) as error:
+            raise _not_loadable(what, cfg, error) from None
+    if cfg.get("gradient_checkpointing"):
+        # Non-reentrant: the frozen embeddings' output needs no gradient, and the prefix still gets one (it enters
+        # every layer as a forward kwarg, which the recomputation sees again).
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    return model
 
 
 def load_encoder(cfg, config: PretrainedConfig | None = None) -> tuple[torch.nn.Module, torch.nn.Module | None]:
@@ -78,8 +107,8 @@ class MaskedLMHead(torch.nn.Module):
     """The backbone's pretrained MLM head: hidden states (..., H) -> vocabulary logits (..., V).
 
     Holds the masked-LM model's modules other than its encoder (BERT `cls`, RoBERTa `lm_head`, ELECTRA
-    `generator_predictions` + `generator_lm_head`, DeBERTa-v2 `cls` or `lm_predictions`). Decoder weights stay tied
-    to the encoder's word embeddings, so they train or stay frozen with the encoder.
+    `generator_predictions` + `generator_lm_head`, DeBERTa-v2 `cls` or `lm_predictions`; a causal LM's `lm_head`).
+    Decoder weights stay tied to the encoder's word embeddings, so they train or stay frozen with the encoder.
     """
 
     def __init__(self, masked_lm: torch.nn.Module):
@@ -114,7 +143,10 @@ def load_masked_lm(cfg, config: PretrainedConfig | None = None) -> tuple[torch.n
     A checkpoint without MLM weights (e.g. a sentence-embedding model) gets a randomly initialised head, with
     transformers' warning in the log.
     """
-    masked_lm = _load_model(AutoModelForMaskedLM, cfg, config or load_config(cfg), "masked-LM weights")
+    config = config or load_config(cfg)
+    # A decoder's LM head predicts the next token: its verbalizer reads the logits after the prompt's last token.
+    auto_class = AutoModelForCausalLM if injection.family_of(config).causal else AutoModelForMaskedLM
+    masked_lm = _load_model(auto_class, cfg, config, "language-model weights")
     return split_masked_lm(masked_lm)
 
 
@@ -141,19 +173,21 @@ def label_word_ids(tokenizer, words: list[str], where: str) -> list[int]:
 
 @dataclass
 class BackboneHeads:
-    """Pretrained parts of the backbone that heads read: the MLM head (task.head=verbalizer), the pooler
-    (task.head=pooler). None where the run needs none or the backbone has none."""
+    """Pretrained parts of the backbone that heads read: the MLM head, a decoder's LM head (task.head=verbalizer or
+    lm), the pooler (task.head=pooler). None where the run needs none or the backbone has none."""
 
     lm_head: MaskedLMHead | None = None
     pooler: torch.nn.Module | None = None
+    causal: bool = False  # a decoder: its LM head predicts the next token (no mask token needed)
 
 
 def load_with_heads(cfg, config: PretrainedConfig, head_kinds: set[str]) -> tuple[torch.nn.Module, BackboneHeads]:
     """The prompt-ready encoder and the backbone parts that the run's heads (`task.head` values) need."""
-    if "verbalizer" in head_kinds:
+    causal = injection.family_of(config).causal
+    if head_kinds & {"verbalizer", "lm"}:
         if "pooler" in head_kinds:
             raise UserError("task.head=verbalizer and task.head=pooler cannot share a run; choose one for all members")
         encoder, lm_head = load_masked_lm(cfg, config)
-        return encoder, BackboneHeads(lm_head=lm_head)
+        return encoder, BackboneHeads(lm_head=lm_head, causal=causal)
     encoder, pooler = load_encoder(cfg, config)
-    return encoder, BackboneHeads(pooler=pooler if "pooler" in head_kinds else None)
+    return encoder, BackboneHeads(pooler=pooler if "pooler" in head_kinds else None, causal=causal)

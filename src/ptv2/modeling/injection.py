@@ -8,6 +8,9 @@ picked per model family in `FAMILIES`:
   The prefix travels as the forward kwarg `prefix_key_values`, so it survives gradient checkpointing and touches
   neither position ids nor any cache. The stock SDPA mask builder is registered under the same key, otherwise
   transformers would silently skip padding masks for an unknown implementation.
+  Decoders (GPT-2, Llama, Mistral, Qwen2/3, Gemma, GLM/GLM-4) take the same path: their attention modules call the
+  registered function after rotary embeddings and the cache update, so the prefix is never rotated, never enters
+  the cache, and every query sees every prefix column (a causal mask gets P always-open columns in front).
 - "deberta" (DeBERTa-v2/v3, which has neither a cache nor the attention interface): each self-attention module gets
   a per-instance forward that scores queries against [prefix; keys], gives prefix columns zero relative-position
   bias (as the official P-Tuning v2 code does), and reads the prefix from a slot set just before the encoder runs.
@@ -21,6 +24,7 @@ to (shorter prompts are zero-padded and their padded columns hidden: they get ex
 
 from __future__ import annotations
 
+import inspect
 import types
 from dataclasses import dataclass
 
@@ -44,7 +48,10 @@ class Family:
     """How a model family takes prefixes and numbers its positions."""
 
     injection: str  # "attention_interface" | "deberta"
-    positions: str  # "absolute" (0..L-1) | "padding_offset" (RoBERTa: padding_idx + 1 + i) | "relative"
+    # "absolute" (0..L-1) | "padding_offset" (RoBERTa: padding_idx + 1 + i) | "relative" | "rotary" (applied to
+    # tokens inside attention; any length the config's rope allows)
+    positions: str
+    causal: bool = False  # a decoder: heads read the last real token, token positions are counted from the mask
 
 
 FAMILIES = {
@@ -54,6 +61,15 @@ FAMILIES = {
     "xlm-roberta": Family("attention_interface", "padding_offset"),
     "camembert": Family("attention_interface", "padding_offset"),
     "deberta-v2": Family("deberta", "relative"),
+    # Decoders: the attention-interface path; GPT-2 has learned absolute positions, the others rotary ones.
+    "gpt2": Family("attention_interface", "absolute", causal=True),
+    "llama": Family("attention_interface", "rotary", causal=True),
+    "mistral": Family("attention_interface", "rotary", causal=True),
+    "qwen2": Family("attention_interface", "rotary", causal=True),
+    "qwen3": Family("attention_interface", "rotary", causal=True),
+    "gemma": Family("attention_interface", "rotary", causal=True),
+    "glm": Family("attention_interface", "rotary", causal=True),
+    "glm4": Family("attention_interface", "rotary", causal=True),
 }
 
 
@@ -80,6 +96,10 @@ def _prefix_sdpa_attention(
         prefix_key, prefix_value, *prefix_mask = layer_prefix
         batch_size, prefix_length = key.shape[0], prefix_key.shape[2]
         key_length = key.shape[2]
+        if attention_mask is None and getattr(module, "is_causal", False) and query.shape[2] > 1:
+            # SDPA's is_causal aligns the diagonal top-left (and transformers then crops the keys to the queries):
+            # with prefix columns in front the causal pattern has to be written out.
+            attention_mask = _causal_mask(query.shape[2], key_length, query.device)
         key = torch.cat([_expand_to_batch(prefix_key, batch_size, key.dtype), key], dim=2)
         value = torch.cat([_expand_to_batch(prefix_value, batch_size, value.dtype), value], dim=2)
         if prefix_mask:  # per-example prompts (serving): hide each example's padded prefix columns
@@ -94,6 +114,9 @@ def _prefix_sdpa_attention(
         if kw.get("dropout", 0.0) > 0 and query.device.type == "cpu" and not prefix_mask:
             eager = True
     if eager:
+        groups = getattr(module, "num_key_value_groups", 1)
+        if groups > 1:  # grouped-query attention: each key/value head serves `groups` query heads
+            key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
         return _written_out_attention(query, key, value, attention_mask, kw.get("dropout", 0.0), kw.get("scaling"))
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kw)
 
@@ -122,6 +145,12 @@ def _written_out_attention(query, key, value, attention_mask, dropout: float, sc
     if dropout > 0:
         probs = torch.nn.functional.dropout(probs, dropout, training=True)
     return torch.matmul(probs, value).transpose(1, 2).contiguous(), None
+
+
+def _causal_mask(queries: int, keys: int, device) -> torch.Tensor:
+    """(1, 1, queries, keys) boolean causal mask for the last `queries` of `keys` positions (a cache holds the rest)."""
+    rows = torch.arange(keys - queries, keys, device=device)[:, None]
+    return (torch.arange(keys, device=device)[None, :] <= rows)[None, None]
 
 
 def _with_prefix_mask(attention_mask, prefix_mask: torch.Tensor, queries: int, keys: int) -> torch.Tensor:
@@ -224,16 +253,80 @@ def run_encoder(encoder: torch.nn.Module, prefix: Prefix | None, **inputs) -> to
         # The slot keeps the prefix after the call so activation-checkpointed layers recompute with it.
         slot.prefix = prefix
         return encoder(**inputs).last_hidden_state
+    if family_of(encoder.config).causal:
+        inputs = decoder_inputs(**inputs)
     if prefix:
         inputs["prefix_key_values"] = prefix
     return encoder(**inputs).last_hidden_state
 
 
+def decoder_inputs(input_ids=None, attention_mask=None, position_ids=None, token_type_ids=None, **inputs) -> dict:
+    """A decoder's forward inputs: positions counted from the mask, so a left-padded row numbers its tokens as an
+    unpadded one (transformers numbers columns); segment ids dropped (GPT-2 would add them as token embeddings);
+    no cache outside generation."""
+    if position_ids is None and attention_mask is not None:
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    return dict(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **inputs
+    )
+
+
+@torch.no_grad()
+def generate_greedy(
+    decoder: torch.nn.Module,
+    lm_head: torch.nn.Module,
+    prefix: Prefix | None,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    max_new_tokens: int,
+    eos_token_ids: list[int],
+) -> torch.Tensor:
+    """Greedy continuation (B, <= max_new_tokens) of left-padded prompts by a decoder with `prefix` on its layers.
+
+    The prompt runs once into a DynamicCache (which holds token keys/values only: the prefix joins inside
+    attention at every step); then one token per step. Rows that produced an end token continue with end tokens
+    until every row has, or `max_new_tokens` is reached.
+    """
+    from transformers import DynamicCache
+
+    # transformers renamed `past_key_values` to `cache` during 5.x; an unknown name would be swallowed by **kwargs.
+    cache_name = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+    cache = DynamicCache(config=decoder.config)
+    extra = {"prefix_key_values": prefix} if prefix else {}
+    mask = attention_mask.long()
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    tokens, step_ids = [], input_ids
+    done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    eos = torch.tensor(eos_token_ids, device=input_ids.device)
+    for _ in range(max_new_tokens):
+        hidden = decoder(
+            input_ids=step_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            **{cache_name: cache},
+            **extra,
+        ).last_hidden_state
+        chosen = lm_head(hidden[:, -1]).argmax(-1)
+        chosen = torch.where(done, eos[0], chosen)
+        tokens.append(chosen)
+        done |= torch.isin(chosen, eos)
+        if done.all():
+            break
+        step_ids = chosen[:, None]
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        positions = positions[:, -1:] + 1
+    return torch.stack(tokens, dim=1)
+
+
 def encoder_shape(config: PretrainedConfig) -> tuple[int, int, int]:
-    """(layers, heads, head_dim) of an encoder config."""
+    """(layers, key/value heads, head_dim) of a backbone config: the shape of one layer's prefix keys. Grouped-query
+    decoders have fewer key/value heads than query heads; some set head_dim apart from hidden_size / heads."""
     heads = config.num_attention_heads
-    head_dim = getattr(config, "attention_head_size", None) or config.hidden_size // heads
-    return config.num_hidden_layers, heads, head_dim
+    head_dim = (
+        getattr(config, "attention_head_size", None) or getattr(config, "head_dim", None) or config.hidden_size // heads
+    )
+    return config.num_hidden_layers, getattr(config, "num_key_value_heads", None) or heads, head_dim
 
 
 def shifted_position_ids(config: PretrainedConfig, attention_mask: torch.Tensor, shift: int) -> torch.Tensor | None:
@@ -243,9 +336,9 @@ def shifted_position_ids(config: PretrainedConfig, attention_mask: torch.Tensor,
 
 def position_ids(config: PretrainedConfig, attention_mask: torch.Tensor, shift: int = 0) -> torch.Tensor | None:
     """Position ids of tokens numbered from `shift` on (0: the stock numbering, written out); None for relative
-    families. Packed training numbers each job's block of rows with its own job's shift."""
+    and decoder families. Packed training numbers each job's block of rows with its own job's shift."""
     family = family_of(config)
-    if family.positions == "relative":
+    if family.positions in ("relative", "rotary") or family.causal:  # decoders number positions themselves
         return None
     if family.positions == "padding_offset":
         # RoBERTa numbers real tokens padding_idx+1, padding_idx+2, ... and keeps padding at padding_idx.
@@ -257,7 +350,7 @@ def position_ids(config: PretrainedConfig, attention_mask: torch.Tensor, shift: 
 def positions_used(config: PretrainedConfig, length: int, shift: int) -> int:
     """Highest position index + 1 needed for `length` tokens shifted by `shift` (0 for relative families)."""
     family = family_of(config)
-    if family.positions == "relative":
+    if family.positions in ("relative", "rotary"):
         return 0
     offset = config.pad_token_id + 1 if family.positions == "padding_offset" else 0
     return offset + shift + length

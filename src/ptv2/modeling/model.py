@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ptv2.modeling.heads import VerbalizerHead
-from ptv2.modeling.injection import encoder_shape, run_encoder, shifted_position_ids
+from ptv2.modeling.heads import LanguageModelHead, VerbalizerHead
+from ptv2.modeling.injection import encoder_shape, family_of, generate_greedy, run_encoder, shifted_position_ids
 from ptv2.modeling.methods import method
 from ptv2.modeling.prompts import InputPrompt, PrefixEncoder, official_init_
 
@@ -72,18 +72,20 @@ class PromptModel(nn.Module):
         if isinstance(spec, nn.Module):
             return spec
         head_class, num_labels, *pooler = spec
-        head = head_class(config.hidden_size, num_labels, dropout, *pooler)
+        # Decoders read a sentence from its last token: the only one that has seen the whole input.
+        last_token = {"last_token": True} if getattr(head_class, "SENTENCE", False) and family_of(config).causal else {}
+        head = head_class(config.hidden_size, num_labels, dropout, *pooler, **last_token)
         official_init_(head.linear, config.initializer_range)  # the pooler is the backbone's, left as loaded
         return head
 
     def _set_backbone_head_trainability(self) -> None:
         """Head parts that come from the backbone train with it. The pooler stays frozen with a frozen encoder (as
-        in the official models). A verbalizer's MLM head also does, except for a linear probe, which has no other
-        head: there the MLM head's own layers train (never the word embeddings its decoder shares with the encoder,
-        which `requires_grad_` on the encoder already decided)."""
+        in the official models). A verbalizer's MLM head (or a generation task's LM head) also does, except for a
+        linear probe, which has no other head: there the MLM head's own layers train (never the word embeddings its
+        decoder shares with the encoder, which `requires_grad_` on the encoder already decided)."""
         shared = {id(p) for p in self.encoder.parameters()}
         for head in self.heads.values():
-            if isinstance(head, VerbalizerHead):
+            if isinstance(head, (VerbalizerHead, LanguageModelHead)):
                 for parameter in head.lm_head.parameters():
                     if id(parameter) not in shared:
                         parameter.requires_grad_(not self.frozen or self.trains_backbone_heads)
@@ -111,6 +113,15 @@ class PromptModel(nn.Module):
             # Drop the prompt positions so heads see the original token positions.
             hidden = torch.cat([hidden[:, :1], hidden[:, 1 + self.prompt.embedding.num_embeddings :]], dim=1)
         return self.head_for(head)(hidden, batch)
+
+    @torch.no_grad()
+    def generate(self, batch: dict, head: str | None, max_new_tokens: int, eos_token_ids: list[int]) -> torch.Tensor:
+        """Greedy answers (B, <= max_new_tokens) to the left-padded prompts batch["prompt_input_ids"] /
+        ["prompt_attention_mask"], read by the LM head of `head` (task.head=lm) with this model's prefix."""
+        prefix = self.prompt(1) if isinstance(self.prompt, PrefixEncoder) else None  # batch 1: expanded in attention
+        lm_head = self.head_for(head).lm_head
+        ids, mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
+        return generate_greedy(self.encoder, lm_head, prefix, ids, mask, max_new_tokens, eos_token_ids)
 
     def _with_input_prompt(self, input_ids: torch.Tensor, inputs: dict) -> dict:
         """Insert the prompt vectors right after the first ([CLS]) token, so [CLS] keeps position 0."""

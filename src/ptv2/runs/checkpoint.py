@@ -137,6 +137,9 @@ def stored_config(path: str | Path) -> DictConfig:
     location = str(OmegaConf.select(saved, "backbone.name_or_path", default="") or "")
     if location and (not HUB_ID.fullmatch(location) or ".." in location):
         OmegaConf.update(saved, "backbone.name_or_path", _packaged_backbone(str(saved.backbone.get("name"))))
+    tokenizer = str(OmegaConf.select(saved, "backbone.tokenizer", default="") or "")
+    if tokenizer and (not HUB_ID.fullmatch(tokenizer) or ".." in tokenizer):  # a folder: never the checkpoint's
+        OmegaConf.update(saved, "backbone.tokenizer", None)
     return saved
 
 

@@ -4,7 +4,8 @@ A task type is a module here that provides what `TaskType` lists: its head, the 
 long a feature is, `encode` (a batched `datasets.map` function from canonical examples to features), `collate`
 (features -> padded tensors), `outputs` (per-feature results to gather, one row per feature) and `metrics`.
 Optional: `labels(train_examples)` derives label names from the training data when the task config lists none;
-`write_predictions` writes prediction files; `PER_TOKEN` names the batch keys padded like input_ids. A new task
+`write_predictions` writes prediction files; `PER_TOKEN` names the batch keys padded like input_ids;
+`generate(model, batch, member, tokenizer)` replaces the forward at evaluation (generation: greedy decoding). A new task
 type is a new module here: nothing to register.
 """
 

@@ -1,7 +1,8 @@
 """Sentence(-pair) classification with a linear head on [CLS]: examples have text_a, text_b ("" if none), label.
 
 With `task.head=verbalizer` every sequence also gets a mask slot, "? <mask>", before its closing separator
-("[CLS] a [SEP] b ? [MASK] [SEP]"), where the verbalizer head reads its label words.
+("[CLS] a [SEP] b ? [MASK] [SEP]"), where the verbalizer head reads its label words. A decoder's tokenizer has no
+mask token: its slot is "?" at the end, where the LM head's next-token logits score the label words.
 """
 
 from __future__ import annotations
@@ -31,23 +32,32 @@ def encode(batch: dict[str, list], tokenizer, task) -> dict[str, list]:
         batch["text_a"], batch["text_b"] if pairs else None, truncation=True, max_length=task.max_length - len(slot)
     )
     if slot:
-        insert_mask_slot(features, slot)
+        insert_mask_slot(features, slot, ends_with_separator(tokenizer))
     features["labels"] = batch["label"]
     return features
 
 
 def mask_slot(tokenizer) -> list[int]:
-    """Token ids of "? <mask>": the question mark makes the label word a natural answer for the MLM head."""
-    return tokenizer(" ?", add_special_tokens=False)["input_ids"] + [tokenizer.mask_token_id]
+    """Token ids of "? <mask>": the question mark makes the label word a natural answer for the MLM head (without a
+    mask token, "?" alone: the label word is the next token)."""
+    mask = [tokenizer.mask_token_id] if tokenizer.mask_token_id is not None else []
+    return tokenizer(" ?", add_special_tokens=False)["input_ids"] + mask
 
 
-def insert_mask_slot(features, slot: list[int]) -> None:
-    """Insert `slot` before the closing separator of every tokenized sequence (in place) and record where its mask
-    is in "mask_position". The slot takes the segment (token type) of the last text."""
+def ends_with_separator(tokenizer) -> bool:
+    """Whether the tokenizer closes a sequence with a special token (encoders' [SEP] / </s>; decoders: no)."""
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bool(ids) and ids[-1] in tokenizer.all_special_ids
+
+
+def insert_mask_slot(features, slot: list[int], before_last: bool = True) -> None:
+    """Insert `slot` before the closing separator (`before_last`; else at the end) of every tokenized sequence (in
+    place) and record where its mask is in "mask_position". The slot takes the segment (token type) of the last text."""
     rows = len(features["input_ids"])
     features["mask_position"] = [0] * rows
     for row in range(rows):
-        at = len(features["input_ids"][row]) - 1  # every supported tokenizer ends a sequence with a separator
+        # Before the closing separator (encoders); at the very end where there is none (decoders).
+        at = len(features["input_ids"][row]) - before_last
         fillers = {"input_ids": slot, "attention_mask": [1] * len(slot)}
         if "token_type_ids" in features:
             fillers["token_type_ids"] = [features["token_type_ids"][row][at - 1]] * len(slot)

@@ -18,7 +18,7 @@ from ptv2.errors import UserError
 from ptv2.io import write_jsonl
 from ptv2.modeling.heads import MultipleChoiceHead
 from ptv2.tasks import classification
-from ptv2.tasks.classification import insert_mask_slot, mask_slot, pad
+from ptv2.tasks.classification import ends_with_separator, insert_mask_slot, mask_slot, pad
 
 HEAD = MultipleChoiceHead
 HEAD_KINDS = ("linear", "pooler", "verbalizer")
@@ -43,7 +43,7 @@ def encode(batch: dict[str, list], tokenizer, task) -> dict[str, list]:
     slot = mask_slot(tokenizer) if task.get("head") == "verbalizer" else []
     flat = tokenizer(firsts, seconds, truncation=True, max_length=task.max_length - len(slot))
     if slot:
-        insert_mask_slot(flat, slot)
+        insert_mask_slot(flat, slot, ends_with_separator(tokenizer))
     features = {key: [] for key in TOKEN_KEYS if key in flat}
     start = 0
     for count in counts:
