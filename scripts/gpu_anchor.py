@@ -26,21 +26,14 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from memory_table import PRESETS  # noqa: E402  (beside this script)
+
 from ptv2.modeling import injection  # noqa: E402
 from ptv2.modeling.prompts import PrefixEncoder, official_init_  # noqa: E402
 
 ARMS = ("ptv2", "lora", "peft_prefix")
 FULL = dict(
-    shape=dict(
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=128256,
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
-    ),
+    shape={**PRESETS["llama-3.2-1b"][2], "max_position_embeddings": 2048},  # Llama-3.2-1B's shape
     batch=8,
     length=512,
     prefix=128,

@@ -141,6 +141,15 @@ def padded_batch(lengths=(9, 6, 4), seed: int = 1, pad_id: int = 0, vocab_size: 
     return input_ids, mask
 
 
+def assert_only_prompt_and_head_get_gradients(model) -> None:
+    """After a backward pass: the frozen encoder has no gradient, every other parameter a non-zero one."""
+    for name, parameter in model.named_parameters():
+        if name.startswith("encoder."):
+            assert not parameter.requires_grad and parameter.grad is None, name
+        else:
+            assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+
+
 @pytest.fixture
 def shared_data() -> Path:
     if not SHARED.is_dir():

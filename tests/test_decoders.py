@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_only_prompt_and_head_get_gradients
 from omegaconf import OmegaConf
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
@@ -202,11 +203,7 @@ def test_only_prompt_and_head_get_gradients_and_the_head_reads_the_last_token(fa
     input_ids, mask = padded_batch("right")
     logits = model({"input_ids": input_ids, "attention_mask": mask})
     model.head_for(None).loss(logits, {"labels": torch.tensor([0, 1, 2])}).backward()
-    for name, parameter in model.named_parameters():
-        if name.startswith("encoder."):
-            assert not parameter.requires_grad and parameter.grad is None, name
-        else:
-            assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+    assert_only_prompt_and_head_get_gradients(model)
     # every layer's prefix is reached (the embedding's columns are layer-major)
     per_layer = model.prompt.embedding.weight.grad.view(PREFIX_LENGTH, causal_lm.config.num_hidden_layers, -1)
     assert (per_layer.abs().sum(dim=(0, 2)) > 0).all()

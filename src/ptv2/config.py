@@ -209,6 +209,13 @@ def register() -> None:
         from ptv2.runs.rundir import unique_now
 
         OmegaConf.register_new_resolver("unique_now", unique_now, use_cache=True)
+    # Hydra finds launchers by scanning the hydra_plugins namespace package, which an editable install
+    # (pip install -e) hides from the scan: register ours by hand (this also stores its config schema).
+    from hydra.core.plugins import Plugins
+
+    from hydra_plugins.ptv2_packed_launcher.packed_launcher import PackedLauncher
+
+    Plugins.instance().register(PackedLauncher)
 
 
 # --------------------------------------------------------------------------------------------- start-up checks
