@@ -215,3 +215,17 @@ def test_make_reproduce_table_smoke_runs_the_whole_pipeline_offline(tmp_path):
     rows = read_csv(out / "table.csv")
     assert [row["prompt.length"] for row in rows] == ["1", "2", "4"]
     assert (out / "plot_prompt_length.png").exists() and "## Failures (0)" in (out / "table.md").read_text()
+
+
+def test_table_takes_logger_out_of_habit_and_refuses_other_run_settings(tmp_path, capsys):
+    """`ptv2 table DIR logger=none` (the habit from `ptv2 train`) works; `logger=wandb` means --wandb; any other
+    `key=value` is one line naming it, exit 2; a folder whose name holds '=' is still a folder."""
+    assert table.parse_args([str(tmp_path), "logger=none"]).wandb is False
+    assert table.parse_args([str(tmp_path), "logger=wandb"]).wandb is True
+    with pytest.raises(SystemExit) as exit_info:
+        table.parse_args([str(tmp_path), "task=rte"])
+    assert exit_info.value.code == 2
+    assert "task=rte is a run setting" in capsys.readouterr().err
+    folder = tmp_path / "lr=0.01"
+    folder.mkdir()
+    assert table.parse_args([str(folder)]).dir == folder

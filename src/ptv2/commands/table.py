@@ -466,6 +466,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--plot", choices=["auto", *PLOTS, "none"], default="auto", help="auto: all that apply")
     parser.add_argument("--wandb", action="store_true", help="also log table and plots to W&B")
     parser.add_argument("--project", default="ptv2", help="W&B project for --wandb")
+    # `logger=...` out of habit from `ptv2 train`: the table's own switch is --wandb.
+    habits = {"logger=none": [], "logger=wandb": ["--wandb"]}
+    argv = [flag for arg in argv for flag in habits.get(arg, [arg])]
+    overrides = [arg for arg in argv if "=" in arg and not arg.startswith("-") and not Path(arg).exists()]
+    if overrides:
+        parser.error(f"{overrides[0]} is a run setting; ptv2 table takes a folder and flags (--out, --plot, --wandb)")
     return parser.parse_args(argv)
 
 
