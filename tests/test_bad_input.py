@@ -115,7 +115,17 @@ BAD_VALUES = [
 @pytest.mark.parametrize(("override", "expected"), BAD_VALUES, ids=[override for override, _ in BAD_VALUES])
 def test_every_bad_value_is_refused_at_start_up_in_one_line(override, expected, tmp_path):
     assert train_error(tmp_path, f"task.data_dir={RTE}", override).startswith(f"ptv2: error: {expected}")
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["train.log"]  # nothing written but the log
+    assert not (tmp_path / "run").exists()  # nothing left behind: Hydra's empty log and folder are removed
+
+
+def test_a_refused_start_keeps_a_folder_that_existed_before(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    assert train_error(tmp_path, f"task.data_dir={RTE}", "trainer.epochs=0").startswith("ptv2: error: trainer.epochs")
+    assert (tmp_path / "run" / "notes.txt").read_text() == "mine"
+    (tmp_path / "empty").mkdir()
+    run("train", *BASE, f"task.data_dir={RTE}", "trainer.epochs=0", f"hydra.run.dir={tmp_path / 'empty'}")
+    assert (tmp_path / "empty").is_dir()  # named and there before this start: left in place
 
 
 def broken_copy(tmp_path: Path, edit) -> Path:

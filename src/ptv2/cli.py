@@ -31,6 +31,8 @@ log = logging.getLogger("ptv2")
 CONFIG_PATH = "pkg://ptv2.conf"
 failed_jobs: list[str] = []
 job_error: Exception | None = None  # an error raised inside a job reaches main as it is (not a config mistake)
+# Run folders named on the command line that existed before this start: a refused start leaves them as they were.
+preexisting_run_dirs: set[Path] = set()
 
 
 def resolved(cfg: DictConfig) -> None:
@@ -59,6 +61,8 @@ def _job(function, cfg: DictConfig, command: str):
     except UserError as error:
         if not sweeping:
             print(f"ptv2: error: {error}", file=sys.stderr)
+            if lock is None:
+                discard_unused_run_dir(run_dir)
             sys.exit(2)
         record_failure(error, cfg, run_dir, hydra_cfg.job.num)
     except Exception as error:
@@ -70,6 +74,17 @@ def _job(function, cfg: DictConfig, command: str):
         if lock is not None:
             lock.release()
     return None
+
+
+def discard_unused_run_dir(run_dir: Path) -> None:
+    """A start refused by ptv2's checks leaves no folder behind: Hydra made the run folder and an empty train.log
+    before the checks ran. Anything else in it, or a folder that existed before this start, stays."""
+    if run_dir.absolute() in preexisting_run_dirs or not run_dir.is_dir():
+        return
+    log_file = run_dir / "train.log"
+    if [path.name for path in run_dir.iterdir()] == [log_file.name] and log_file.stat().st_size == 0:
+        log_file.unlink()
+        run_dir.rmdir()
 
 
 def open_job(cfg: DictConfig, run_dir: Path, command: str) -> rundir.RunLock | None:
@@ -240,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ptv2: error: {problem}", file=sys.stderr)
         return 2
     sys.argv = [f"ptv2 {command}", *args]
+    named = [Path(arg.split("=", 1)[1]).expanduser().absolute() for arg in args if arg.startswith("hydra.run.dir=")]
+    preexisting_run_dirs.clear()
+    preexisting_run_dirs.update(path for path in named if path.exists())
     full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"  # the user asked for Hydra's tracebacks
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors instead of printing them: reported below
     GlobalHydra.instance().clear()  # a Hydra app of an earlier call in this process
