@@ -23,13 +23,11 @@ import traceback
 from pathlib import Path
 
 import torch
+from memory_table import PRESETS  # beside this script
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from memory_table import PRESETS  # noqa: E402  (beside this script)
-
-from ptv2.modeling import injection  # noqa: E402
-from ptv2.modeling.prompts import PrefixEncoder, official_init_  # noqa: E402
+from ptv2.modeling import injection
+from ptv2.modeling.prompts import PrefixEncoder, official_init_
 
 ARMS = ("ptv2", "lora", "peft_prefix")
 FULL = dict(

@@ -28,5 +28,5 @@ if ! $PYTHON -c "import transformers, peft, sys; sys.exit(int(transformers.__ver
     $PYTHON -m pip install -q --no-index --no-deps --no-compile --target "$site" "$CARRY"/*.whl
     export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 fi
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"  # ptv2 from the checkout, uninstalled
 $PYTHON scripts/gpu_anchor.py ${SMALL:+--small} --out "$OUT"

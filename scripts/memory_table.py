@@ -19,13 +19,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModel
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from ptv2.modeling import injection  # noqa: E402
+from ptv2.modeling import injection
 
 BATCH, LENGTH, PREFIX, RANK = 8, 512, 128, 8
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
