@@ -31,7 +31,7 @@ from ptv2.modeling.prompts import PrefixEncoder, official_init_
 
 ARMS = ("ptv2", "lora", "peft_prefix")
 FULL = dict(
-    shape={**PRESETS["llama-3.2-1b"][2], "max_position_embeddings": 2048},  # Llama-3.2-1B's shape
+    shape={**PRESETS["llama-3.2-1b"][1], "max_position_embeddings": 2048},  # Llama-3.2-1B's shape
     batch=8,
     length=512,
     prefix=128,

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
+import yaml
 from transformers import AutoConfig, AutoModel
 
 from ptv2.modeling import injection
@@ -28,12 +30,13 @@ from ptv2.modeling import injection
 BATCH, LENGTH, PREFIX, RANK = 8, 512, 128, 8
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 GIB = 2**30
+CONF = Path(__file__).resolve().parents[1] / "conf"
 
-# Shapes transcribed from each model's published config.json (the hub is unreachable where this table was made);
-# the parameter totals printed next to them are the check (they match the model cards' sizes).
+# Model type and shape of each decoder preset (conf/backbone/<name>.yaml gives its hub id), transcribed from the
+# model's published config.json (the hub is unreachable where this table was made); the parameter totals printed
+# next to them are the check (they match the model cards' sizes).
 PRESETS = {
     "qwen2.5-0.5b": (
-        "Qwen/Qwen2.5-0.5B",
         "qwen2",
         dict(
             hidden_size=896,
@@ -46,7 +49,6 @@ PRESETS = {
         ),
     ),  # fmt: skip
     "qwen3-0.6b": (
-        "Qwen/Qwen3-0.6B",
         "qwen3",
         dict(
             hidden_size=1024,
@@ -60,7 +62,6 @@ PRESETS = {
         ),
     ),  # fmt: skip
     "llama-3.2-1b": (
-        "meta-llama/Llama-3.2-1B",
         "llama",
         dict(
             hidden_size=2048,
@@ -73,7 +74,6 @@ PRESETS = {
         ),
     ),  # fmt: skip
     "gemma-2b": (
-        "google/gemma-2b",
         "gemma",
         dict(
             hidden_size=2048,
@@ -86,7 +86,6 @@ PRESETS = {
         ),
     ),  # fmt: skip
     "mistral-7b": (
-        "mistralai/Mistral-7B-v0.3",
         "mistral",
         dict(
             hidden_size=4096,
@@ -99,7 +98,6 @@ PRESETS = {
         ),
     ),  # fmt: skip
     "llama-3.1-8b": (
-        "meta-llama/Llama-3.1-8B",
         "llama",
         dict(
             hidden_size=4096,
@@ -112,7 +110,6 @@ PRESETS = {
         ),
     ),  # fmt: skip
     "glm-4-9b": (
-        "THUDM/glm-4-9b-hf",
         "glm",
         dict(
             hidden_size=4096,
@@ -128,6 +125,11 @@ PRESETS = {
         ),
     ),  # fmt: skip
 }
+
+
+def hub_id_of(preset: str) -> str:
+    """The hub id a backbone preset loads (conf/backbone/<preset>.yaml)."""
+    return yaml.safe_load((CONF / "backbone" / f"{preset}.yaml").read_text())["name_or_path"]
 
 
 def saved_bytes(model, inputs: dict, parameters: set[int]) -> int:
@@ -193,7 +195,8 @@ def main() -> int:
     print("| backbone | params | ptv2 trainable | ptv2 memory | LoRA trainable | LoRA memory | full FT memory |")
     print("|---|---|---|---|---|---|---|")
     for name in args.presets or PRESETS:
-        hub_id, model_type, shape = PRESETS[name]
+        model_type, shape = PRESETS[name]
+        hub_id = hub_id_of(name)
         config = AutoConfig.from_pretrained(hub_id) if args.from_hub else AutoConfig.for_model(model_type, **shape)
         rows = measure(config)
         ptv2, lora, full = rows["ptv2"], rows["lora"], rows["full"]
