@@ -20,6 +20,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import yaml  # noqa: E402
+from fidelity_report import mean_std, save_plot  # noqa: E402  (beside this script)
 
 EPOCH_LINE = re.compile(r"epoch (\d+): (.*)$")
 
@@ -40,14 +41,6 @@ def read_job(folder: Path) -> dict:
 
 def arm_of(name: str) -> str:
     return re.sub(r"-s\d+$", "", name)
-
-
-def mean_std(values: list[float]) -> str:
-    if not values:
-        return "–"
-    if len(values) == 1:
-        return f"{values[0]:.1f}"
-    return f"{statistics.fmean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
 def main() -> None:
@@ -102,18 +95,13 @@ def main() -> None:
         task, label = arm.split("/")
         lines.append(
             f"| {task} ({metric}) | {label} | {config['optimizer']['lr']:g} | {done} / {config['trainer']['epochs']} "
-            f"| {mean_std(last)} | {mean_std(best)} | {mean_std(tests)} | {len(members)} |"
+            f"| {mean_std(last)} | {mean_std(best)} | {mean_std(tests) or '–'} | {len(members)} |"
         )
         if task == "conll03":
             curve = [statistics.fmean(100 * m["epochs"][i][f"dev/{metric}"] for m in members) for i in range(done)]
             axis.plot(range(1, done + 1), curve, marker="o", label=f"{label} (n={len(members)})")
-    axis.set_xlabel("epoch")
-    axis.set_ylabel("dev f1 (mean over seeds)")
-    axis.set_title("CoNLL03 (full), MiniLM-L6, H200: dev f1 per epoch")
-    axis.grid(alpha=0.3)
-    axis.legend()
-    figure.tight_layout()
-    figure.savefig(args.out / "learning_curves.png", dpi=120)
+    labels = ("epoch", "dev f1 (mean over seeds)", "CoNLL03 (full), MiniLM-L6, H200: dev f1 per epoch")
+    save_plot(figure, axis, labels, args.out / "learning_curves.png")
     (args.out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
