@@ -25,7 +25,7 @@ from torch import nn
 
 from ptv2.config import task_members, validate
 from ptv2.errors import UserError
-from ptv2.modeling.injection import family_of, run_encoder, shifted_position_ids
+from ptv2.modeling.injection import family_of, position_ids, run_encoder
 from ptv2.modeling.methods import method, mixable
 from ptv2.modeling.model import PromptModel
 from ptv2.modeling.prompts import PrefixEncoder
@@ -205,14 +205,8 @@ class PromptServer(nn.Module):
             return None
         positions = torch.zeros_like(attention_mask)
         for name, rows in groups.items():
-            mask = attention_mask[rows]
-            shifted = shifted_position_ids(config, mask, shifts[name])
-            if shifted is None:  # no shift for this task: the stock numbering
-                if family_of(config).positions == "padding_offset":
-                    shifted = torch.cumsum(mask, dim=1) * mask + config.pad_token_id
-                else:
-                    shifted = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
-            positions[rows] = shifted
+            # a task without the shift gets the stock numbering, written out (decoders refuse the shift at start-up)
+            positions[rows] = position_ids(config, attention_mask[rows], shifts[name])
         return positions
 
     @torch.inference_mode()

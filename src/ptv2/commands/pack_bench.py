@@ -34,6 +34,7 @@ from ptv2.commands.bench import (
     synthetic_batch,
 )
 from ptv2.config import RunConfig
+from ptv2.engine import TrainStep
 from ptv2.errors import UserError
 from ptv2.modeling.heads import ClassificationHead
 from ptv2.modeling.methods import method, mixable
@@ -48,6 +49,9 @@ def job_step(models: list[PromptModel], cfg: DictConfig, device: torch.device, p
     encoder = models[0].encoder
     trainables = [[p for p in model.parameters() if p.requires_grad] for model in models]
     optimizers = [torch.optim.AdamW(t, lr=cfg.optimizer.lr, eps=cfg.optimizer.eps) for t in trainables]
+    updates = [
+        TrainStep(m, o, max_grad_norm=cfg.trainer.max_grad_norm) for m, o in zip(models, optimizers, strict=True)
+    ]
     autocast = autocast_for(cfg, device)
 
     def step(batch: dict) -> None:
@@ -57,11 +61,8 @@ def job_step(models: list[PromptModel], cfg: DictConfig, device: torch.device, p
                 heads = [model.head_for("bench") for model in chunk]
                 losses = [head.loss(head(h, batch), batch) for head, h in zip(heads, blocks, strict=True)]
             torch.stack(losses).sum().backward()
-        for trainable, optimizer in zip(trainables, optimizers, strict=True):
-            if cfg.trainer.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(trainable, cfg.trainer.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        for update in updates:  # the engine's clip / step / clear, each job with its own optimizer
+            update.update()
 
     return step
 

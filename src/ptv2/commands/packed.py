@@ -244,7 +244,7 @@ def _build(jobs: list[Job], accelerator: Accelerator):
         return None
     cfg = jobs[0].cfg
     set_seed(cfg.trainer.seed)
-    backbone_config, tokenizer = engine.load_backbone(cfg)
+    tokenizer = backbone.load_tokenizer(cfg.backbone)  # the config is loaded and checked above
     members, prep_seconds = engine.prepare_members(cfg, tokenizer, lambda t: ["train", t.eval_split, t.test_split])
     for job in jobs[1:]:  # the label names derived from the data, into every job's config
         with open_dict(job.cfg):
@@ -514,8 +514,9 @@ def _step(active: list[Job], name: str, batch: dict, epoch: int, done: int, acce
                 for job, hidden in zip(chunk, blocks, strict=True)
             ]
         finite = []
-        for job, loss in zip(chunk, losses, strict=True):
-            if torch.isfinite(loss):
+        is_finite = torch.isfinite(torch.stack(losses)).tolist()  # one device sync per chunk, not one per job
+        for job, loss, ok in zip(chunk, losses, is_finite, strict=True):
+            if ok:
                 finite.append((job, loss))
                 continue
             _save_state(job, epoch, done)  # the parameters are still those of the last good step
@@ -531,7 +532,8 @@ def _step(active: list[Job], name: str, batch: dict, epoch: int, done: int, acce
             # Rows never interact in the encoder, so each job's parameters get exactly their own loss's gradient.
             torch.stack([loss for _, loss in finite]).sum().backward()
             stepped += finite
-    for job, loss in stepped:
+    values = torch.stack([loss for _, loss in stepped]).tolist() if stepped else []  # one sync for all jobs
+    for (job, _), value in zip(stepped, values, strict=True):
         job.train_step.update()  # its own clipping, optimizer and per-step scheduler
         job.progress.step += 1
-        job.progress.losses.append(loss.item())
+        job.progress.losses.append(value)

@@ -265,10 +265,15 @@ def decoder_inputs(input_ids=None, attention_mask=None, position_ids=None, token
     unpadded one (transformers numbers columns); segment ids dropped (GPT-2 would add them as token embeddings);
     no cache outside generation."""
     if position_ids is None and attention_mask is not None:
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        position_ids = mask_positions(attention_mask)
     return dict(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **inputs
     )
+
+
+def mask_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Each real token's position among the real tokens of its row (padding gets 0): left padding shifts nothing."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 @torch.no_grad()
@@ -294,7 +299,7 @@ def generate_greedy(
     cache = DynamicCache(config=decoder.config)
     extra = {"prefix_key_values": prefix} if prefix else {}
     mask = attention_mask.long()
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    positions = mask_positions(mask)
     tokens, step_ids = [], input_ids
     done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     eos = torch.tensor(eos_token_ids, device=input_ids.device)
