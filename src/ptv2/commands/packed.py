@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.utils.data import DataLoader
 
 from ptv2 import engine
-from ptv2.commands.train import summary
+from ptv2.commands.train import end_epoch, epoch_line, results_of, total_steps
 from ptv2.config import flat_keys, task_members, validate
 from ptv2.data import sorted_batches
 from ptv2.errors import UserError
@@ -330,13 +329,11 @@ def _train(jobs: list[Job], jobs_per_forward: int | None) -> None:
     per_forward = jobs_per_forward or default_jobs_per_forward(accelerator.device, len(jobs))
     log.info("%d job(s) per backbone forward (hydra.launcher.jobs_per_forward)", per_forward)
     samplers, loaders = _loaders(cfg, members, tokenizer, accelerator)
-    total_steps = sum(len(loader) for loader in loaders.values()) * cfg.trainer.epochs
-    if cfg.trainer.max_steps:
-        total_steps = min(total_steps, cfg.trainer.max_steps)
+    steps = total_steps(cfg, loaders)
     labels = {m.name: list(m.task.labels) for m in members}
     for job in [j for j in jobs if j.running]:
         job.optimizer = make_optimizer(job.cfg, (p for p in job.model.parameters() if p.requires_grad))
-        job.scheduler, job.schedule_unit = make_scheduler(job.cfg, job.optimizer, total_steps)
+        job.scheduler, job.schedule_unit = make_scheduler(job.cfg, job.optimizer, steps)
         job.train_step = engine.TrainStep(
             job.model,
             job.optimizer,
@@ -377,13 +374,10 @@ def _train(jobs: list[Job], jobs_per_forward: int | None) -> None:
                 job.model.load_state_dict(job.progress.best_state, strict=False)
             split = lambda m: m.task.test_split  # noqa: E731
             test = _evaluate(encoder, done, tested, split, tokenizer, accelerator, cfg, per_forward)
-        single = len(members) == 1
         for job, scores in zip(done, test, strict=True):
             progress = job.progress
-            results = {**summary(job.cfg, members, progress), **job.counts, "stopped_early": stopped_early}
-            results["data_prep_seconds"] = prep_seconds
-            if tested:
-                results["test_at_best"] = scores[members[0].name] if single else scores
+            extra = {**job.counts, "stopped_early": stopped_early}
+            results = results_of(job.cfg, members, progress, extra, prep_seconds, scores if tested else None)
             results["wall_time_seconds"] = time.perf_counter() - started
             job.tracker.summary({**engine.flatten("best", members, progress.best), "best_epoch": progress.best_epoch})
             job.tracker.finish()
@@ -482,22 +476,11 @@ def _loop(
         split = lambda m: m.task.eval_split  # noqa: E731
         scores = _evaluate(encoder, ending, members, split, tokenizer, accelerator, cfg, per_forward)
         for job, metrics in zip(ending, scores, strict=True):
-            value = engine.selection_value(members, metrics)
-            record = {
-                "epoch": epoch + 1,
-                "step": job.progress.step,
-                "train_loss": float(np.mean(job.progress.losses)) if job.progress.losses else math.nan,
-                "train_seconds": train_seconds,
-                **engine.flatten("dev", members, metrics),
-            }
-            job.progress.history.append(record)
+            record, improved = end_epoch(job.progress, members, metrics, epoch, train_seconds, job.model)
             job.tracker.log(record, step=job.progress.step)
-            job.log("epoch %d: %s", epoch + 1, ", ".join(f"{k}={v:.4f}" for k, v in record.items() if k != "epoch"))
-            if value > job.progress.best_value:
-                job.progress.best, job.progress.best_value, job.progress.best_epoch = metrics, value, epoch + 1
-                job.progress.best_state = {k: v.detach().clone() for k, v in job.model.prompt_state_dict().items()}
-                if job.cfg.trainer.save_checkpoint:
-                    checkpoint.save(job.run_dir / checkpoint.FILENAME, job.model, job.cfg, labels)
+            job.log(epoch_line(record))
+            if improved and job.cfg.trainer.save_checkpoint:
+                checkpoint.save(job.run_dir / checkpoint.FILENAME, job.model, job.cfg, labels)
             _save_state(job, epoch + 1, 0)
         if cfg.trainer.max_steps and all(job.progress.step >= cfg.trainer.max_steps for job in running()):
             break

@@ -60,10 +60,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     optimizer = make_optimizer(cfg, (p for p in model.parameters() if p.requires_grad))
     model, optimizer = accelerator.prepare(model, optimizer)
     loaders = {name: accelerator.prepare_data_loader(loader) for name, loader in loaders.items()}
-    total_steps = sum(len(loader) for loader in loaders.values()) * cfg.trainer.epochs
-    if cfg.trainer.max_steps:
-        total_steps = min(total_steps, cfg.trainer.max_steps)
-    scheduler, schedule_unit = make_scheduler(cfg, optimizer, total_steps)
+    scheduler, schedule_unit = make_scheduler(cfg, optimizer, total_steps(cfg, loaders))
     unwrapped = accelerator.unwrap_model(model)
     step_scheduler = scheduler if schedule_unit == "step" else None
     train_step = TrainStep(
@@ -153,36 +150,23 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         train_seconds = time.perf_counter() - epoch_started
 
         metrics = evaluate_all(model, members, lambda m: m.task.eval_split, tokenizer, accelerator, cfg)
-        value = selection_value(members, metrics)
-        record = {
-            "epoch": epoch + 1,
-            "step": progress.step,
-            "train_loss": float(np.mean(progress.losses)) if progress.losses else math.nan,
-            "train_seconds": train_seconds,
-            **flatten("dev", members, metrics),
-        }
-        progress.history.append(record)
+        record, improved = end_epoch(progress, members, metrics, epoch, train_seconds, unwrapped)
         tracker.log(record, step=progress.step)
-        log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k}={v:.4f}" for k, v in record.items() if k != "epoch"))
-        if value > progress.best_value:
-            progress.best, progress.best_value, progress.best_epoch = metrics, value, epoch + 1
-            progress.best_state = {k: v.detach().clone() for k, v in unwrapped.prompt_state_dict().items()}
-            if cfg.trainer.save_checkpoint and accelerator.is_main_process:
-                checkpoint.save(run_dir / checkpoint.FILENAME, unwrapped, cfg, labels)
+        log.info(epoch_line(record))
+        if improved and cfg.trainer.save_checkpoint and accelerator.is_main_process:
+            checkpoint.save(run_dir / checkpoint.FILENAME, unwrapped, cfg, labels)
         save_state(epoch + 1, 0)
         if cfg.trainer.max_steps and progress.step >= cfg.trainer.max_steps:
             break
     stop.uninstall()
 
-    single = len(members) == 1
-    results = {**summary(cfg, members, progress), **counts, "stopped_early": stopped_early}
-    results["data_prep_seconds"] = prep_seconds
     tested = [m for m in members if m.task.test_split]
+    test = None
     if tested:
         # Tagging protocol: the test score of the best dev epoch.
         unwrapped.load_state_dict(progress.best_state, strict=False)
         test = evaluate_all(model, tested, lambda m: m.task.test_split, tokenizer, accelerator, cfg)
-        results["test_at_best"] = test[members[0].name] if single else test
+    results = results_of(cfg, members, progress, {**counts, "stopped_early": stopped_early}, prep_seconds, test)
     results["wall_time_seconds"] = time.perf_counter() - started
     tracker.summary({**flatten("best", members, progress.best), "best_epoch": progress.best_epoch})
     tracker.finish()
@@ -195,6 +179,46 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             progress.best_epoch,
             run_dir,
         )
+    return results
+
+
+def total_steps(cfg: DictConfig, loaders: dict) -> int:
+    """The optimizer steps of the whole run (the scheduler's horizon): every batch of every epoch, or max_steps."""
+    steps = sum(len(loader) for loader in loaders.values()) * cfg.trainer.epochs
+    return min(steps, cfg.trainer.max_steps) if cfg.trainer.max_steps else steps
+
+
+def end_epoch(progress: Progress, members: list[Member], metrics: dict, epoch: int, train_seconds: float, model):
+    """The epoch's history record (appended to progress) and whether it is the best so far; a best epoch's metrics
+    and prompt weights are kept in progress (for the test score at the best dev epoch)."""
+    record = {
+        "epoch": epoch + 1,
+        "step": progress.step,
+        "train_loss": float(np.mean(progress.losses)) if progress.losses else math.nan,
+        "train_seconds": train_seconds,
+        **flatten("dev", members, metrics),
+    }
+    progress.history.append(record)
+    value = selection_value(members, metrics)
+    improved = value > progress.best_value
+    if improved:
+        progress.best, progress.best_value, progress.best_epoch = metrics, value, epoch + 1
+        progress.best_state = {k: v.detach().clone() for k, v in model.prompt_state_dict().items()}
+    return record, improved
+
+
+def epoch_line(record: dict) -> str:
+    return f"epoch {record['epoch']}: " + ", ".join(f"{k}={v:.4f}" for k, v in record.items() if k != "epoch")
+
+
+def results_of(
+    cfg: DictConfig, members: list[Member], progress: Progress, extra: dict, prep_seconds: float, test: dict | None
+) -> dict:
+    """results.json's record (the caller adds the wall time): the epochs, the parameter counts and whatever else
+    `extra` holds, the data preparation time, and the test scores at the best dev epoch when a test split is set."""
+    results = {**summary(cfg, members, progress), **extra, "data_prep_seconds": prep_seconds}
+    if test is not None:
+        results["test_at_best"] = test[members[0].name] if len(members) == 1 else test
     return results
 
 
