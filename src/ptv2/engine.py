@@ -186,18 +186,24 @@ def head_spec(member: Member, tokenizer, parts: backbone.BackboneHeads):
     return VerbalizerHead(parts.lm_head, backbone.label_word_ids(tokenizer, words, f"task {member.name}"))
 
 
-@torch.inference_mode()
-def predict(model, member: Member, split: str, tokenizer, accelerator: Accelerator, batch_size: int) -> np.ndarray:
-    """Outputs of every feature of a split, in feature order (batches are sorted by length for speed)."""
-    model.eval()
+def eval_loader(member: Member, split: str, tokenizer, accelerator: Accelerator, batch_size: int):
+    """Batches of a split's features for evaluation, sorted by length for speed; each batch carries its rows'
+    feature indices ("index"), so outputs go back in feature order."""
     features = member.splits[split].features
     loader = DataLoader(
         IndexedFeatures(features),
         batch_sampler=sorted_batches(feature_lengths(member.kind, features), batch_size),
         collate_fn=make_collate(member.kind, tokenizer),
     )
-    loader = accelerator.prepare_data_loader(loader)
-    ordered = [None] * len(features)
+    return accelerator.prepare_data_loader(loader)
+
+
+@torch.inference_mode()
+def predict(model, member: Member, split: str, tokenizer, accelerator: Accelerator, batch_size: int) -> np.ndarray:
+    """Outputs of every feature of a split, in feature order (batches are sorted by length for speed)."""
+    model.eval()
+    loader = eval_loader(member, split, tokenizer, accelerator, batch_size)
+    ordered = [None] * len(member.splits[split].features)
     for batch in loader:
         if hasattr(member.kind, "generate"):  # generation: greedy decoding instead of one forward
             result = member.kind.generate(accelerator.unwrap_model(model), batch, member, tokenizer)

@@ -29,12 +29,10 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
-from torch.utils.data import DataLoader
 
 from ptv2 import engine
 from ptv2.commands.train import end_epoch, epoch_line, results_of, total_steps
 from ptv2.config import flat_keys, task_members, validate
-from ptv2.data import sorted_batches
 from ptv2.errors import UserError
 from ptv2.io import write_json
 from ptv2.modeling import backbone
@@ -282,15 +280,8 @@ def predict(encoder, jobs: list[Job], member, split, tokenizer, accelerator, bat
     time)."""
     for job in jobs:
         job.model.eval()
-    features = member.splits[split].features
-    loader = accelerator.prepare_data_loader(
-        DataLoader(
-            engine.IndexedFeatures(features),
-            batch_sampler=sorted_batches(engine.feature_lengths(member.kind, features), batch_size),
-            collate_fn=engine.make_collate(member.kind, tokenizer),
-        )
-    )
-    ordered = [[None] * len(features) for _ in jobs]
+    loader = engine.eval_loader(member, split, tokenizer, accelerator, batch_size)
+    ordered = [[None] * len(member.splits[split].features) for _ in jobs]
     for batch in loader:
         outputs = []
         for chunk in chunked(jobs, per_forward):
