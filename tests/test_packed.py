@@ -186,7 +186,10 @@ def test_each_job_draws_its_own_dropout():
             if isinstance(module, torch.nn.Dropout):
                 module.p = dropout
         first, second = packing.packed_hidden(encoder, models, batch)
-        assert torch.equal(first, second) == (dropout == 0.0)
+        # Two rows of one batched matmul need not be bitwise equal (BLAS may block them differently): a tolerance
+        # far below what a dropout mask changes.
+        gap = (first - second).abs().max().item()
+        assert gap < 1e-5 if dropout == 0.0 else gap > 1e-2, gap
 
 
 def test_prefixes_of_different_lengths_are_padded_and_masked():
