@@ -46,7 +46,7 @@ RUN = ["logger=none", "trainer.epochs=2", "trainer.batch_size=4", "trainer.eval_
 RTE_TASK = [f"task.data_dir={RTE}"]
 TAGGING = ["task=conll03", f"task.data_dir={FIXTURES / 'tagging'}"]
 TAGGING += [f"task.files.{split}=conll03_iob1.txt" for split in ("train", "dev", "test")]
-LLAMA = [f"backbone.name=tiny-llama", f"backbone.name_or_path={DECODER / 'llama'}"]
+LLAMA = ["backbone.name=tiny-llama", f"backbone.name_or_path={DECODER / 'llama'}"]
 LLAMA += [f"backbone.tokenizer={DECODER / 'tokenizer'}"]
 GENERATION = ["task=generation", f"task.data_dir={FIXTURES / 'generation'}", "task.options.max_new_tokens=4"]
 
