@@ -6,6 +6,7 @@ A run trains one prompt on one dataset, or on several ("members" of a multi-task
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +21,7 @@ from ptv2.errors import UserError
 from ptv2.modeling import backbone
 from ptv2.modeling.heads import LanguageModelHead, VerbalizerHead
 from ptv2.modeling.model import PromptModel
+from ptv2.modeling.packing import chunked, packed_hidden
 from ptv2.tasks import TASK_TYPES, TaskType, task_type
 
 
@@ -198,37 +200,79 @@ def eval_loader(member: Member, split: str, tokenizer, accelerator: Accelerator,
     return accelerator.prepare_data_loader(loader)
 
 
+def forward_group(models: list, batch: dict, head: str | None, loss: bool = False) -> list[torch.Tensor]:
+    """Each model's head output for one batch (its loss when `loss`). One model runs its own forward; several models
+    on one frozen encoder share ONE backbone forward of K x B rows, block k with model k's prompt and dropout
+    (packing.packed_hidden). Rows never interact in an encoder, so each block is exactly its model's computation.
+    Models may be wrapped by accelerate (device placement, mixed precision, several processes)."""
+    if len(models) == 1:
+        output = models[0](batch, head=head)
+        return [unwrap(models[0]).head_for(head).loss(output, batch) if loss else output]
+    modules = [unwrap(model) for model in models]
+    blocks = packed_hidden(modules[0].encoder, modules, batch)
+    outputs = [module.head_for(head)(hidden, batch) for module, hidden in zip(modules, blocks, strict=True)]
+    if loss:
+        return [module.head_for(head).loss(output, batch) for module, output in zip(modules, outputs, strict=True)]
+    return outputs
+
+
+def unwrap(model):
+    """The PromptModel inside what accelerate.prepare returned (DistributedDataParallel keeps it in .module)."""
+    return getattr(model, "module", model)
+
+
 @torch.inference_mode()
-def predict(model, member: Member, split: str, tokenizer, accelerator: Accelerator, batch_size: int) -> np.ndarray:
-    """Outputs of every feature of a split, in feature order (batches are sorted by length for speed)."""
-    model.eval()
+def predict_group(
+    models: list, member: Member, split: str, tokenizer, accelerator: Accelerator, batch_size: int, per_forward: int = 1
+) -> list[list]:
+    """Each model's outputs of every feature of a split, in feature order (batches are sorted by length for speed);
+    per_forward models share one backbone forward (forward_group). The one evaluation path of train, eval and
+    predict, for one model or a packed group."""
+    for model in models:
+        model.eval()
     loader = eval_loader(member, split, tokenizer, accelerator, batch_size)
-    ordered = [None] * len(member.splits[split].features)
+    ordered = [[None] * len(member.splits[split].features) for _ in models]
     for batch in loader:
-        if hasattr(member.kind, "generate"):  # generation: greedy decoding instead of one forward
-            result = member.kind.generate(accelerator.unwrap_model(model), batch, member, tokenizer)
+        if hasattr(member.kind, "generate"):  # generation: greedy decoding, one model at a time
+            results = [member.kind.generate(unwrap(model), batch, member, tokenizer) for model in models]
         else:
-            result = member.kind.outputs(model(batch, head=member.name), batch)
-        if accelerator.num_processes > 1:
-            # Ragged outputs (per-token: (B, L) tag ids, (B, L, 2) span logits) are padded to one width (a no-op
-            # for (B, labels) scores); repeated rows that even out the last batches across processes carry an
-            # index already seen and simply overwrite it.
-            result = accelerator.pad_across_processes(result, dim=1, pad_index=0) if result.dim() >= 2 else result
-            result, index = accelerator.gather((result, batch["index"]))
-        else:
+            results = []
+            for chunk in chunked(models, per_forward):
+                with accelerator.autocast():
+                    outputs = forward_group(chunk, batch, member.name)
+                results += [member.kind.outputs(output, batch) for output in outputs]
+        for rows, result in zip(ordered, results, strict=True):
             index = batch["index"]
-        for row, i in zip(result.cpu().numpy(), index.tolist(), strict=True):
-            ordered[i] = row
+            if accelerator.num_processes > 1:
+                # Ragged outputs (per-token: (B, L) tag ids, (B, L, 2) span logits) are padded to one width (a no-op
+                # for (B, labels) scores); repeated rows that even out the last batches across processes carry an
+                # index already seen and simply overwrite it.
+                result = accelerator.pad_across_processes(result, dim=1, pad_index=0) if result.dim() >= 2 else result
+                result, index = accelerator.gather((result, index))
+            for row, i in zip(result.cpu().numpy(), index.tolist(), strict=True):
+                rows[i] = row
     return ordered
 
 
-def evaluate(model, member: Member, split: str, tokenizer, accelerator, cfg) -> dict[str, float]:
-    outputs = predict(model, member, split, tokenizer, accelerator, cfg.trainer.eval_batch_size)
-    return member.kind.metrics(member.task, member.splits[split], outputs)
+def predict(model, member: Member, split: str, tokenizer, accelerator: Accelerator, batch_size: int) -> list:
+    """Outputs of every feature of a split for one model, in feature order."""
+    return predict_group([model], member, split, tokenizer, accelerator, batch_size)[0]
+
+
+def evaluate_group(models: list, members: list[Member], split_of, tokenizer, accelerator, cfg, per_forward=1):
+    """[{member: metrics}] per model."""
+    metrics = [{} for _ in models]
+    for member in members:
+        split = split_of(member)
+        batch_size = cfg.trainer.eval_batch_size
+        outputs = predict_group(models, member, split, tokenizer, accelerator, batch_size, per_forward)
+        for values, rows in zip(metrics, outputs, strict=True):
+            values[member.name] = member.kind.metrics(member.task, member.splits[split], rows)
+    return metrics
 
 
 def evaluate_all(model, members: list[Member], split_of, tokenizer, accelerator, cfg) -> dict[str, dict]:
-    return {m.name: evaluate(model, m, split_of(m), tokenizer, accelerator, cfg) for m in members}
+    return evaluate_group([model], members, split_of, tokenizer, accelerator, cfg)[0]
 
 
 def selection_value(members: list[Member], metrics: dict[str, dict]) -> float:
@@ -258,22 +302,16 @@ def interleaved(loaders: dict[str, DataLoader], seed: int, epoch: int):
 
 
 class TrainStep:
-    """One optimizer step as `ptv2 train` takes it, in two halves so a caller can act between them (the loop checks
-    the loss is finite; bench times each phase): `loss(batch, head)` runs the forward pass, `update(loss)` runs the
-    backward pass, clips the gradients, steps the optimizer (and a per-step scheduler) and clears the gradients.
-
-    With an accelerator the backward pass and clipping go through it (mixed precision, several processes)."""
+    """One model's part of a training step: its backward pass, then `update()`: clip its gradients, step its
+    optimizer (and a per-step scheduler), clear its gradients. With an accelerator the backward pass and clipping go
+    through it (mixed precision, several processes). `train_step` below runs the whole step for one or more."""
 
     def __init__(
         self, model, optimizer, *, max_grad_norm: float, scheduler=None, accelerator: Accelerator | None = None
     ):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.max_grad_norm, self.accelerator = max_grad_norm, accelerator
-        self.heads = (accelerator.unwrap_model(model) if accelerator else model).head_for
         self.trainable = [p for group in optimizer.param_groups for p in group["params"]]
-
-    def loss(self, batch: dict, head: str | None) -> torch.Tensor:
-        return self.heads(head).loss(self.model(batch, head=head), batch)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.accelerator.backward(loss) if self.accelerator else loss.backward()
@@ -286,3 +324,42 @@ class TrainStep:
         if self.scheduler is not None:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+
+def train_step(
+    steps: list[TrainStep],
+    batch: dict,
+    head: str | None,
+    *,
+    per_forward: int = 1,
+    autocast=contextlib.nullcontext,
+    rejected=None,
+    mark=None,
+) -> list[float | None]:
+    """One optimizer step of each model on the same batch, the step of `ptv2 train`, of a packed group (one model is
+    a group of one) and of `ptv2 bench`: per_forward models' forward (forward_group) and backward at a time, then
+    each model's own update. Returns each model's loss; None where it was not finite: rejected(index, loss) is told
+    before any update, and that model takes no step (its parameters stay those of its last good step).
+    mark(phase), if given, is called after each phase ("forward", "backward", "update"), for bench's timings."""
+    values: list[float | None] = [None] * len(steps)
+    stepped: list[tuple[int, torch.Tensor]] = []
+    for chunk in chunked(list(range(len(steps))), per_forward):
+        with autocast():
+            losses = forward_group([steps[i].model for i in chunk], batch, head, loss=True)
+        mark and mark("forward")
+        finite = torch.isfinite(torch.stack([loss.detach() for loss in losses])).tolist()  # one sync per chunk
+        good = [(i, loss) for i, loss, ok in zip(chunk, losses, finite, strict=True) if ok]
+        for i, loss, ok in zip(chunk, losses, finite, strict=True):
+            if not ok and rejected is not None:
+                rejected(i, loss)
+        if good:
+            total = good[0][1] if len(good) == 1 else torch.stack([loss for _, loss in good]).sum()
+            steps[good[0][0]].backward(total)  # each model's parameters get exactly their own loss's gradient
+            stepped += good
+        mark and mark("backward")
+    numbers = torch.stack([loss.detach() for _, loss in stepped]).tolist() if stepped else []  # one sync for all
+    for (i, _), number in zip(stepped, numbers, strict=True):
+        steps[i].update()
+        values[i] = number
+    mark and mark("update")
+    return values

@@ -109,9 +109,9 @@ class PackedLauncher(Launcher):
         from ptv2.cli import objective, open_job, record_failure
         from ptv2.commands import packed
 
-        def job(task_cfg: DictConfig) -> packed.Job:
+        def job(task_cfg: DictConfig):
             hydra_cfg = HydraConfig.get()
-            return packed.Job(
+            return packed.new_job(
                 task_cfg, Path(hydra_cfg.runtime.output_dir), HydraConfig.instance().cfg, hydra_cfg.job.num
             )
 

@@ -29,7 +29,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ptv2.config import PromptConfig, RunConfig, validate
-from ptv2.engine import TrainStep
+from ptv2.engine import TrainStep, train_step
 from ptv2.errors import UserError
 from ptv2.modeling import backbone
 from ptv2.modeling.heads import ClassificationHead
@@ -139,23 +139,21 @@ def build_model(cfg: DictConfig, device: torch.device) -> PromptModel:
 
 
 def make_step(model: PromptModel, cfg: DictConfig, device: torch.device):
-    """The engine's train step (the one `ptv2 train` takes; no scheduler) as a function of the batch that times its
+    """The training step of `ptv2 train` (engine.train_step; no scheduler) as a function of the batch that times its
     three phases: forward, backward, and the update (clipping, optimizer step)."""
     optimizer = make_optimizer(cfg, (p for p in model.parameters() if p.requires_grad))
-    train_step = TrainStep(model, optimizer, max_grad_norm=cfg.trainer.max_grad_norm)
-    autocast = autocast_for(cfg, device)
+    steps = [TrainStep(model, optimizer, max_grad_norm=cfg.trainer.max_grad_norm)]
+    autocast = lambda: autocast_for(cfg, device)  # noqa: E731
     clock = Clock(device)
 
     def step(batch: dict) -> tuple[float, float, float]:
-        start = clock.now()
-        with autocast:
-            loss = train_step.loss(batch, "bench")
-        forward = clock.now()
-        train_step.backward(loss)
-        backward = clock.now()
-        train_step.update()
-        end = clock.now()
-        return forward - start, backward - forward, end - backward
+        marks = {"start": clock.now()}
+        train_step(steps, batch, "bench", autocast=autocast, mark=lambda phase: marks.update({phase: clock.now()}))
+        return (
+            marks["forward"] - marks["start"],
+            marks["backward"] - marks["forward"],
+            marks["update"] - marks["backward"],
+        )
 
     return step, optimizer
 

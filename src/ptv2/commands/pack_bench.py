@@ -34,35 +34,32 @@ from ptv2.commands.bench import (
     synthetic_batch,
 )
 from ptv2.config import RunConfig
-from ptv2.engine import TrainStep
+from ptv2.engine import TrainStep, train_step
 from ptv2.errors import UserError
 from ptv2.modeling.heads import ClassificationHead
 from ptv2.modeling.methods import method, mixable
 from ptv2.modeling.model import PromptModel
-from ptv2.modeling.packing import chunked, default_jobs_per_forward, packed_hidden
+from ptv2.modeling.packing import default_jobs_per_forward
+from ptv2.optim import make_optimizer
 
 log = logging.getLogger("ptv2")
 
 
 def job_step(models: list[PromptModel], cfg: DictConfig, device: torch.device, per_forward: int = 1):
-    """One train step of every model, as packed sweeps take it: per_forward models' blocks per forward/backward."""
-    encoder = models[0].encoder
-    trainables = [[p for p in model.parameters() if p.requires_grad] for model in models]
-    optimizers = [torch.optim.AdamW(t, lr=cfg.optimizer.lr, eps=cfg.optimizer.eps) for t in trainables]
-    updates = [
-        TrainStep(m, o, max_grad_norm=cfg.trainer.max_grad_norm) for m, o in zip(models, optimizers, strict=True)
+    """One training step of every model, the step packed sweeps and `ptv2 train` take (engine.train_step): per_forward
+    models' blocks per backbone forward and backward, then each model's own update with its own optimizer."""
+    steps = [
+        TrainStep(
+            model,
+            make_optimizer(cfg, (p for p in model.parameters() if p.requires_grad)),
+            max_grad_norm=cfg.trainer.max_grad_norm,
+        )
+        for model in models
     ]
-    autocast = autocast_for(cfg, device)
+    autocast = lambda: autocast_for(cfg, device)  # noqa: E731
 
     def step(batch: dict) -> None:
-        for chunk in chunked(models, per_forward):
-            with autocast:
-                blocks = packed_hidden(encoder, chunk, batch)
-                heads = [model.head_for("bench") for model in chunk]
-                losses = [head.loss(head(h, batch), batch) for head, h in zip(heads, blocks, strict=True)]
-            torch.stack(losses).sum().backward()
-        for update in updates:  # the engine's clip / step / clear, each job with its own optimizer
-            update.update()
+        train_step(steps, batch, "bench", per_forward=per_forward, autocast=autocast)
 
     return step
 

@@ -36,6 +36,7 @@ from ptv2.runs import checkpoint
 log = logging.getLogger("ptv2")
 STATE_DIR = "state"
 STATE_FILE = "training_state.pt"
+NEXT_FILE = "training_state.next.pt"  # a group save under way (save_group)
 # Keys that may differ between the interrupted run and its continuation: they do not change what is computed.
 FREE_KEYS = ("trainer.resume", "trainer.overwrite", "trainer.save_every_steps", "trainer.progress", "logger.")
 STATE_KEYS = {"trainable", "best_state", "optimizer", "scheduler", "rng", "config", "progress"}
@@ -65,6 +66,9 @@ class Resumed:
 
 # Test-only knob: after step N, send the process this signal (KILL by default) to simulate a crash or preemption.
 DIE_AT_STEP, DIE_SIGNAL = "PTV2_DIE_AT_STEP", "PTV2_DIE_SIGNAL"
+# Test-only knob: SIGKILL after the Nth state file written by save_group (a kill between two runs' saves).
+DIE_AT_SAVE = "PTV2_DIE_AT_SAVE"
+_saves_written = 0
 
 
 def rng_states() -> dict:
@@ -99,24 +103,67 @@ def _plain(value):
 
 
 def save(run_dir: Path, model, optimizer, scheduler, cfg, progress: Progress) -> Path:
-    """Write the state atomically (at an epoch's start, with no batch done, the epoch's losses are not kept)."""
-    path = Path(run_dir) / STATE_DIR / STATE_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    best_state = progress.best_state
-    progress = {f.name: getattr(progress, f.name) for f in fields(progress) if f.name != "best_state"}
-    if not progress["batches_done"]:
-        progress["losses"] = []
-    state = {
-        "trainable": {k: v.detach().cpu().clone() for k, v in model.prompt_state_dict().items()},
-        "best_state": None if best_state is None else {k: v.detach().cpu() for k, v in best_state.items()},
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "rng": rng_states(),
-        "config": json.dumps(OmegaConf.to_container(cfg, resolve=True)),
-        "progress": json.dumps(progress, default=_plain),
-    }
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
-    return path
+    """Write one run's state atomically (save_group for one)."""
+    save_group([(run_dir, model, optimizer, scheduler, cfg, progress)])
+    return Path(run_dir) / STATE_DIR / STATE_FILE
+
+
+def save_group(runs: list[tuple]) -> None:
+    """Write the states of a group of runs [(run_dir, model, optimizer, scheduler, cfg, progress)] saved at the same
+    point of the same batches, so that a kill at any moment leaves a point every one of them can resume from:
+    first every run's new state beside its old one (NEXT_FILE, each written atomically), then each renamed over
+    the old. settle_group, before a resume, finishes or undoes a group save that was cut short. At an epoch's start,
+    with no batch done, the epoch's losses are not kept."""
+    states = []
+    for run_dir, model, optimizer, scheduler, cfg, progress in runs:
+        best_state = progress.best_state
+        record = {f.name: getattr(progress, f.name) for f in fields(progress) if f.name != "best_state"}
+        if not record["batches_done"]:
+            record["losses"] = []
+        state = {
+            "trainable": {k: v.detach().cpu().clone() for k, v in model.prompt_state_dict().items()},
+            "best_state": None if best_state is None else {k: v.detach().cpu() for k, v in best_state.items()},
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": rng_states(),
+            "config": json.dumps(OmegaConf.to_container(cfg, resolve=True)),
+            "progress": json.dumps(record, default=_plain),
+        }
+        folder = Path(run_dir) / STATE_DIR
+        states.append(folder)
+        atomic_write(folder / NEXT_FILE, lambda tmp, state=state: torch.save(state, tmp))
+        maybe_die_between_saves()
+    for folder in states:
+        os.replace(folder / NEXT_FILE, folder / STATE_FILE)
+
+
+def _point(path: Path) -> tuple[int, int] | None:
+    """(epoch, batches done) of a state file, None when it is absent or unreadable."""
+    try:
+        progress = read(path, mmap=True)["progress"]
+        return int(progress["epoch"]), int(progress["batches_done"])
+    except (UserError, FileNotFoundError, KeyError, TypeError, ValueError):
+        return None
+
+
+def settle_group(run_dirs: list[Path]) -> None:
+    """Before a group resumes: where a group save was cut short (some runs hold a NEXT_FILE), keep the latest point
+    every run holds: each run's NEXT_FILE at that point is renamed over its state, any other is removed."""
+    folders = [Path(run_dir) / STATE_DIR for run_dir in run_dirs]
+    if not any((folder / NEXT_FILE).exists() for folder in folders):
+        return
+    held = [{p for p in (_point(folder / STATE_FILE), _point(folder / NEXT_FILE)) if p} for folder in folders]
+    common = set.intersection(*held)
+    point = max(common) if common else None
+    for folder in folders:
+        pending = folder / NEXT_FILE
+        if not pending.exists():
+            continue
+        if point is not None and _point(pending) == point:
+            os.replace(pending, folder / STATE_FILE)
+            log.info("%s: a group save cut short is completed (epoch %d, %d batches done)", folder, *point)
+        else:
+            pending.unlink()
 
 
 def source(cfg, run_dir: Path) -> Path | None:
@@ -263,6 +310,13 @@ class StopRequests:
         self.active = False
         for number, handler in self.previous.items():
             signal.signal(number, handler)
+
+
+def maybe_die_between_saves() -> None:
+    global _saves_written
+    _saves_written += 1
+    if os.environ.get(DIE_AT_SAVE) == str(_saves_written):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def maybe_die(step: int) -> None:
