@@ -25,7 +25,8 @@ test:  ## the default suite: offline, CPU, a few minutes (real-data tests skip w
 test-all:  ## every test, the slow real-data ones included
 	$(BIN)/python -m pytest
 
-lint:  ## ruff lint and format check
+lint:  ## ruff lint and format check; the layer order of src/ (lint-imports: pyproject's [tool.importlinter])
+	$(BIN)/lint-imports
 	$(BIN)/ruff check src tests scripts setup.py
 	$(BIN)/ruff format --check src tests scripts setup.py
 

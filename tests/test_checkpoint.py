@@ -14,7 +14,6 @@ from safetensors.torch import load_file, save_file
 from test_config import compose_train
 
 from ptv2 import __version__
-from ptv2.commands import evaluate
 from ptv2.errors import UserError
 from ptv2.modeling.heads import ClassificationHead
 from ptv2.modeling.model import PromptModel
@@ -169,8 +168,10 @@ def test_eval_errors_for_wrong_missing_and_corrupt_checkpoints(run_dir, tmp_path
 def command_config(monkeypatch, command: str, *overrides: str):
     """The checkpoint config `ptv2 <command>` builds from these command-line overrides (Hydra's record of them
     stubbed, as inside a running job)."""
-    monkeypatch.setattr(evaluate.HydraConfig, "get", lambda: SimpleNamespace(overrides=SimpleNamespace(task=overrides)))
-    return evaluate.checkpoint_config(compose_train(*overrides, config_name=command))
+    monkeypatch.setattr(
+        checkpoint.HydraConfig, "get", lambda: SimpleNamespace(overrides=SimpleNamespace(task=overrides))
+    )
+    return checkpoint.checkpoint_config(compose_train(*overrides, config_name=command))
 
 
 def test_habitual_options_are_harmless_and_model_changes_refused(run_dir, tmp_path, monkeypatch):

@@ -22,8 +22,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ptv2 import __version__
-from ptv2.config import check_values, register
+from ptv2 import __version__, config
+from ptv2.config import check_values
 from ptv2.errors import UserError
 from ptv2.runs import rundir
 
@@ -109,6 +109,22 @@ def record_failure(error: Exception, cfg: DictConfig, run_dir: Path, job_num) ->
         return
     failed_jobs.append(f"job {job_num} ({run_dir})")
     rundir.mark_failed(cfg, run_dir)
+
+
+def register() -> None:
+    """What a Hydra command needs registered (idempotent): the schema and conf/'s resolvers (config.register), the
+    `${unique_now:}` run-folder resolver, and the packed launcher. Hydra finds launchers by scanning the
+    hydra_plugins namespace package, which an editable install (pip install -e) hides from the scan, so ours is
+    registered by hand (this also stores its config schema)."""
+    from hydra.core.plugins import Plugins
+
+    from hydra_plugins.ptv2_packed_launcher.packed_launcher import PackedLauncher
+
+    config.register()
+    if not OmegaConf.has_resolver("unique_now"):
+        OmegaConf.register_new_resolver("unique_now", rundir.unique_now, use_cache=True)
+    PackedLauncher.hooks = (open_job, record_failure, objective)
+    Plugins.instance().register(PackedLauncher)
 
 
 def objective(result):

@@ -199,23 +199,13 @@ def _package_path(package: str, *parts: str) -> str:
 
 
 def register() -> None:
-    """Register the schema with Hydra and the resolvers used by conf/ (idempotent)."""
+    """Register the schema with Hydra and the resolvers conf/ needs to compose (idempotent); the command line adds
+    the run-folder resolver and the packed launcher (cli.register)."""
     ConfigStore.instance().store(name="run_schema", node=RunConfig)
     if not OmegaConf.has_resolver("package_path"):
         OmegaConf.register_new_resolver("package_path", _package_path)
     if not OmegaConf.has_resolver("asset"):
         OmegaConf.register_new_resolver("asset", lambda name: str(Path(__file__).parent / "assets" / name))
-    if not OmegaConf.has_resolver("unique_now"):
-        from ptv2.runs.rundir import unique_now
-
-        OmegaConf.register_new_resolver("unique_now", unique_now, use_cache=True)
-    # Hydra finds launchers by scanning the hydra_plugins namespace package, which an editable install
-    # (pip install -e) hides from the scan: register ours by hand (this also stores its config schema).
-    from hydra.core.plugins import Plugins
-
-    from hydra_plugins.ptv2_packed_launcher.packed_launcher import PackedLauncher
-
-    Plugins.instance().register(PackedLauncher)
 
 
 # --------------------------------------------------------------------------------------------- start-up checks

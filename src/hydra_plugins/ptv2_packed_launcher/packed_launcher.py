@@ -36,6 +36,10 @@ ConfigStore.instance().store(group="hydra/launcher", name="packed_schema", node=
 
 
 class PackedLauncher(Launcher):
+    # (open_job, record_failure, objective): what ptv2's command line does for every job before it runs, when it
+    # fails, and with its result; set by ptv2.cli.register, which sits above this plugin (it never imports the cli).
+    hooks: tuple = ()
+
     def __init__(self, max_pack: int = 8, jobs_per_forward: Optional[int] = None) -> None:
         for key, value in (("max_pack", max_pack), ("jobs_per_forward", jobs_per_forward or 1)):
             if value < 1:
@@ -106,7 +110,7 @@ class PackedLauncher(Launcher):
 
     def _run_packed(self, configs: list[DictConfig]) -> list[JobReturn]:
         """Hydra's job set-up for each job (folder, runtime config), then one training for the group."""
-        from ptv2.cli import objective, open_job, record_failure
+        open_job, record_failure, objective = self.hooks
         from ptv2.commands import packed
 
         def job(task_cfg: DictConfig):

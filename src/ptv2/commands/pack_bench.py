@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ptv2.commands.bench import (
+from ptv2.commands.measure import (
     Clock,
     autocast_for,
     build_model,

@@ -13,13 +13,13 @@ import numpy as np
 from accelerate import Accelerator
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
-from ptv2.commands.evaluate import checkpoint_config
 from ptv2.config import task_members
 from ptv2.data import prepare_split
 from ptv2.engine import Member, predict
 from ptv2.errors import UserError
 from ptv2.io import write_json, write_jsonl
 from ptv2.runs import checkpoint
+from ptv2.runs.checkpoint import checkpoint_config
 from ptv2.serving import PromptServer
 from ptv2.tasks import task_type
 
