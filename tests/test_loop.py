@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # conftest's helpers when run as a script (--record)
 
@@ -128,3 +129,87 @@ if __name__ == "__main__" and sys.argv[1:] == ["--record"]:
         records = {name: run_case(name, Path(folder)) for name in CASES}
     RECORDS.write_text(json.dumps(records, indent=1, sort_keys=True) + "\n")
     print(f"wrote {RECORDS}")
+
+
+# ----------------------------------------------------------------------------------------------- group saves
+
+
+class Stub(torch.nn.Module):
+    """What save_group reads of a model: prompt_state_dict."""
+
+    def __init__(self, value: float):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.full((2,), value))
+
+    def prompt_state_dict(self):
+        return {"weight": self.weight}
+
+
+def saved_at(run_dirs, point, value):
+    from omegaconf import OmegaConf
+
+    from ptv2.runs import resume as state
+
+    runs = []
+    for run_dir in run_dirs:
+        model = Stub(value)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        progress = state.Progress(epoch=point[0], batches_done=point[1], step=point[1])
+        runs.append((run_dir, model, optimizer, scheduler, OmegaConf.create({"seed": 1}), progress))
+    return runs
+
+
+def held(run_dir):
+    from ptv2.runs import resume as state
+
+    saved = state.read(run_dir / state.STATE_DIR / state.STATE_FILE)
+    pending = (run_dir / state.STATE_DIR / state.NEXT_FILE).exists()
+    return saved["progress"]["batches_done"], saved["trainable"]["weight"][0].item(), pending
+
+
+def test_a_group_save_cut_short_settles_on_a_point_every_job_holds(tmp_path):
+    """Cut in its first half (some jobs' new states written beside the old): every job goes back to the old point.
+    Cut in its second half (some renamed already): every job goes on from the new point."""
+    import shutil
+
+    from ptv2.runs import resume as state
+
+    dirs = [tmp_path / "run" / str(i) for i in range(3)]
+    newer = [tmp_path / "newer" / str(i) for i in range(3)]
+    state.save_group(saved_at(newer, (0, 4), 2.0))  # each job's state at the later point, to plant below
+    new_file = [d / state.STATE_DIR / state.STATE_FILE for d in newer]
+
+    def plant(job: int, name: str) -> None:
+        shutil.copyfile(new_file[job], dirs[job] / state.STATE_DIR / name)
+
+    state.save_group(saved_at(dirs, (0, 2), 1.0))
+    plant(0, state.NEXT_FILE)  # first half cut short: only job 0's new state written
+    state.settle_group(dirs)
+    assert [held(d) for d in dirs] == [(2, 1.0, False)] * 3
+    plant(0, state.STATE_FILE)  # second half cut short: all written, only job 0's renamed
+    plant(1, state.NEXT_FILE)
+    plant(2, state.NEXT_FILE)
+    assert [held(d) for d in dirs] == [(4, 2.0, False), (2, 1.0, True), (2, 1.0, True)]
+    state.settle_group(dirs)
+    assert [held(d) for d in dirs] == [(4, 2.0, False)] * 3
+
+
+@pytest.mark.slow  # three sweeps, two in subprocesses
+def test_a_packed_group_killed_between_two_jobs_saves_resumes_exactly(tmp_path):
+    """SIGKILL inside a group save, after job 0's new state replaced its old one and before job 1's did (the two jobs'
+    files then hold steps 8 and 4): the resumed group ends with the uninterrupted group's figures, to the last bit
+    (the same computation on the same machine)."""
+    from conftest import ptv2_subprocess
+
+    args = ["train", "-m", "backbone=tiny", *RUN, *RTE_TASK, "hydra/launcher=packed", "trainer.batch_size=2"]
+    args += ["trainer.save_every_steps=4", "prompt.length=2,5"]
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    ptv2(*args, f"hydra.sweep.dir={reference}")
+    # A group save of two jobs: write 0, write 1, rename 0, rename 1; the 7th event is job 0's rename at step 8.
+    killed = ptv2_subprocess(*args, f"hydra.sweep.dir={resumed}", env={"PTV2_DIE_AT_SAVE": "7"}, check=False)
+    assert killed.returncode == -9
+    again = ptv2(*args, f"hydra.sweep.dir={resumed}", "trainer.resume=true", check=False)
+    assert again.returncode == 0, again.stderr[-2000:]
+    for job in ("0", "1"):
+        assert figures(resumed / job) == figures(reference / job)

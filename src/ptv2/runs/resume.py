@@ -66,7 +66,7 @@ class Resumed:
 
 # Test-only knob: after step N, send the process this signal (KILL by default) to simulate a crash or preemption.
 DIE_AT_STEP, DIE_SIGNAL = "PTV2_DIE_AT_STEP", "PTV2_DIE_SIGNAL"
-# Test-only knob: SIGKILL after the Nth state file written by save_group (a kill between two runs' saves).
+# Test-only knob: SIGKILL after the Nth file written or renamed by save_group (a kill inside a group save).
 DIE_AT_SAVE = "PTV2_DIE_AT_SAVE"
 _saves_written = 0
 
@@ -135,6 +135,7 @@ def save_group(runs: list[tuple]) -> None:
         maybe_die_between_saves()
     for folder in states:
         os.replace(folder / NEXT_FILE, folder / STATE_FILE)
+        maybe_die_between_saves()
 
 
 def _point(path: Path) -> tuple[int, int] | None:
