@@ -213,3 +213,34 @@ def test_a_packed_group_killed_between_two_jobs_saves_resumes_exactly(tmp_path):
     assert again.returncode == 0, again.stderr[-2000:]
     for job in ("0", "1"):
         assert figures(resumed / job) == figures(reference / job)
+
+
+def test_a_packed_generation_sweep_trains_and_decodes_every_job(tmp_path):
+    """Generation packs like the other task types: one group, each job's greedy answers from its own prefix."""
+    sweep = tmp_path / "sweep"
+    args = ["backbone=tiny", *RUN, *GENERATION, *LLAMA, "trainer.epochs=1", "hydra/launcher=packed"]
+    ptv2("train", "-m", *args, "prompt.length=2,4", f"hydra.sweep.dir={sweep}")
+    assert "packed group of 2 jobs" in (sweep / "0" / "train.log").read_text()
+    for job in ("0", "1"):
+        results = json.loads((sweep / job / "results.json").read_text())
+        assert results["steps"] == 3 and 0.0 <= results["best"]["rougeL"] <= 1.0
+
+
+@pytest.mark.slow  # a sweep in a subprocess, then its resume
+def test_a_resumed_packed_group_leaves_no_failed_marker(tmp_path):
+    """SIGTERM marks every job FAILED (the sweep did not finish); a resume that finishes them removes the markers,
+    so `ptv2 table` lists them as finished runs."""
+    from conftest import ptv2_subprocess
+
+    from ptv2.commands import table
+
+    sweep = tmp_path / "sweep"
+    args = ["train", "-m", "backbone=tiny", *RUN, *RTE_TASK, "hydra/launcher=packed", "trainer.batch_size=2"]
+    args += ["trainer.save_every_steps=2", "prompt.length=2,5", f"hydra.sweep.dir={sweep}"]
+    stopped = ptv2_subprocess(*args, env={"PTV2_DIE_AT_STEP": "3", "PTV2_DIE_SIGNAL": "TERM"}, check=False)
+    assert stopped.returncode != 0 and all((sweep / job / "FAILED").exists() for job in ("0", "1"))
+    assert "trainer.resume=true" in (sweep / "0" / "train.log").read_text()
+    ptv2(*args, "trainer.resume=true")
+    assert not any((sweep / job / "FAILED").exists() for job in ("0", "1"))
+    assert table.main([str(sweep), "--out", str(tmp_path / "table"), "--plot", "none"]) == 0
+    assert "failed" not in (tmp_path / "table" / "table.md").read_text().lower()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -21,11 +21,46 @@ from ptv2.modeling.methods import METHODS, method
 
 HEADS = ("linear", "pooler", "verbalizer", "lm")  # task.head
 
+# The roles of config keys, declared once on the schema's fields below (`tagged`) and read by every module that
+# treats a kind of key alike (`keys_with`): a role added to a field reaches all of them.
+PATH = "path"  # a path on the machine that wrote it: a checkpoint's is never used (cleared to the default)
+FREE = "free"  # changes nothing a run computes: a resume may change it, `ptv2 table` does not tell runs apart by it
+REPLICATE = "replicate"  # runs that differ only here are replicates: `ptv2 table` aggregates them (mean ± std)
+ALIAS = "alias"  # another key names the same thing (backbone.name; the data): `ptv2 table` reads that one
+PER_JOB = "per_job"  # may differ between the jobs of one packed group (it lives in a job's prompt, head, optimizer)
+COMMAND = "command"  # a key of `ptv2 eval` / `predict`, not of the run
+
+
+def tagged(default: Any = None, *roles: str, factory=None):
+    """A schema field with its roles (PATH, FREE, ...); factory: a default_factory instead of a default."""
+    metadata = {"roles": frozenset(roles)}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def keys_with(*roles: str, schema=None) -> tuple[str, ...]:
+    """The dotted keys of the schema's fields that have any of these roles; a tagged group ends with "." (all of its
+    keys). Nested groups are searched too."""
+    found = []
+    for item in fields(schema or RunConfig):
+        nested = item.default_factory if is_dataclass(item.default_factory) else None
+        if item.metadata.get("roles", frozenset()) & set(roles):
+            found.append(item.name + ("." if nested else ""))
+        elif nested:
+            found += [f"{item.name}.{key}" for key in keys_with(*roles, schema=nested)]
+    return tuple(found)
+
+
+def has_role(key: str, keys: tuple[str, ...]) -> bool:
+    """Whether a dotted key is one of keys_with's keys (or inside one of its groups)."""
+    return any(key == name or (name.endswith(".") and key.startswith(name)) for name in keys)
+
 
 @dataclass
 class BackboneConfig:
     name: str = MISSING  # short name used in run directories and W&B run names
-    name_or_path: str = MISSING  # hub id or local Hugging Face model folder
+    name_or_path: str = tagged(MISSING, ALIAS)  # hub id or local Hugging Face model folder
     revision: Optional[str] = None
     random_init: bool = False  # build from the config alone (tests, benchmarks): no weights needed
     dtype: str = "float32"  # weights of the backbone: float32 | bfloat16 | float16
@@ -39,16 +74,18 @@ class BackboneConfig:
 @dataclass
 class PromptConfig:
     method: str = "ptv2"  # modeling.methods.METHODS: ptv2 | prompt_tuning | ptuning_v1 | finetune | linear_probe
-    length: int = 16  # number of prompt vectors (per layer for ptv2)
-    projection: str = "none"  # ptv2 reparameterization: none | mlp
-    projection_dim: int = 512  # hidden width of the reparameterization MLP
-    dropout: float = 0.1  # on the prompt vectors only, independent of the backbone's dropout
-    layers: Any = "all"  # ptv2 depth: all | top:K | bottom:K | [i, j, ...]
-    shift_positions: bool = False  # number tokens P..P+L-1 as the official cache-based code did
+    length: int = tagged(16, PER_JOB)  # number of prompt vectors (per layer for ptv2)
+    projection: str = tagged("none", PER_JOB)  # ptv2 reparameterization: none | mlp
+    projection_dim: int = tagged(512, PER_JOB)  # hidden width of the reparameterization MLP
+    dropout: float = tagged(0.1, PER_JOB)  # on the prompt vectors only, independent of the backbone's dropout
+    layers: Any = tagged("all", PER_JOB)  # ptv2 depth: all | top:K | bottom:K | [i, j, ...]
+    shift_positions: bool = tagged(False, PER_JOB)  # number tokens P..P+L-1 as the official cache-based code did
     encoder: str = "lstm"  # ptuning_v1 prompt encoder: lstm | mlp
     # std of the N(0, std) prompt embeddings; None: the backbone's initializer_range, as the official models started
-    init_std: Optional[float] = None
-    init_from: Optional[str] = None  # run dir or checkpoint whose prompt (and matching heads) start training
+    init_std: Optional[float] = tagged(None, PER_JOB)
+    init_from: Optional[str] = tagged(
+        None, PATH, PER_JOB
+    )  # run dir or checkpoint whose prompt (and matching heads) start training
 
 
 @dataclass
@@ -56,16 +93,16 @@ class TaskConfig:
     name: str = MISSING
     type: str = "classification"  # classification | multiple_choice | tagging | span
     reader: str = MISSING  # module in ptv2.data that turns hub rows / local files into examples
-    data_dir: Optional[str] = None  # local files instead of the hub
+    data_dir: Optional[str] = tagged(None, PATH)  # local files instead of the hub
     format: Optional[str] = None  # local file format when a reader knows several; null: found with the files
     # split -> file name inside data_dir; null (or absent): found by name (the reader's local_files)
     files: dict[str, Optional[str]] = field(default_factory=dict)
     hub: dict[str, Any] = field(default_factory=dict)  # path, name, revision
     hub_splits: dict[str, str] = field(default_factory=dict)  # split -> hub split name
-    labels: list[str] = field(default_factory=list)  # label names (label ids follow this order)
+    labels: list[str] = tagged(None, ALIAS, factory=list)  # label names (label ids follow this order)
     metric: str = "accuracy"  # selects the best epoch
     max_length: int = 128
-    head_dropout: float = 0.1
+    head_dropout: float = tagged(0.1, PER_JOB)
     # linear: a linear layer on [CLS] (multiple choice: one score per choice) | pooler: the backbone's pooler (frozen
     # with the encoder), dropout, a linear layer: the official models' head | verbalizer: the backbone's MLM head
     # scores the label words of `options.verbalizer` at a mask slot appended to the input (see heads.VerbalizerHead;
@@ -121,23 +158,27 @@ class TrainerConfig:
     max_steps: Optional[int] = None  # stop after this many optimizer steps (smoke runs)
     batch_size: int = 32
     eval_batch_size: int = 64
-    max_grad_norm: float = 1.0
-    seed: int = 42
+    max_grad_norm: float = tagged(1.0, PER_JOB)
+    seed: int = tagged(42, REPLICATE)
     precision: str = "no"  # no | bf16 | fp16 (autocast via accelerate)
     cpu: bool = False  # force CPU even when a GPU is present
     group_by_length: bool = True  # batches of similar length: less padding
     pad_to_max_length: bool = False  # pad every training batch to task.max_length, as the official scripts did
     limit_train: Optional[int] = None  # first N training examples only (demos, smoke runs)
     limit_eval: Optional[int] = None
-    save_checkpoint: bool = True
-    save_every_steps: Optional[int] = None  # also save the full training state (state/) every N steps
-    resume: Any = False  # true: continue the run in hydra.run.dir from its state/; or the run dir to continue from
-    overwrite: bool = False  # replace a finished run in hydra.run.dir (refused otherwise; see rundir.py)
-    progress: bool = True  # a bar on a terminal; elsewhere one log line per tenth of an epoch (see progress.py)
+    save_checkpoint: bool = tagged(True, PER_JOB)
+    save_every_steps: Optional[int] = tagged(None, FREE)  # also save the full training state (state/) every N steps
+    resume: Any = tagged(
+        False, PATH, FREE
+    )  # true: continue the run in hydra.run.dir from its state/; or the run dir to continue from
+    overwrite: bool = tagged(False, FREE)  # replace a finished run in hydra.run.dir (refused otherwise; see rundir.py)
+    progress: bool = tagged(
+        True, FREE
+    )  # a bar on a terminal; elsewhere one log line per tenth of an epoch (see progress.py)
     # Stop after this many epochs without a better dev metric; None: off, as in the presets (the official runs
     # trained a fixed number of epochs).
-    early_stopping_patience: Optional[int] = None
-    cache_dir: Optional[str] = None  # tokenized-data cache; default $PTV2_CACHE or ~/.cache/ptv2
+    early_stopping_patience: Optional[int] = tagged(None, PER_JOB)
+    cache_dir: Optional[str] = tagged(None, PATH, FREE)  # tokenized-data cache; default $PTV2_CACHE or ~/.cache/ptv2
 
 
 @dataclass
@@ -179,15 +220,19 @@ class RunConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    optimizer: OptimizerConfig = tagged(None, PER_JOB, factory=OptimizerConfig)
+    scheduler: SchedulerConfig = tagged(None, PER_JOB, factory=SchedulerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    logger: LoggerConfig = tagged(None, FREE, PER_JOB, factory=LoggerConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
-    ckpt: Any = None  # `ptv2 eval` / `predict`: checkpoint file or run directory (predict: also a list of them)
-    split: str = "dev"  # `ptv2 eval` / `predict`: split to evaluate or predict
-    input: Optional[str] = None  # `ptv2 predict`: a file in the task's own format instead of a split
-    output_dir: Optional[str] = None  # `ptv2 predict`: where prediction files go (default: the run directory)
+    ckpt: Any = tagged(
+        None, COMMAND
+    )  # `ptv2 eval` / `predict`: checkpoint file or run directory (predict: also a list of them)
+    split: str = tagged("dev", COMMAND)  # `ptv2 eval` / `predict`: split to evaluate or predict
+    input: Optional[str] = tagged(None, COMMAND)  # `ptv2 predict`: a file in the task's own format instead of a split
+    output_dir: Optional[str] = tagged(
+        None, COMMAND
+    )  # `ptv2 predict`: where prediction files go (default: the run directory)
 
 
 def _package_path(package: str, *parts: str) -> str:
@@ -369,23 +414,24 @@ def check_values(cfg) -> None:
 def validate(cfg, backbone_config) -> None:
     """check_values, then the checks that need the backbone's config; raise UserError with one clear line."""
     from ptv2.modeling.injection import encoder_shape, family_of, positions_used
+    from ptv2.modeling.methods import parse_layers
 
     check_values(cfg)
     prompt = cfg.prompt
     num_layers = encoder_shape(backbone_config)[0]
     layers = prompt.layers
-    if isinstance(layers, str):
-        side, _, count = layers.partition(":")
-        if layers != "all" and (
-            side not in ("top", "bottom") or not count.isdigit() or not 1 <= int(count) <= num_layers
-        ):
-            raise UserError(
-                f"prompt.layers={layers} is invalid; use all, top:K or bottom:K with 1 <= K <= {num_layers}, "
-                "or a list of layer indices"
-            )
-    else:
-        bad = [layer for layer in layers if not isinstance(layer, int) or not 0 <= layer < num_layers]
-        if bad or not layers:
+    try:
+        side, count = parse_layers(layers)
+    except (ValueError, TypeError):
+        side, count = "invalid", 0
+    if side in ("invalid", "top", "bottom") and not 1 <= count <= num_layers:
+        raise UserError(
+            f"prompt.layers={layers} is invalid; use all, top:K or bottom:K with 1 <= K <= {num_layers}, "
+            "or a list of layer indices"
+        )
+    if side == "list":
+        bad = [layer for layer in count if not 0 <= layer < num_layers]
+        if bad or not count:
             raise UserError(
                 f"prompt.layers={list(layers)}: the backbone has layers 0..{num_layers - 1} "
                 f"(bad: {bad or 'empty list'})"

@@ -28,22 +28,14 @@ from pathlib import Path
 
 import yaml
 
-from ptv2.config import flat_keys
+from ptv2.config import ALIAS, COMMAND, FREE, REPLICATE, flat_keys, has_role, keys_with
 from ptv2.errors import UserError
+from ptv2.modeling.methods import parse_layers
 
 REFERENCES = Path(__file__).parents[1] / "references.yaml"
-# Config keys that never make two runs different configs: the seed (seeds are aggregated), bookkeeping and logging.
-IGNORED = (
-    "trainer.seed",
-    "trainer.progress",
-    "trainer.cache_dir",
-    "trainer.overwrite",
-    "trainer.resume",
-    "logger.",
-    "task.labels",
-    "backbone.name_or_path",
-)
-IGNORED += ("ckpt", "split", "input", "output_dir")
+# Config keys that never make two runs different configs: the seed (seeds are aggregated), bookkeeping, logging,
+# keys that another one names, and eval/predict's own.
+IGNORED = keys_with(REPLICATE, FREE, ALIAS, COMMAND)
 PROTOCOL = (
     "Selection protocol: every run keeps its best dev epoch (results.json `best_epoch`, chosen by the task's "
     "selection metric). The score is the dev score at that epoch; for tasks with a test split (tagging) it is the "
@@ -169,7 +161,7 @@ def collect(root: Path) -> tuple[list[Run], list[dict]]:
 
 
 def _ignored(key: str) -> bool:
-    return any(key == name or (name.endswith(".") and key.startswith(name)) for name in IGNORED)
+    return has_role(key, IGNORED)
 
 
 def varying_keys(runs: list[Run]) -> list[str]:
@@ -346,10 +338,13 @@ def plot_series(rows, columns, cells, descriptors, kind: str) -> dict | None:
     elif kind == "depth" and "prompt.layers" in descriptors:
         at = descriptors.index("prompt.layers")
         for (row, column), cell in cells.items():
-            match = re.fullmatch(r"(bottom|top):(\d+)", str(row[3 + at]))
-            if match:
-                order = "ascending (bottom:K)" if match[1] == "bottom" else "descending (top:K)"
-                series[f"{row[0]} {column[0]}/{column[1]} {order}"].append((float(match[2]), cell.mean, cell.std))
+            try:
+                side, count = parse_layers(str(row[3 + at]))
+            except ValueError:
+                continue
+            if side in ("top", "bottom"):
+                order = "ascending (bottom:K)" if side == "bottom" else "descending (top:K)"
+                series[f"{row[0]} {column[0]}/{column[1]} {order}"].append((float(count), cell.mean, cell.std))
     elif kind == "methods" and len({m for m, _ in columns}) > 1:
         for (row, column), cell in cells.items():
             others = [str(v) for v in row[3:] if v]

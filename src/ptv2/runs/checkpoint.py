@@ -25,6 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from ptv2 import __version__
+from ptv2.config import COMMAND, PATH, RunConfig, keys_with
 from ptv2.errors import UserError
 from ptv2.io import atomic_write
 
@@ -32,7 +33,7 @@ FILENAME = "prompt.safetensors"
 FOLDED_KEY = "prompt.folded"
 METADATA_KEYS = ("backbone", "backbone_hash", "task", "method", "labels", "config")
 # Paths on the machine that trained a checkpoint: never taken from it (the command that loads it gives its own).
-PATH_KEYS = {"trainer.cache_dir": None, "trainer.resume": False, "prompt.init_from": None, "task.data_dir": None}
+PATH_KEYS = keys_with(PATH)
 TASK_PATH_KEYS = ("data_dir", "files")  # per task and multi-task member: the files are found in the given data_dir
 HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?")  # owner/name, no path syntax
 
@@ -124,9 +125,10 @@ def stored_config(path: str | Path) -> DictConfig:
         raise UserError(f"{path}: the stored run config is unreadable ({str(error).splitlines()[0]})") from None
     if OmegaConf.to_container(saved, resolve=True) != raw:
         raise UserError(f"{path}: the stored run config holds text that cannot be kept literally; re-create it")
-    for key, cleared in PATH_KEYS.items():
+    defaults = OmegaConf.structured(RunConfig)
+    for key in PATH_KEYS:
         if OmegaConf.select(saved, key) is not None:
-            OmegaConf.update(saved, key, cleared, force_add=True)
+            OmegaConf.update(saved, key, OmegaConf.select(defaults, key), force_add=True)
     tasks = [saved.task, *(saved.task.get("members") or {}).values()] if saved.get("task") is not None else []
     for task in tasks:
         for key in TASK_PATH_KEYS:
@@ -208,7 +210,7 @@ def load(path: str | Path, model, strict_heads: bool = True, use_folded: bool = 
 
 
 # ----------------------------------------------------------------------------------------------- eval / predict
-OWN_KEYS = ("ckpt", "split", "input", "output_dir")  # this command's own keys, not the run's
+OWN_KEYS = keys_with(COMMAND)  # this command's own keys, not the run's
 # Groups that change neither the model nor its inputs: a group option passed out of habit (logger=none,
 # trainer=smoke) is taken from this command's config. The trainer's seed stays the checkpoint's: it rebuilds a
 # random-init backbone (backbone.random_init) exactly as in training.

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from ptv2.config import flat_keys
+from ptv2.config import FREE, flat_keys, has_role, keys_with
 from ptv2.errors import UserError
 from ptv2.io import atomic_write
 from ptv2.runs import checkpoint
@@ -38,7 +38,7 @@ STATE_DIR = "state"
 STATE_FILE = "training_state.pt"
 NEXT_FILE = "training_state.next.pt"  # a group save under way (save_group)
 # Keys that may differ between the interrupted run and its continuation: they do not change what is computed.
-FREE_KEYS = ("trainer.resume", "trainer.overwrite", "trainer.save_every_steps", "trainer.progress", "logger.")
+FREE_KEYS = keys_with(FREE)
 STATE_KEYS = {"trainable", "best_state", "optimizer", "scheduler", "rng", "config", "progress"}
 PROGRESS_KEYS = {"epoch", "batches_done", "step", "losses", "history", "best", "best_value", "best_epoch"}
 
@@ -218,7 +218,7 @@ def config_changes(saved: dict, cfg, labels_known: bool = True) -> list[str]:
         key
         for key in old.keys() | now.keys()
         if old.get(key) != now.get(key)
-        and not key.startswith(FREE_KEYS)
+        and not has_role(key, FREE_KEYS)
         and not (not labels_known and key.rpartition(".")[2] == "labels" and now.get(key) == [])
     )
 
