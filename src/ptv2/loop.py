@@ -269,7 +269,9 @@ class Group:
                     for job in self.running():
                         where = job.run_dir / training_state.STATE_DIR
                         message = f"stopped by {stop.signal_name} at step {job.progress.step}; the training state is"
-                        fail(job, UserError(f"{message} saved in {where}: {resume_hint(job.run_dir)}"))
+                        with job.scope():
+                            hint = resume_hint(job.run_dir)
+                        fail(job, UserError(f"{message} saved in {where}: {hint}"))
                     return
                 if all(self.at_max_steps(job) for job in self.running()):
                     break
@@ -369,6 +371,7 @@ class Group:
             job.tracker.finish()
             if self.accelerator.is_main_process:
                 write_json(job.run_dir / "results.json", results)
+                (job.run_dir / "FAILED").unlink(missing_ok=True)  # an earlier attempt's, now resumed to its end
             job.results = results
             best = (job.cfg.task.metric, progress.best_value, progress.best_epoch, job.run_dir)
             job.log("best %s=%.4f at epoch %d; results in %s", *best)
