@@ -44,6 +44,7 @@ from ptv2.runs.resume import Progress
 from ptv2.runs.tracking import Tracker
 
 log = logging.getLogger("ptv2")
+HISTORY_FILE = "history.json"  # the epochs so far, one record each (results.json's history once the run ends)
 
 
 @dataclass
@@ -335,8 +336,12 @@ class Group:
             record, improved = epoch_record(job.progress, self.members, metrics, epoch, train_seconds, job.module)
             job.tracker.log(record, step=job.progress.step)
             job.log(epoch_line(record))
-            if improved and job.cfg.trainer.save_checkpoint and self.accelerator.is_main_process:
-                checkpoint.save(job.run_dir / checkpoint.FILENAME, job.module, job.cfg, self.labels)
+            if self.accelerator.is_main_process:
+                # Every finished epoch, readable while the run goes on or after it is stopped (results.json is the
+                # record of a finished run only).
+                write_json(job.run_dir / HISTORY_FILE, job.progress.history)
+                if improved and job.cfg.trainer.save_checkpoint:
+                    checkpoint.save(job.run_dir / checkpoint.FILENAME, job.module, job.cfg, self.labels)
         self.save_states(epoch + 1, 0, ending)
 
     def save_states(self, epoch: int, batches_done: int, jobs: list[Job] | None = None) -> None:

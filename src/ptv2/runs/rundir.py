@@ -28,7 +28,7 @@ LOCK_FILE = ".ptv2.lock"
 RUN_OUTPUTS = ("results.json", "prompt.safetensors", state.STATE_DIR, "eval.json", "predict.json", "bench.json")
 # What `ptv2 train trainer.overwrite=true` removes before it starts, so a crash never leaves the old run's results
 # beside the new run's config.
-TRAIN_OUTPUTS = ("results.json", "prompt.safetensors", state.STATE_DIR, "FAILED")
+TRAIN_OUTPUTS = ("results.json", "prompt.safetensors", state.STATE_DIR, "FAILED", "history.json")
 
 
 class RunDirInUse(UserError):
