@@ -83,8 +83,9 @@ def _job(function, cfg: DictConfig, command: str):
     return None
 
 
-# What a start writes before the command's own checks (layers, data) can refuse it: removed again on a refusal.
-START_FILES = ("train.log", rundir.LOCK_FILE, "config.yaml", ".hydra")
+# What a start writes before the command's own checks (layers, data) can refuse it: removed again on a refusal
+# (and Hydra's <command>.log: train.log, eval.log, ...).
+START_FILES = (rundir.LOCK_FILE, "config.yaml", ".hydra")
 
 
 def discard_unused_run_dir(run_dir: Path) -> None:
@@ -97,7 +98,7 @@ def discard_unused_run_dir(run_dir: Path) -> None:
         return
     names = {path.name for path in run_dir.iterdir()}
     made = names - (before or set())
-    if not made <= set(START_FILES):
+    if not all(name in START_FILES or name.endswith(".log") for name in made):
         return
     for name in made:
         path = run_dir / name
@@ -136,8 +137,7 @@ def open_job(cfg: DictConfig, run_dir: Path, command: str) -> rundir.RunLock | N
         check_launcher(hydra_cfg.launcher)
     if not process_owns_run_dir():
         # The main process locks and writes the folder; this one still refuses a folder it may not train into.
-        if rundir.finished_resume(cfg, run_dir, command):
-            raise rundir.AlreadyFinished(f"{run_dir} holds a finished run (results.json): nothing to resume")
+        rundir.refuse_finished_resume(cfg, run_dir, command)
         rundir.check_reuse(cfg, run_dir, command, read_only=True)
         return None
     return rundir.open_run_dir(cfg, run_dir, command)

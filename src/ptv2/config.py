@@ -366,6 +366,19 @@ def check_generation(shown: str, task) -> None:
         raise unknown(f"{shown}options.bleu_tokenize", tokenize, BLEU_TOKENIZERS)
 
 
+def check_files(shown: str, task) -> None:
+    """task.files holds file names inside task.data_dir, never paths: a path is refused with the split into the two
+    settings (it would otherwise be looked up, and reported missing, inside the data folder)."""
+    for split, name in (task.get("files") or {}).items():
+        if name is not None and (not isinstance(name, str) or "/" in name or name in ("", ".", "..")):
+            path = Path(str(name)).expanduser()
+            fix = f"task.data_dir={path.parent} {shown}files.{split}={path.name}" if path.name else "a file name"
+            raise UserError(
+                f"{shown}files.{split}={name} is not a file name: task.files names files inside task.data_dir "
+                f"(now {task.get('data_dir')}); pass {fix}"
+            )
+
+
 def check_head(shown: str, task) -> None:
     """task.head is one the task type admits (checked again by the engine, here before a backbone is loaded)."""
     from ptv2.tasks import TASK_TYPES, task_type
@@ -427,6 +440,7 @@ def check_values(cfg) -> None:
         for name, task in members:
             shown = f"task.members.{name}." if name else "task."
             check_head(shown, task)
+            check_files(shown, task)
             if task.get("type") == "generation":
                 check_generation(shown, task)
     betas = OmegaConf.select(cfg, "optimizer.betas", default=None)

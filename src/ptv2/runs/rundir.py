@@ -140,10 +140,14 @@ class RunLock:
             self.handle.close()
 
 
-def finished_resume(cfg: DictConfig, run_dir: Path, command: str) -> bool:
-    """A `ptv2 train` that would resume a run which already finished (its results.json is written last): there is
-    nothing to continue, and continuing would rewrite its results' timings."""
-    return command == "train" and state.source(cfg, run_dir) == Path(run_dir) and (run_dir / "results.json").exists()
+def refuse_finished_resume(cfg: DictConfig, run_dir: Path, command: str) -> None:
+    """A `ptv2 train` that would resume a run which already finished (its results.json is written last) ends with
+    AlreadyFinished: there is nothing to continue, and continuing would rewrite its results' timings. The resume is
+    checked first, so a changed config is refused as a changed config rather than called finished."""
+    run_dir = Path(run_dir)
+    if command == "train" and state.source(cfg, run_dir) == run_dir and (run_dir / "results.json").exists():
+        state.check(cfg, run_dir)
+        raise AlreadyFinished(f"{run_dir} holds a finished run (results.json): nothing to resume, nothing written")
 
 
 def check_reuse(cfg: DictConfig, run_dir: Path, command: str, read_only: bool = False) -> None:
@@ -151,8 +155,7 @@ def check_reuse(cfg: DictConfig, run_dir: Path, command: str, read_only: bool = 
     or replaces it (trainer.overwrite=true); a resume is checked (state present, readable, same config) here,
     before anything is written. read_only: the checks alone (a process that does not own the run folder, as the
     non-main processes of a multi-process launch: the main one removes what trainer.overwrite replaces)."""
-    if finished_resume(cfg, run_dir, command):
-        raise AlreadyFinished(f"{run_dir} holds a finished run (results.json): nothing to resume, nothing written")
+    refuse_finished_resume(cfg, run_dir, command)
     resuming = command == "train" and state.source(cfg, run_dir) is not None
     if resuming:
         state.check(cfg, run_dir)
@@ -219,8 +222,7 @@ def open_run_dir(cfg: DictConfig, run_dir: Path, command: str) -> RunLock:
     problem = link_problem(run_dir)
     if problem:
         raise UserError(problem)
-    if finished_resume(cfg, run_dir, command):
-        raise AlreadyFinished(f"{run_dir} holds a finished run (results.json): nothing to resume, nothing written")
+    refuse_finished_resume(cfg, run_dir, command)
     lock = RunLock(run_dir)
     try:
         check_reuse(cfg, run_dir, command)
