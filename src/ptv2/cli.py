@@ -26,7 +26,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ptv2 import __version__
 from ptv2.config import check_added_keys, check_launcher, check_values, register, unknown_key_hint
-from ptv2.errors import UserError
+from ptv2.errors import UserError, short_line
 from ptv2.runs import rundir
 
 log = logging.getLogger("ptv2")
@@ -66,7 +66,7 @@ def _job(function, cfg: DictConfig, command: str):
         return None
     except UserError as error:
         if not sweeping:
-            print(f"ptv2: error: {error}", file=sys.stderr)
+            print(f"ptv2: error: {short_line(error)}", file=sys.stderr)
             if lock is not None:
                 lock.release()
             discard_unused_run_dir(run_dir)
@@ -150,7 +150,7 @@ def record_failure(error: Exception, cfg: DictConfig, run_dir: Path, job_num) ->
         print(f"ptv2: job {job_num}: {error}", file=sys.stderr)
         return
     if isinstance(error, UserError):
-        log.error(f"ptv2: error: {error}")
+        log.error(f"ptv2: error: {short_line(error)}")
     else:
         log.error("job %s failed:\n%s", job_num, "".join(traceback.format_exception(error)))
     if isinstance(error, rundir.RunDirInUse):

@@ -254,7 +254,7 @@ def _refuse_changes(saved: dict, cfg, labels_known: bool) -> None:
     changed = config_changes(saved, cfg, labels_known)
     if changed:
         old, now = flat_keys(saved), flat_keys(OmegaConf.to_container(cfg, resolve=True))
-        shown = ", ".join(f"{k}={old.get(k)!r}->{now.get(k)!r}" for k in changed[:3])
+        shown = ", ".join(f"{k}={repr(old.get(k))[:80]}->{repr(now.get(k))[:80]}" for k in changed[:3])
         raise UserError(f"trainer.resume: the config differs from the interrupted run's ({shown}); resume unchanged")
 
 
