@@ -295,13 +295,16 @@ class Range:
         return f"null or {text}" if self.optional else text
 
 
+MAX_PROMPT_LENGTH = 4096
 COUNT, SOME_COUNT = Range(1, integer=True), Range(1, integer=True, optional=True)
 PROBABILITY = Range(0, 1, high_open=True)  # dropout
 POSITIVE = Range(0, low_open=True)
 RANGES = {
     "backbone.dropout": Range(0, 1, high_open=True, optional=True),
     "backbone.attention_dropout": Range(0, 1, high_open=True, optional=True),
-    "prompt.length": Range(0, integer=True),  # >= 1 for the prompt methods: see check_values
+    # >= 1 for the prompt methods (see check_values); the bound keeps a typo (or a crafted checkpoint) from
+    # allocating until the machine gives out: the paper's longest prompts are 128-256 vectors
+    "prompt.length": Range(0, MAX_PROMPT_LENGTH, integer=True),
     "prompt.projection_dim": COUNT,
     "prompt.dropout": PROBABILITY,
     "prompt.init_std": Range(0, low_open=True, optional=True),
@@ -352,12 +355,76 @@ NAMES = ("backbone.name", "task.name", "task.eval_split", "task.test_split", "sp
 _ABSENT = object()
 
 
+MAX_NAME = 100  # characters: a name is one part of file names that also hold other names (255 bytes at most)
+
+
 def check_name(key: str, value: Any) -> None:
-    """A name that becomes part of a file or folder name: letters, digits, `_`, `.`, `-`; never `.` or `..`."""
+    """A name that becomes part of a file or folder name: letters, digits, `_`, `.`, `-`; never `.` or `..`; at
+    most MAX_NAME characters."""
     if not (isinstance(value, str) and NAME.fullmatch(value) and value not in (".", "..")):
         raise UserError(
-            f"{key}={value!r} is not a valid name: use letters, digits, '_', '.' and '-' only (it names files)"
+            f"{key}={str(value)[:MAX_NAME]!r} is not a valid name: use letters, digits, '_', '.' and '-' only "
+            "(it names files)"
         )
+    if len(value) > MAX_NAME:
+        raise UserError(
+            f"{key}={value[:40]}... is {len(value)} characters long; use at most {MAX_NAME} (it names files and "
+            "folders)"
+        )
+
+
+BLEU_TOKENIZERS = ("none", "zh", "13a", "intl", "char", "ja-mecab", "ko-mecab", "spm", "flores101", "flores200")
+
+
+def check_generation(shown: str, task) -> None:
+    """A generation task's options (tasks/generation.py), checked before any data is read: an answer of at least one
+    token besides the end token, room left for the prompt, a decoding budget of at least one token, a BLEU
+    tokenizer sacrebleu knows (an unknown one would end the run at the first evaluation)."""
+    options = task.get("options") or {}
+    target = options.get("max_target_length", 64)
+    if not Range(2, integer=True).admits(target):
+        raise UserError(
+            f"{shown}options.max_target_length={target} is out of range; use an integer >= 2 (the answer's tokens "
+            "and its end token: 1 leaves every answer empty)"
+        )
+    max_length = task.get("max_length")
+    if isinstance(max_length, int) and max_length - target < 4:
+        raise UserError(
+            f"{shown}max_length={max_length} leaves no room for a prompt next to {shown}options.max_target_length="
+            f"{target}; raise the one or lower the other"
+        )
+    new_tokens = options.get("max_new_tokens")
+    if not SOME_COUNT.admits(new_tokens):
+        raise UserError(f"{shown}options.max_new_tokens={new_tokens} is out of range; use {SOME_COUNT}")
+    tokenize = options.get("bleu_tokenize", "13a")
+    if tokenize not in BLEU_TOKENIZERS:
+        raise unknown(f"{shown}options.bleu_tokenize", tokenize, BLEU_TOKENIZERS)
+
+
+def check_files(shown: str, task) -> None:
+    """task.files holds file names inside task.data_dir, never paths: a path is refused with the split into the two
+    settings (it would otherwise be looked up, and reported missing, inside the data folder)."""
+    for split, name in (task.get("files") or {}).items():
+        if name is not None and (not isinstance(name, str) or "/" in name or name in ("", ".", "..")):
+            path = Path(str(name)).expanduser()
+            fix = f"task.data_dir={path.parent} {shown}files.{split}={path.name}" if path.name else "a file name"
+            raise UserError(
+                f"{shown}files.{split}={name} is not a file name: task.files names files inside task.data_dir "
+                f"(now {task.get('data_dir')}); pass {fix}"
+            )
+
+
+def check_head(shown: str, task) -> None:
+    """task.head is one the task type admits (checked again by the engine, here before a backbone is loaded)."""
+    from ptv2.tasks import TASK_TYPES, task_type
+
+    kind = task.get("head", "linear")
+    if task.get("type") in TASK_TYPES and kind in HEADS:
+        admitted = task_type(task.type).HEAD_KINDS
+        if kind not in admitted:
+            raise UserError(
+                f"{shown}head={kind} does not fit {shown}type={task.type}; use {shown}head={' or '.join(admitted)}"
+            )
 
 
 def _settings(cfg, key: str):
@@ -403,6 +470,14 @@ def check_values(cfg) -> None:
                 check_name(shown, value)
     for name in (cfg.task.get("members") or {}) if cfg.get("task") is not None else ():
         check_name(f"task.members.{name}", name)
+    if cfg.get("task") is not None:
+        members = task_members(cfg.task) if cfg.task.get("members") else [(None, cfg.task)]
+        for name, task in members:
+            shown = f"task.members.{name}." if name else "task."
+            check_head(shown, task)
+            check_files(shown, task)
+            if task.get("type") == "generation":
+                check_generation(shown, task)
     betas = OmegaConf.select(cfg, "optimizer.betas", default=None)
     if betas is not None and (len(betas) != 2 or not all(PROBABILITY.admits(beta) for beta in betas)):
         raise UserError(f"optimizer.betas={list(betas)} is out of range; use two numbers in [0, 1)")
@@ -455,3 +530,70 @@ def validate(cfg, backbone_config) -> None:
             f"backbone has {available}; lower task.max_length or prompt.length"
             + (" or set prompt.shift_positions=false" if shift else "")
         )
+
+
+# --------------------------------------------------------------------------------------------- keys and launchers
+
+
+def _schema_node(key: str):
+    """(node, missing part) walking `key` through the schema: missing is None when the schema holds the key or
+    admits any key there (a dict or Any setting such as task.options); else the first part it lacks."""
+    node = OmegaConf.structured(RunConfig)
+    for part in key.split("."):
+        if not OmegaConf.is_dict(node) or OmegaConf.get_type(node) is dict:
+            return node, None  # task.options.*, task.hub.*, ckpt, ...: free-form
+        if part not in node:
+            return node, part
+        node = node._get_node(part)
+        node = node if OmegaConf.is_config(node) else None
+    return node, None
+
+
+def close_keys(key: str) -> list[str]:
+    """Schema keys spelled like `key`: the part it misspells against the keys beside it (trainer.epoch ->
+    trainer.epochs), else against every setting's name (lr -> optimizer.lr)."""
+    import difflib
+
+    node, missing = _schema_node(key)
+    if missing is None:
+        return []
+    parent = key.split(".")[: key.split(".").index(missing)]
+    beside = list(node.keys()) if OmegaConf.is_dict(node) else []
+    close = difflib.get_close_matches(missing, beside, n=2, cutoff=0.7)
+    if close:
+        return [".".join([*parent, name]) for name in close]
+    settings = flat_keys(OmegaConf.to_container(OmegaConf.structured(RunConfig)))
+    last = key.rsplit(".", 1)[-1]
+    return [k for k in settings if difflib.get_close_matches(last, [k.rsplit(".", 1)[-1]], cutoff=0.85)][:2]
+
+
+def unknown_key_hint(key: str) -> str:
+    """The end of the one-line error for a key the schema lacks: the close keys, never `+key` (that adds a key
+    nothing reads)."""
+    close = close_keys(key)
+    if close:
+        return f"did you mean {' or '.join(close)}?"
+    return "no setting has that name; `--cfg job` prints the config with every key"
+
+
+def check_added_keys(overrides: list[str], groups: set[str]) -> None:
+    """`+key=value` / `++key=value` for a key the schema does not know adds a key nothing reads: refused, naming the
+    close key. Config group choices (`+experiment=x`) and Hydra's own keys are not settings and pass."""
+    for override in overrides:
+        if not override.startswith("+"):
+            continue
+        key = override.lstrip("+").split("=", 1)[0].strip()
+        if key.split("@")[0] in groups or key.startswith("hydra.") or "/" in key:
+            continue
+        if _schema_node(key)[1] is not None:
+            raise UserError(
+                f"{override}: {key} is not a setting ptv2 reads, so it would change nothing; {unknown_key_hint(key)}"
+            )
+
+
+def check_launcher(launcher) -> None:
+    """The packed launcher's knobs (conf/hydra/launcher/packed.yaml), checked before any job starts."""
+    for key in ("max_pack", "jobs_per_forward"):
+        value = launcher.get(key) if launcher is not None else None
+        if value is not None and not COUNT.admits(value):
+            raise UserError(f"hydra.launcher.{key}={value} is out of range; use {COUNT} (or null for the default)")

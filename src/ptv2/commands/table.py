@@ -78,7 +78,9 @@ def _metric_of(select, member: str | None = None) -> str:
 
 def score_of(results: dict, config: dict) -> tuple[str, str, float]:
     """(split, metric, score in percent) of a run under the selection protocol (see PROTOCOL)."""
-    task = config.get("task", {})
+    task = config.get("task") or {}
+    if not isinstance(task, dict):
+        raise TypeError("config.yaml: task is not a mapping")
     select = results["select_metric"]
     metric = select if isinstance(select, str) else "/".join(sorted(set(select.values())))
     if "test_at_best" in results:
@@ -94,11 +96,42 @@ def score_of(results: dict, config: dict) -> tuple[str, str, float]:
     return split, metric, float(value) * scale
 
 
+class Unusable(ValueError):
+    """A run folder whose files the table cannot use: the reason, for its one skip line."""
+
+
+def _read_mapping(path: Path, parse) -> dict:
+    """A JSON / YAML file that must hold a mapping; Unusable naming what is wrong with it."""
+    try:
+        value = parse(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as error:
+        raise Unusable(f"{path.name} is unreadable ({getattr(error, 'strerror', None) or error})") from None
+    except (ValueError, yaml.YAMLError) as error:
+        raise Unusable(f"{path.name} is not valid ({str(error).splitlines()[0][:120]})") from None
+    if not isinstance(value, dict):
+        raise Unusable(f"{path.name} holds {type(value).__name__}, not a mapping")
+    return value
+
+
 def load_run(results_path: Path) -> Run:
-    results = json.loads(results_path.read_text())
+    results = _read_mapping(results_path, json.loads)
     config_path = results_path.with_name("config.yaml")
-    config = yaml.safe_load(config_path.read_text()) if config_path.exists() else {}
-    split, metric, score = score_of(results, config)
+    config = _read_mapping(config_path, yaml.safe_load) if config_path.exists() else {}
+    try:
+        split, metric, score = score_of(results, config)
+    except KeyError as error:
+        raise Unusable(f"results.json lacks {error}") from None
+    except (TypeError, ValueError, AttributeError, statistics.StatisticsError) as error:
+        raise Unusable(f"results.json has an entry of the wrong type ({error})") from None
+    if not math.isfinite(score):
+        raise Unusable(f"its score is {score} (a diverged run)")
+    names = {key: results.get(key) for key in ("task", "backbone", "method")}
+    odd = [f"{key}={value!r}" for key, value in names.items() if not isinstance(value, str) or not value]
+    if odd:
+        raise Unusable(f"results.json: {', '.join(odd)} is not a name")
+    if not isinstance(split, str) or not isinstance(metric, str):
+        raise Unusable(f"the split or metric ({split!r}, {metric!r}) is not a name")
+    trainer = config.get("trainer")
     return Run(
         path=results_path.parent,
         task=results["task"],
@@ -107,7 +140,7 @@ def load_run(results_path: Path) -> Run:
         split=split,
         metric=metric,
         score=score,
-        seed=config.get("trainer", {}).get("seed"),
+        seed=trainer.get("seed") if isinstance(trainer, dict) else None,
         config=flatten(config),
         results=results,
     )
@@ -118,7 +151,10 @@ def failure_reason(job_dir: Path) -> str:
     logs = sorted(job_dir.glob("*.log"))
     if not logs:
         return "no log"
-    lines = logs[0].read_text(errors="replace").splitlines()
+    try:
+        lines = logs[0].read_text(errors="replace").splitlines()
+    except OSError as error:
+        return f"{logs[0].name} is unreadable ({error.strerror})"
     for line in lines:
         if "ptv2: error:" in line:
             return line[line.index("ptv2: error:") + len("ptv2: error: ") :]
@@ -130,7 +166,15 @@ def failure_reason(job_dir: Path) -> str:
 
 def job_overrides(job_dir: Path) -> str:
     overrides = job_dir / ".hydra" / "overrides.yaml"
-    return " ".join(yaml.safe_load(overrides.read_text()) or []) if overrides.exists() else ""
+    if not overrides.exists():
+        return ""
+    try:
+        listed = yaml.safe_load(overrides.read_text(encoding="utf-8")) or []
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return "(unreadable .hydra/overrides.yaml)"
+    if not isinstance(listed, list):
+        return "(malformed .hydra/overrides.yaml)"
+    return " ".join(str(item) for item in listed)
 
 
 def collect(root: Path) -> tuple[list[Run], list[dict]]:
@@ -141,10 +185,13 @@ def collect(root: Path) -> tuple[list[Run], list[dict]]:
             continue
         try:
             runs.append(load_run(path))
-        except (KeyError, TypeError, ValueError, yaml.YAMLError) as error:
-            failures.append({"dir": path.parent, "reason": f"unreadable results.json ({error!r})", "overrides": ""})
+        except Unusable as error:
+            print(f"ptv2 table: skipped {path.parent}: {error}", file=sys.stderr)
+            failures.append({"dir": path.parent, "reason": f"skipped: {error}"})
     seen = {run.path for run in runs}
     for marker in sorted(root.rglob("FAILED")):
+        if marker.parent in seen:  # a job that failed, then was resumed to the end: its results stand
+            continue
         failures.append({"dir": marker.parent, "reason": failure_reason(marker.parent)})
         seen.add(marker.parent)
     # A training job folder (its train.log and config.yaml) with neither: killed, crashed hard or still running.
@@ -208,14 +255,26 @@ class Cell:
 def load_references(path: Path | None) -> tuple[list[dict], dict]:
     if path is None:
         return [], {}
-    if not path.exists():
-        raise UserError(f"reference file {path} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
-    references, sources = data.get("references", []), data.get("sources", {})
+    if not path.is_file():
+        raise UserError(f"reference file {path} does not exist; pass --reference FILE or --no-reference")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        reason = getattr(error, "strerror", None) or str(error).splitlines()[0][:120]
+        raise UserError(f"reference file {path} is unreadable ({reason}); fix it or pass --no-reference") from None
+    references = data.get("references", []) if isinstance(data, dict) else None
+    sources = data.get("sources", {}) if isinstance(data, dict) else None
+    if not isinstance(references, list) or not isinstance(sources, dict):
+        raise UserError(f"{path}: expected a mapping with a references list and a sources mapping; see {REFERENCES}")
     for entry in references:
+        if not isinstance(entry, dict):
+            raise UserError(f"{path}: reference {str(entry)[:80]!r} is not a mapping; see {REFERENCES}")
         missing = {"task", "backbone", "method", "split", "metric", "value", "source"} - set(entry)
         if missing or entry["source"] not in sources:
             raise UserError(f"{path}: reference {entry} lacks {sorted(missing) or 'a source listed under sources'}")
+        value = entry["value"]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise UserError(f"{path}: reference {entry} has value {value!r}, not a finite number")
     return references, sources
 
 
@@ -488,12 +547,21 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"no results.json under {root}")
     references, sources = load_references(None if args.no_reference else args.reference)
     out = args.out or root
-    out.mkdir(parents=True, exist_ok=True)
     rows, columns, cells, descriptors = build_table(runs, references)
-    plots = make_plots(rows, columns, cells, descriptors, out, args.plot)
-    write_markdown(out / "table.md", root, rows, columns, cells, descriptors, failures, sources, plots)
-    write_csv(out / "table.csv", rows, columns, cells, descriptors)
-    write_runs_csv(out / "runs.csv", runs, descriptors, root)
+    try:
+        if out.exists() and not out.is_dir():
+            raise UserError(f"--out {out} is a file, not a folder; pass --out DIR")
+        out.mkdir(parents=True, exist_ok=True)
+        plots = make_plots(rows, columns, cells, descriptors, out, args.plot)
+        write_markdown(out / "table.md", root, rows, columns, cells, descriptors, failures, sources, plots)
+        write_csv(out / "table.csv", rows, columns, cells, descriptors)
+        write_runs_csv(out / "runs.csv", runs, descriptors, root)
+    except OSError as error:  # a read-only or full folder: one line, no traceback
+        where = error.filename or out
+        raise UserError(
+            f"cannot write the table into {out} ({where}: {error.strerror or error}); pass --out DIR with a "
+            "writable folder"
+        ) from None
     if args.wandb:
         log_to_wandb(out, root, args.project, plots)
     print(f"ptv2 table: {len(runs)} run(s), {len(rows)} row(s), {len(failures)} failure(s) -> {out / 'table.md'}")

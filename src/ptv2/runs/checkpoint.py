@@ -14,6 +14,8 @@ from __future__ import annotations
 import hashlib
 import importlib.resources
 import json
+import os
+import pwd
 import re
 from pathlib import Path
 
@@ -67,9 +69,28 @@ def resolve(path: str | Path) -> Path:
     path = Path(path).expanduser()
     if path.is_dir():
         path = path / FILENAME
+    if path.parent.is_dir() and not os.access(path.parent, os.R_OK | os.X_OK):
+        raise UserError(f"cannot read the folder {path.parent} (permission denied): {_whose(path.parent)}")
     if not path.is_file():
         raise UserError(f"no checkpoint at {path}: pass a {FILENAME} file or the run directory that holds one")
+    if not os.access(path, os.R_OK):
+        raise UserError(
+            f"cannot read {path} (permission denied): ptv2 writes checkpoints readable by their owner only (0600); "
+            f"{_whose(path)}"
+        )
     return path
+
+
+def _whose(path: Path) -> str:
+    """What to do about a file or folder this user may not read: name its owner."""
+    owner = path.stat().st_uid
+    if owner == os.getuid():
+        return f"it is yours: chmod u+r {path}"
+    try:
+        name = pwd.getpwuid(owner).pw_name
+    except KeyError:
+        name = f"uid {owner}"
+    return f"it belongs to {name}: ask them to share it (chmod a+r) or to copy it for you"
 
 
 def read_metadata(path: str | Path) -> dict:
@@ -138,6 +159,7 @@ def stored_config(path: str | Path) -> DictConfig:
         if hub and (not HUB_ID.fullmatch(hub) or ".." in hub):
             raise UserError(f"{path}: task.hub.path={hub!r} is not a hub dataset id (owner/name); refused")
     _check_names(saved, path)
+    _check_stored_values(saved, path)
     location = str(OmegaConf.select(saved, "backbone.name_or_path", default="") or "")
     if location and (not HUB_ID.fullmatch(location) or ".." in location):
         OmegaConf.update(saved, "backbone.name_or_path", _packaged_backbone(str(saved.backbone.get("name"))))
@@ -161,6 +183,18 @@ def _check_names(saved: DictConfig, path: Path) -> None:
                 check_name(key, value)
     except UserError as error:
         raise UserError(f"{path}: {error}; refused") from None
+
+
+def _check_stored_values(saved: DictConfig, path: Path) -> None:
+    """Every stored value checked (config.check_values) before a command seeds, loads a backbone or builds a model
+    from it: a crafted prompt length would allocate until the machine gives out, a seed past numpy's range or a
+    head that does not fit the task type would fail deep inside."""
+    from ptv2.config import check_values
+
+    try:
+        check_values(saved)
+    except UserError as error:
+        raise UserError(f"{path}: the stored run config is refused: {error}") from None
 
 
 def require_backbone(saved: DictConfig, path: str | Path) -> None:
