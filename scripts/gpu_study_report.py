@@ -21,7 +21,17 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import yaml  # noqa: E402
-from fidelity_report import mean_std, save_plot  # noqa: E402  (beside this script)
+
+from ptv2.commands.table import mean_std  # noqa: E402
+
+
+def save_plot(figure, axis, labels: tuple[str, str, str], path: Path) -> None:
+    """Label (x, y, title), grid, legend and write the figure."""
+    axis.set(xlabel=labels[0], ylabel=labels[1], title=labels[2])
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
 
 
 def read_job(folder: Path) -> dict:

@@ -319,7 +319,76 @@ def split_label(split: str) -> str:
     return f"{split} (at best dev epoch)" if split.startswith("test") else f"{split} (dev-selected: best epoch)"
 
 
-def write_markdown(path, root, rows, columns, cells, descriptors, failures, sources, plots) -> None:
+def dev_per_epoch(run: Run) -> list[float] | None:
+    """The run's dev selection metric at every epoch, in the table's unit; None for a multi-task run."""
+    metric = run.results.get("select_metric")
+    if not isinstance(metric, str):
+        return None
+    scale = 1.0 if run.config.get("task.type") == "span" else 100.0
+    try:
+        return [scale * float(record[f"dev/{metric}"]) for record in run.results.get("history") or []]
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def mean_std(values: list[float]) -> str:
+    if not values:
+        return ""
+    mean = statistics.fmean(values)
+    return f"{mean:.1f} ± {statistics.stdev(values):.1f}" if len(values) > 1 else f"{mean:.1f}"
+
+
+def details_lines(rows, columns, cells, descriptors) -> list[str]:
+    """`--details`: one line per cell with how its runs were trained and how they went: learning rate, epochs,
+    trainable share, the dev score of the best epoch, the reported score, the best epochs, the mean dev curve and
+    the wall time per run."""
+    header = [
+        "task",
+        "method / backbone",
+        *descriptors,
+        "P",
+        "lr",
+        "epochs",
+        "trainable %",
+        "dev (best epoch)",
+        "score",
+    ]
+    header += ["best epochs", "dev per epoch (mean)", "n", "wall per run"]
+    lines = ["## Settings and training", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        for column in columns:
+            cell = cells.get((row, column))
+            if cell is None:
+                continue
+            runs, first = cell.runs, cell.runs[0]
+            scale = 1.0 if first.config.get("task.type") == "span" else 100.0
+            dev = [scale * float(run.results["best_value"]) for run in runs]
+            curves = [curve for curve in map(dev_per_epoch, runs) if curve]
+            width = min(map(len, curves)) if len(curves) == len(runs) else 0
+            curve = " / ".join(f"{statistics.fmean(c[i] for c in curves):.1f}" for i in range(width))
+            walls = [run.results.get("wall_time_seconds") for run in runs]
+            wall = f"{statistics.fmean(walls) / 60:.0f} min" if all(isinstance(w, (int, float)) for w in walls) else ""
+            share = first.results.get("trainable_percent")
+            values = [
+                row[0],
+                f"{column[0]} / {column[1]}",
+                *(v if v is not None else "" for v in row[3:]),
+                "" if first.config.get("prompt.length") in (None, "0") else first.config["prompt.length"],
+                first.config.get("optimizer.lr", ""),
+                first.config.get("trainer.epochs", ""),
+                f"{share:.3f}" if isinstance(share, (int, float)) else "",
+                mean_std(dev),
+                f"{split_label(row[1])}: {mean_std(cell.scores)}",
+                ", ".join(str(run.results.get("best_epoch")) for run in runs),
+                curve,
+                str(len(runs)),
+                wall,
+            ]
+            lines.append("| " + " | ".join(map(str, values)) + " |")
+    return [*lines, ""]
+
+
+def write_markdown(path, root, rows, columns, cells, descriptors, failures, sources, plots, details=False) -> None:
     lines = [f"# Results: {root}", "", PROTOCOL, ""]
     if any(cell.reference for cell in cells.values()):
         lines += ["`ref`: the published number for this task, backbone, method, split and metric; Δ = ours − ref.", ""]
@@ -329,6 +398,8 @@ def write_markdown(path, root, rows, columns, cells, descriptors, failures, sour
         values = [v if v is not None else "" for v in row]
         values[1] = split_label(values[1])
         lines.append("| " + " | ".join([*values, *(cell_text(cells.get((row, c))) for c in columns)]) + " |")
+    if details:
+        lines += ["", *details_lines(rows, columns, cells, descriptors)]
     used = sorted({cell.reference["source"] for cell in cells.values() if cell.reference})
     if used:
         lines += ["", "## Reference sources", ""] + [f"- `{name}`: {sources[name]}" for name in used]
@@ -385,7 +456,8 @@ def plot_series(rows, columns, cells, descriptors, kind: str) -> dict | None:
 
     length: x = prompt.length, one line per task x column (x other varying keys);
     depth: x = K of prompt.layers bottom:K (ascending) / top:K (descending), one line per task x column x order;
-    methods: one bar per method, grouped by task x backbone.
+    methods: one bar per method, grouped by task x backbone;
+    curves: x = epoch, the dev score per epoch (mean over the cell's runs), one line per cell.
     """
     series = defaultdict(list)
     if kind == "length" and "prompt.length" in descriptors:
@@ -404,6 +476,23 @@ def plot_series(rows, columns, cells, descriptors, kind: str) -> dict | None:
             if side in ("top", "bottom"):
                 order = "ascending (bottom:K)" if side == "bottom" else "descending (top:K)"
                 series[f"{row[0]} {column[0]}/{column[1]} {order}"].append((float(count), cell.mean, cell.std))
+    elif kind == "curves":
+        for (row, column), cell in cells.items():
+            curves = [dev_per_epoch(run) for run in cell.runs]
+            if not all(curves) or min(map(len, curves)) < 2:
+                continue
+            label = " ".join(
+                [
+                    row[0],
+                    f"{column[0]}/{column[1]}",
+                    *(f"{k}={v}" for k, v in zip(descriptors, row[3:], strict=True) if v),
+                ]
+            )
+            label += f" (n={len(curves)})"
+            for epoch in range(min(map(len, curves))):
+                values = [curve[epoch] for curve in curves]
+                std = statistics.stdev(values) if len(values) > 1 else math.nan
+                series[label].append((epoch + 1, statistics.fmean(values), std))
     elif kind == "methods" and len({m for m, _ in columns}) > 1:
         for (row, column), cell in cells.items():
             others = [str(v) for v in row[3:] if v]
@@ -417,7 +506,9 @@ PLOTS = {
     "length": ("plot_prompt_length.png", "score vs prompt length", "prompt length (log scale)"),
     "depth": ("plot_prompt_depth.png", "score vs number of layers with prompts", "K layers with prompts"),
     "methods": ("plot_methods.png", "method comparison", "method"),
+    "curves": ("plot_learning_curves.png", "dev score per epoch (mean over seeds)", "epoch"),
 }
+AUTO_PLOTS = ("length", "depth", "methods")  # --plot auto; curves on request (--plot curves or a list)
 
 
 def draw(kind: str, series: dict, out: Path, ylabel: str) -> Path:
@@ -459,7 +550,7 @@ def draw(kind: str, series: dict, out: Path, ylabel: str) -> Path:
 
 
 def make_plots(rows, columns, cells, descriptors, out: Path, choice: str) -> list[dict]:
-    kinds = list(PLOTS) if choice == "auto" else [] if choice == "none" else [choice]
+    kinds = list(AUTO_PLOTS) if choice == "auto" else [] if choice == "none" else choice.split(",")
     wanted = {kind: plot_series(rows, columns, cells, descriptors, kind) for kind in kinds}
     wanted = {kind: series for kind, series in wanted.items() if series}
     if choice not in ("auto", "none") and not wanted:
@@ -517,7 +608,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="where table.md, table.csv, runs.csv and plots go (default: DIR)")
     parser.add_argument("--reference", type=Path, default=REFERENCES, help="reference numbers (YAML, with sources)")
     parser.add_argument("--no-reference", action="store_true", help="no reference column")
-    parser.add_argument("--plot", choices=["auto", *PLOTS, "none"], default="auto", help="auto: all that apply")
+    parser.add_argument(
+        "--plot",
+        default="auto",
+        help=f"auto ({', '.join(AUTO_PLOTS)}: all that apply), none, or a comma list of {', '.join(PLOTS)}",
+    )
+    parser.add_argument(
+        "--details", action="store_true", help="also a section per cell: lr, epochs, trainable %%, dev curve, wall"
+    )
     parser.add_argument("--wandb", action="store_true", help="also log table and plots to W&B")
     parser.add_argument("--project", default="ptv2", help="W&B project for --wandb")
     # `logger=...` out of habit from `ptv2 train`: the table's own switch is --wandb.
@@ -526,7 +624,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     overrides = [arg for arg in argv if "=" in arg and not arg.startswith("-") and not Path(arg).exists()]
     if overrides:
         parser.error(f"{overrides[0]} is a run setting; ptv2 table takes a folder and flags (--out, --plot, --wandb)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    unknown = [kind for kind in args.plot.split(",") if kind not in PLOTS] if args.plot not in ("auto", "none") else []
+    if unknown:
+        parser.error(f"--plot {unknown[0]} is not a plot; choose auto, none or from {', '.join(PLOTS)}")
+    return args
 
 
 def main(argv: list[str]) -> int:
@@ -553,7 +655,9 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--out {out} is a file, not a folder; pass --out DIR")
         out.mkdir(parents=True, exist_ok=True)
         plots = make_plots(rows, columns, cells, descriptors, out, args.plot)
-        write_markdown(out / "table.md", root, rows, columns, cells, descriptors, failures, sources, plots)
+        write_markdown(
+            out / "table.md", root, rows, columns, cells, descriptors, failures, sources, plots, args.details
+        )
         write_csv(out / "table.csv", rows, columns, cells, descriptors)
         write_runs_csv(out / "runs.csv", runs, descriptors, root)
     except OSError as error:  # a read-only or full folder: one line, no traceback
