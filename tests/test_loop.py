@@ -24,24 +24,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))  # conftest's helpers when run as a script (--record)
 
 from conftest import RTE, ptv2  # noqa: E402
+from test_packed import backbone_args  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
 RECORDS = FIXTURES / "loop_records.json"
-ASSET = Path(__file__).parents[1] / "src" / "ptv2" / "assets" / "tiny-bert"
-SHAPE = dict(vocab_size=197, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
-FAMILIES = {
-    "roberta": dict(model_type="roberta", max_position_embeddings=200, type_vocab_size=2, pad_token_id=0),
-    "deberta-v2": dict(
-        model_type="deberta-v2",
-        relative_attention=True,
-        pos_att_type=["p2c", "c2p"],
-        position_buckets=16,
-        max_relative_positions=-1,
-        position_biased_input=False,
-        type_vocab_size=0,
-        pad_token_id=0,
-    ),
-}
 DECODER = FIXTURES / "decoders"
 RUN = ["logger=none", "trainer.epochs=2", "trainer.batch_size=4", "trainer.eval_batch_size=4", "trainer.progress=false"]
 RTE_TASK = [f"task.data_dir={RTE}"]
@@ -53,12 +39,8 @@ GENERATION = ["task=generation", f"task.data_dir={FIXTURES / 'generation'}", "ta
 
 
 def family_folder(family: str, root: Path) -> list[str]:
-    folder = root / family
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in ("vocab.txt", "tokenizer_config.json"):
-        (folder / name).write_bytes((ASSET / name).read_bytes())
-    (folder / "config.json").write_text(json.dumps({**SHAPE, **FAMILIES[family]}))
-    return [f"backbone.name={family}", f"backbone.name_or_path={folder}"]
+    """A tiny RoBERTa or DeBERTa-v2 on the tiny-bert tokenizer (test_packed's), as backbone overrides."""
+    return backbone_args(family, root)[1:]  # without its backbone=tiny, already given
 
 
 # name -> (sweep?, overrides); a sweep's figures are recorded per job folder.
