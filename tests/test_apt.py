@@ -116,7 +116,9 @@ def test_gates_weigh_each_prefix_token_by_the_layer_input(family, layers):
         reference = injection.run_encoder(
             encoder, {layer: (entry[0] * weights, entry[1] * weights)}, input_ids=input_ids, attention_mask=mask
         )
-        hidden = injection.run_encoder(encoder, apt.prompt(input_ids.shape[0]), input_ids=input_ids, attention_mask=mask)
+        hidden = injection.run_encoder(
+            encoder, apt.prompt(input_ids.shape[0]), input_ids=input_ids, attention_mask=mask
+        )
     real = mask.bool()
     assert (hidden[real] - reference[real]).abs().max().item() <= 1e-5
     assert weights.std() > 1e-3  # the weights differ by token and example: the test is not of a constant gate
