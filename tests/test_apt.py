@@ -29,9 +29,9 @@ def prompt_cfg(**overrides):
     return OmegaConf.create({**base, "shift_positions": False, "encoder": "lstm", **overrides})
 
 
-def model_for(encoder, seed: int = 3, **overrides) -> PromptModel:
+def model_for(encoder, seed: int = 3, head: str = "t", **overrides) -> PromptModel:
     torch.manual_seed(seed)
-    return PromptModel(encoder, prompt_cfg(**overrides), {"t": (ClassificationHead, 3)}, head_dropout=0.0).eval()
+    return PromptModel(encoder, prompt_cfg(**overrides), {head: (ClassificationHead, 3)}, head_dropout=0.0).eval()
 
 
 def pad_for(family: str) -> int:
@@ -224,3 +224,100 @@ def test_packed_apt_and_ptv2_with_different_lengths_equal_separate_runs():
     (packed[0] * probe).sum().backward()
     assert (jobs[0].prompt.layer_gates.grad.abs() > 1e-6).all()
     assert not jobs[1].prompt.layer_gates.grad.any() and not jobs[1].prompt.token_gates[0].weight.grad.any()
+
+
+def test_serving_mixes_apt_ptv2_and_per_layer_lengths_in_one_batch():
+    """Rows of an APT prompt (per-layer lengths, gates of its own), a second APT prompt and a ptv2 prompt in one
+    forward: each row equals its own model alone."""
+    from ptv2.serving import PromptServer
+
+    _, encoder = tiny_encoder("bert")
+    models = {
+        "a": model_for(encoder, seed=7, head="a", length=[2, 5, 1]),
+        "b": model_for(encoder, seed=8, head="b", length=3, layers=[0, 2]),
+        "c": model_for(encoder, seed=9, head="c", method="ptv2", length=[4, 1, 2]),
+    }
+    for name in "ab":
+        with torch.no_grad():
+            for linear in models[name].prompt.token_gates:
+                linear.weight.normal_(0, 0.5)
+    server = PromptServer(encoder, None, models, {}).eval()
+    input_ids, mask = padded_batch(lengths=(9, 6, 4, 8, 3, 7))
+    tasks = ["a", "b", "c", "a", "c", "b"]
+    with torch.no_grad():
+        mixed = server({"input_ids": input_ids, "attention_mask": mask}, tasks=tasks)
+        for name, model in models.items():
+            rows = [i for i, t in enumerate(tasks) if t == name]
+            alone = model({"input_ids": input_ids[rows], "attention_mask": mask[rows]}, head=name)
+            torch.testing.assert_close(torch.stack([mixed[r] for r in rows]), alone, atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------ the command line
+def test_train_eval_predict_apt_with_per_layer_lengths(tmp_path):
+    """`ptv2 train prompt=apt prompt.length=[2,5]` on the 2-layer tiny BERT: the trainable count is the prefix rows,
+    the gates and the head; `ptv2 eval` reproduces the best epoch from the checkpoint; `ptv2 predict` writes."""
+    import json
+
+    from conftest import RTE, SMOKE, ptv2
+
+    run = tmp_path / "run"
+    ptv2(
+        "train",
+        *SMOKE,
+        "logger=none",
+        "prompt=apt",
+        "prompt.length=[2,5]",
+        "trainer.limit_eval=null",
+        f"hydra.run.dir={run}",
+    )
+    results = json.loads((run / "results.json").read_text())
+    rows, hidden, layers, labels = 2 + 5, 32, 2, 2
+    assert results["method"] == "apt"
+    assert results["trainable_params"] == rows * 2 * hidden + rows * (hidden + 1) + layers + hidden * labels + labels
+    evaluated = tmp_path / "eval"
+    ptv2("eval", f"ckpt={run}", f"task.data_dir={RTE}", f"hydra.run.dir={evaluated}")
+    assert json.loads((evaluated / "eval.json").read_text())["metrics"]["accuracy"] == results["best"]["accuracy"]
+    out = tmp_path / "predict"
+    ptv2("predict", f"ckpt={run}", "split=test", f"task.data_dir={RTE}", f"output_dir={out}", f"hydra.run.dir={out}")
+    assert [p for p in out.iterdir() if p.suffix == ".jsonl"]
+
+
+def test_refusals_name_the_fix(tmp_path):
+    from conftest import SMOKE, ptv2
+
+    cases = {
+        ("prompt.length=[2,5,3]",): "3 lengths for the 2 layers",
+        ("prompt=prompt_tuning", "prompt.length=[2,5]"): "only deep prompts take",
+        ("prompt.length=[2,0]",): "every per-layer length must be",
+        ("prompt.length=[2,5]", "prompt.shift_positions=true"): "set prompt.shift_positions=false",
+    }
+    for args, message in cases.items():
+        result = ptv2("train", *SMOKE, "logger=none", *args, f"hydra.run.dir={tmp_path / 'x'}", check=False)
+        assert result.returncode != 0 and message in result.stderr, (args, result.stderr[-500:])
+
+
+def test_packed_apt_sweep_equals_the_jobs_run_separately(tmp_path):
+    """prompt=apt with one length and with per-layer lengths x two learning rates: four jobs in one packed group
+    (one backbone forward of 4 x B rows) end as the four jobs run separately (tolerances as tests/test_packed.py)."""
+    import json
+
+    from conftest import RTE, ptv2
+
+    run = [f"task.data_dir={RTE}", "logger=none", "trainer.epochs=2", "trainer.batch_size=4", "trainer.progress=false"]
+    grid = ["backbone=tiny", "prompt=apt", "prompt.length=2,[1,3]", "optimizer.lr=1e-2,3e-2"]
+    grid += ["backbone.dropout=0", "backbone.attention_dropout=0", "prompt.dropout=0", "task.head_dropout=0"]
+    folders = {"separate": [], "packed": ["hydra/launcher=packed", "hydra.launcher.jobs_per_forward=4"]}
+    results = {}
+    for name, extra in folders.items():
+        ptv2("train", "-m", *run, *grid, *extra, f"hydra.sweep.dir={tmp_path / name}")
+        results[name] = {
+            p.name: json.loads((p / "results.json").read_text()) for p in (tmp_path / name).iterdir() if p.is_dir()
+        }
+    assert "packed group of 4" in (tmp_path / "packed" / "0" / "train.log").read_text()
+    assert results["packed"].keys() == results["separate"].keys() and len(results["packed"]) == 4
+    for job, ours in results["packed"].items():
+        theirs = results["separate"][job]
+        assert ours["trainable_params"] == theirs["trainable_params"]
+        for x, y in zip(ours["history"], theirs["history"], strict=True):
+            assert x["train_loss"] == pytest.approx(y["train_loss"], abs=1e-6)
+            assert x["dev/accuracy"] == y["dev/accuracy"]
