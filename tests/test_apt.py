@@ -200,6 +200,19 @@ def test_per_layer_lengths_take_each_layers_own_rows(projection):
         assert torch.equal(key[0], pairs[0]) and torch.equal(value[0], pairs[1])
 
 
+def test_folded_mlp_prefix_with_per_layer_lengths_equals_the_mlp():
+    """Checkpoints store the MLP's output (the folded prefix) for inference: with per-layer lengths it must give
+    the same prefixes as the MLP."""
+    _, encoder = tiny_encoder("bert")
+    model = model_for(encoder, length=[1, 2, 5], projection="mlp")
+    input_ids, mask = padded_batch()
+    batch = {"input_ids": input_ids, "attention_mask": mask}
+    with torch.no_grad():
+        through_mlp = model(batch)
+        model.prompt.folded = model.prompt.fold()
+        assert torch.equal(model(batch), through_mlp)
+
+
 def test_packed_apt_and_ptv2_with_different_lengths_equal_separate_runs():
     """Three jobs on one backbone forward: APT with per-layer lengths, APT with one length (gates of their own,
     not open), ptv2 on the top layer only; each block equals that job's own forward (training mode, no dropout)."""
@@ -321,3 +334,15 @@ def test_packed_apt_sweep_equals_the_jobs_run_separately(tmp_path):
         for x, y in zip(ours["history"], theirs["history"], strict=True):
             assert x["train_loss"] == pytest.approx(y["train_loss"], abs=1e-6)
             assert x["dev/accuracy"] == y["dev/accuracy"]
+
+
+def test_a_decoder_trains_apt_on_rte_and_tagging_and_refuses_generation(tmp_path):
+    from conftest import ptv2
+    from test_decoders import TASKS, decoder_overrides, train_run
+
+    for task in ("rte", "conll03"):
+        args = [*decoder_overrides("llama"), "prompt=apt", "prompt.length=4", *TASKS[task]]
+        results = train_run(args, tmp_path / task)
+        assert results["method"] == "apt" and results["steps"] >= 1
+    refused = ptv2("train", *decoder_overrides("llama"), "prompt=apt", *TASKS["generation"], check=False)
+    assert refused.returncode != 0 and "use prompt.method=ptv2" in refused.stderr
