@@ -334,6 +334,11 @@ def test_packed_apt_sweep_equals_the_jobs_run_separately(tmp_path):
         for x, y in zip(ours["history"], theirs["history"], strict=True):
             assert x["train_loss"] == pytest.approx(y["train_loss"], abs=1e-6)
             assert x["dev/accuracy"] == y["dev/accuracy"]
+    # `ptv2 table` keeps per-layer lengths as rows of their own (and off the length plot's numeric axis)
+    from ptv2.commands import table
+
+    assert table.main([str(tmp_path / "packed"), "--out", str(tmp_path / "table")]) == 0
+    assert "| [1, 3] |" in (tmp_path / "table" / "table.md").read_text()
 
 
 def test_a_decoder_trains_apt_on_rte_and_tagging_and_refuses_generation(tmp_path):

@@ -38,8 +38,8 @@ def pack_prefixes(prefixes: list[Prefix | None]) -> Prefix | None:
             if prefix and layer in prefix:
                 key, value, *rest = prefix[layer]
                 length = key.shape[2]
-                keys.append(F.pad(key, (0, 0, 0, longest - length)))
-                values.append(F.pad(value, (0, 0, 0, longest - length)))
+                keys.append(F.pad(key, (0, 0, 0, longest - length)) if length < longest else key)
+                values.append(F.pad(value, (0, 0, 0, longest - length)) if length < longest else value)
                 shown = torch.arange(longest, device=sample.device) < length
                 if len(rest) > 1 and rest[1] is not None:
                     gates.append((rest[1], block, length))
