@@ -390,7 +390,7 @@ def _check_prompt_length(prompt) -> None:
                 f"prompt.shift_positions=true moves tokens by one prompt length, and prompt.length={shown} has "
                 "several; set prompt.shift_positions=false or give one number"
             )
-    elif chosen.has_prompt and RANGES["prompt.length"].admits(length) and length < 1:
+    elif chosen.has_prompt and isinstance(length, (int, float)) and length < 1:
         raise UserError(f"prompt.length={length} is out of range for prompt.method={prompt.method}; use {COUNT}")
 
 
