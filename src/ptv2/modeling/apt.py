@@ -11,7 +11,8 @@ i.e. every prefix column j of layer i is scaled by w_j = lambda^i * alpha^i_j, t
 in every head: alpha decides, per example, how much each prefix token counts; lambda balances the layer's prefix
 against its input tokens. With alpha = lambda = 1 this is P-Tuning v2 exactly (tests/test_apt.py).
 
-Choices the paper leaves open, made here (say so when comparing with its figures):
+Choices the equations above do not fix, made here and not checked against the authors' code (say so when comparing
+with the paper's figures):
 - pool(h) is the mean of the layer's input hidden states over the real tokens (a sequence becomes one d-vector;
   padding never counts). For pre-LN decoders the "layer input" is the attention's (normed) input.
 - W^i is initialised N(0, initializer_range) with b^i = 0 (alpha starts near 0.5, as every new Linear here starts),
