@@ -341,6 +341,27 @@ def test_packed_apt_sweep_equals_the_jobs_run_separately(tmp_path):
     assert "| [1, 3] |" in (tmp_path / "table" / "table.md").read_text()
 
 
+@pytest.mark.parametrize("family", ["bert", "deberta-v2"])
+def test_gradient_checkpointing_recomputes_the_gates(family):
+    """Checkpointed layers rerun the pre-attention hook in the backward: the same output and the same gate
+    gradients as without checkpointing."""
+    _, encoder = tiny_encoder(family)
+    model = model_for(encoder).train()
+    for module in model.modules():  # deterministic training-mode forward
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    batch = dict(zip(("input_ids", "attention_mask"), padded_batch(pad_id=pad_for(family)), strict=True))
+    probe = torch.randn(3, 3, generator=torch.Generator().manual_seed(0))
+    grads = []
+    for checkpointed in (False, True):
+        if checkpointed:
+            encoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.zero_grad()
+        (model(batch) * probe).sum().backward()
+        grads.append(torch.cat([model.prompt.layer_gates.grad, model.prompt.token_gates[0].weight.grad.flatten()]))
+    assert grads[0].abs().sum() > 0 and (grads[0] - grads[1]).abs().max().item() <= 1e-6
+
+
 def test_a_decoder_trains_apt_on_rte_and_tagging_and_refuses_generation(tmp_path):
     from conftest import ptv2
     from test_decoders import TASKS, decoder_overrides, train_run
