@@ -40,7 +40,7 @@ class AdaptivePrefixEncoder(PrefixEncoder):
 
     def __init__(self, layers: list[int], heads: int, head_dim: int, hidden_size: int, length, **options):
         super().__init__(layers, heads, head_dim, hidden_size, length, **options)
-        self.token_gates = nn.ModuleList(nn.Linear(hidden_size, length) for length in self.lengths)
+        self.token_gates = nn.ModuleList(nn.Linear(hidden_size, tokens) for tokens in self.lengths)
         self.layer_gates = nn.Parameter(torch.ones(len(self.layers)))
 
     def forward(self, batch_size: int) -> Prefix:
