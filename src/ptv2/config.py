@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING, ListConfig, OmegaConf
 
 from ptv2.errors import UserError, unknown
 from ptv2.modeling.methods import METHODS, method
@@ -74,7 +74,9 @@ class BackboneConfig:
 @dataclass
 class PromptConfig:
     method: str = "ptv2"  # modeling.methods.METHODS: ptv2 | prompt_tuning | ptuning_v1 | finetune | linear_probe
-    length: int = tagged(16, PER_JOB)  # number of prompt vectors (per layer for ptv2)
+    # number of prompt vectors (per layer for the deep prompts); a deep prompt also takes a list, one length per
+    # prompted layer (bottom to top), e.g. [4, 8, 16]
+    length: Any = tagged(16, PER_JOB)
     projection: str = tagged("none", PER_JOB)  # ptv2 reparameterization: none | mlp
     projection_dim: int = tagged(512, PER_JOB)  # hidden width of the reparameterization MLP
     dropout: float = tagged(0.1, PER_JOB)  # on the prompt vectors only, independent of the backbone's dropout
@@ -83,9 +85,8 @@ class PromptConfig:
     encoder: str = "lstm"  # ptuning_v1 prompt encoder: lstm | mlp
     # std of the N(0, std) prompt embeddings; None: the backbone's initializer_range, as the official models started
     init_std: Optional[float] = tagged(None, PER_JOB)
-    init_from: Optional[str] = tagged(
-        None, PATH, PER_JOB
-    )  # run dir or checkpoint whose prompt (and matching heads) start training
+    # run dir or checkpoint whose prompt (and matching heads) start training
+    init_from: Optional[str] = tagged(None, PATH, PER_JOB)
 
 
 @dataclass
@@ -450,10 +451,12 @@ def check_values(cfg) -> None:
     from ptv2.tasks import TASK_TYPES
 
     prompt = cfg.get("prompt")
-    if prompt is not None and prompt.method in METHODS and method(prompt.method).has_prompt and prompt.length < 1:
-        raise UserError(f"prompt.length={prompt.length} is out of range for prompt.method={prompt.method}; use {COUNT}")
+    if prompt is not None and prompt.method in METHODS:
+        _check_prompt_length(prompt)
     for key, allowed in RANGES.items():
         for shown, value in _settings(cfg, key):
+            if key == "prompt.length" and isinstance(value, (list, ListConfig)):
+                continue  # per-layer lengths: _check_prompt_length
             if not allowed.admits(value):
                 raise UserError(f"{shown}={value} is out of range; use {allowed}")
     tables = {"task.type": TASK_TYPES, "optimizer.name": tuple(OPTIMIZERS), "scheduler.name": tuple(SCHEDULERS)}
@@ -486,6 +489,37 @@ def check_values(cfg) -> None:
             raise UserError(f"bench.methods: {name} is unknown; choose from {', '.join(METHODS)}")
 
 
+def _check_prompt_length(prompt) -> None:
+    """prompt.length: >= 1 for the prompt methods; a list (per-layer lengths) only for deep prompts, without the
+    official-style position shift (which moves every token by one P)."""
+    chosen = method(prompt.method)
+    length = prompt.length
+    if isinstance(length, (list, ListConfig)):
+        shown = list(length)
+        if chosen.prompt != "prefix":
+            deep = ", ".join(name for name, row in METHODS.items() if row.prompt == "prefix")
+            raise UserError(
+                f"prompt.length={shown} is a list (one length per prompted layer), which only deep prompts take "
+                f"({deep}); give prompt.method={prompt.method} one number"
+            )
+        if not shown or not all(COUNT.admits(value) for value in shown):
+            raise UserError(f"prompt.length={shown}: every per-layer length must be {COUNT}")
+        if prompt.get("shift_positions"):
+            raise UserError(
+                f"prompt.shift_positions=true moves tokens by one prompt length, and prompt.length={shown} has "
+                "several; set prompt.shift_positions=false or give one number"
+            )
+    elif chosen.has_prompt and isinstance(length, (int, float)) and length < 1:
+        raise UserError(f"prompt.length={length} is out of range for prompt.method={prompt.method}; use {COUNT}")
+
+
+def _prompted_layer_count(layers, num_layers: int) -> int:
+    """How many layers prompt.layers names (already validated)."""
+    if isinstance(layers, str):
+        return num_layers if layers == "all" else int(layers.partition(":")[2])
+    return len(set(layers))
+
+
 def validate(cfg, backbone_config) -> None:
     """check_values, then the checks that need the backbone's config; raise UserError with one clear line."""
     from ptv2.modeling.injection import encoder_shape, family_of, positions_used
@@ -512,6 +546,20 @@ def validate(cfg, backbone_config) -> None:
                 f"(bad: {bad or 'empty list'})"
             )
 
+    length = prompt.length
+    if isinstance(length, (list, ListConfig)) and len(length) != (count := _prompted_layer_count(layers, num_layers)):
+        raise UserError(
+            f"prompt.length={list(length)} has {len(length)} lengths for the {count} layers of "
+            f"prompt.layers={layers if isinstance(layers, str) else list(layers)}; give one per prompted layer"
+        )
+    chosen = method(prompt.method)
+    for shown, kind in _settings(cfg, "task.type"):
+        if kind == "generation" and not chosen.generation:
+            raise UserError(
+                f"prompt.method={prompt.method} cannot train for generation ({shown}=generation): its prompt reads the "
+                "whole sequence, which token-by-token decoding never has; use prompt.method=ptv2"
+            )
+
     if prompt.get("shift_positions") and family_of(backbone_config).causal:
         raise UserError(
             "prompt.shift_positions=true is for encoders; decoders number their tokens from 0 after the prefix "
@@ -519,7 +567,6 @@ def validate(cfg, backbone_config) -> None:
         )
     task = cfg.task
     # Input prompts occupy positions like tokens; the official-style shift moves every token by P.
-    chosen = method(prompt.method)
     shift = prompt.length if (chosen.prompt == "prefix" and prompt.shift_positions) else 0
     extra = prompt.length if chosen.input_prompt else 0
     needed = positions_used(backbone_config, task.max_length + extra, shift)

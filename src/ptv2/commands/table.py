@@ -463,6 +463,8 @@ def plot_series(rows, columns, cells, descriptors, kind: str) -> dict | None:
     if kind == "length" and "prompt.length" in descriptors:
         at = descriptors.index("prompt.length")
         for (row, column), cell in cells.items():
+            if not re.fullmatch(r"\d+", str(row[3 + at])):
+                continue  # per-layer lengths ([4, 8, 16]) have no place on one length axis: the table holds them
             others = [f"{k}={v}" for k, v in zip(descriptors, row[3:], strict=True) if k != "prompt.length" and v]
             label = " ".join([row[0], f"{column[0]}/{column[1]}", *others])
             series[label].append((float(row[3 + at]), cell.mean, cell.std))

@@ -6,6 +6,7 @@ of its own; a new method is a new row here plus, when it needs a new kind of pro
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ptv2.errors import unknown
@@ -24,6 +25,13 @@ class Method:
     # untouched (serving mixes them; each row gets its own prefix)
     mixes_in_batch: bool = False
     trains_backbone_heads: bool = False  # a verbalizer's MLM head trains although the backbone is frozen
+    # A "prefix" method's module class, returned by a function so that the config layer stays free of torch;
+    # None: prompts.PrefixEncoder. Built as cls(layers, heads, head_dim, hidden_size, length, projection=...,
+    # projection_dim=..., dropout=...)
+    prefix_module: Callable[[], type] | None = None
+    # Can train an LM head for generation (task.type=generation): False when the prompt reads the whole sequence,
+    # which token-by-token decoding never has
+    generation: bool = True
 
     @property
     def has_prompt(self) -> bool:
@@ -36,6 +44,12 @@ class Method:
         return self.prompt == "input"
 
 
+def _apt() -> type:
+    from ptv2.modeling.apt import AdaptivePrefixEncoder  # Adaptive Prefix Tuning (Zhang et al., 2023)
+
+    return AdaptivePrefixEncoder
+
+
 METHODS: dict[str, Method] = {
     method.name: method
     for method in (
@@ -44,6 +58,7 @@ METHODS: dict[str, Method] = {
         Method("ptuning_v1", frozen=True, prompt="input", input_encoder=None),  # P-tuning v1 (prompt encoder)
         Method("finetune", frozen=False),  # the whole backbone trains: the baseline
         Method("linear_probe", frozen=True, mixes_in_batch=True, trains_backbone_heads=True),  # heads only
+        Method("apt", frozen=True, prompt="prefix", mixes_in_batch=True, prefix_module=_apt, generation=False),  # APT
     )
 }
 BASELINE = "finetune"  # what bench divides by

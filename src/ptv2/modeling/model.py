@@ -46,7 +46,8 @@ class PromptModel(nn.Module):
 
         self.prompt: nn.Module | None = None
         if chosen.prompt == "prefix":
-            self.prompt = PrefixEncoder(
+            prefix_module = chosen.prefix_module() if chosen.prefix_module else PrefixEncoder
+            self.prompt = prefix_module(
                 layers=prompt_layers(prompt_cfg.layers, num_layers),
                 heads=num_heads,
                 head_dim=head_dim,
