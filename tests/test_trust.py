@@ -196,7 +196,7 @@ def test_a_bad_value_is_refused_before_work_starts_and_leaves_no_folder(override
         ("prompt.length", 10**9, "prompt.length=1000000000 is out of range"),
         ("trainer.seed", 2**40, "trainer.seed=1099511627776 is out of range"),
         ("task.head", "lm", "task.head=lm does not fit task.type=classification"),
-        ("task.type", "span", "task.head=linear does not fit task.type=span"),
+        ("task.type", "generation", "task.head=linear does not fit task.type=generation; use task.head=lm"),
     ],
 )
 def test_checkpoint_metadata_is_checked_before_a_model_is_built(finished, key, value, expected, tmp_path):
@@ -327,7 +327,7 @@ def test_flags_after_the_overrides_work(tmp_path):
     [
         (["prompt.layers=top:99"], "prompt.layers=top:99 is invalid"),  # a layer check, after the backbone's config
         (["task.data_dir=EMPTY"], "no train file in"),  # a data error
-        (["task.options.nope_field=1", "task.files.train=missing.jsonl"], "missing split file"),
+        (["task.files.train=missing.jsonl"], "missing split file"),
     ],
 )
 def test_a_refused_start_leaves_no_folder(overrides, expected, tmp_path):
