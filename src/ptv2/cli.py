@@ -392,9 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     except (HydraException, OmegaConfBaseException) as error:
         if full_error or error is job_error:
             raise
-        line = config_error_line(error)
-        hint = "" if "did you mean" in line else f"; `ptv2 {command} --help` lists the options"
-        print(f"ptv2: error: {line}{hint}", file=sys.stderr)
+        print(f"ptv2: error: {config_error_line(error)}; `ptv2 {command} --help` lists the options", file=sys.stderr)
         return 2
     if failed_jobs:
         print(f"ptv2: {len(failed_jobs)} job(s) failed: {'; '.join(failed_jobs)}", file=sys.stderr)
