@@ -214,6 +214,12 @@ def test_checkpoint_metadata_is_checked_before_a_model_is_built(finished, key, v
     assert not (tmp_path / "eval").exists()
 
 
+def test_a_task_type_that_does_not_fit_the_reader_is_one_line(tmp_path):
+    message = one_line_error(run(*TRAIN, "task.type=span", f"hydra.run.dir={tmp_path / 'run'}"))
+    assert "task rte: task.type=span needs the field 'question' that task.reader=superglue does not give" in message
+    assert not (tmp_path / "run").exists()
+
+
 # ------------------------------------------------------------------------------------- resume state from a file
 
 
