@@ -383,6 +383,16 @@ def test_a_requeued_job_with_resume_auto_continues_and_matches_an_uninterrupted_
     assert third.returncode == 0 and "nothing to resume" in third.stderr and everything(requeued) == before
 
 
+def test_a_sweep_job_stopped_by_sigterm_then_resumed_loses_its_failed_marker(tmp_path):
+    sweep = tmp_path / "sweep"
+    job = [*RESUME_RUN, "-m", "prompt.length=2", f"hydra.sweep.dir={sweep}"]
+    stopped = ptv2_subprocess(*job, env={"PTV2_DIE_AT_STEP": "3", "PTV2_DIE_SIGNAL": "TERM"}, check=False)
+    assert stopped.returncode == 1 and (sweep / "0" / "FAILED").is_file()
+    resumed = run(*job, "trainer.resume=auto")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert (sweep / "0" / "results.json").is_file() and not (sweep / "0" / "FAILED").exists()
+
+
 def test_the_slurm_launcher_sets_resume_auto_for_its_jobs():
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     shown = run("train", "backbone=tiny", "hydra/launcher=slurm", "--cfg", "hydra")
