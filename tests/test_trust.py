@@ -315,6 +315,29 @@ def test_an_unquoted_space_hints_to_quote(tmp_path):
     assert "missing EQUAL" in message and "quote a value holding spaces" in message
 
 
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["a=1", "--cfg", "job", "-m", "b=2"], ["--cfg", "job", "-m", "a=1", "b=2"]),
+        (["a=1", "-p", "trainer", "--cfg", "job"], ["-p", "trainer", "--cfg", "job", "a=1"]),
+        (["--info", "a=1"], ["a=1", "--info"]),  # --info with no topic must not take an override as its topic
+        (["--info", "defaults", "a=1"], ["--info", "defaults", "a=1"]),
+        (["--cfg", "a=1"], ["a=1", "--cfg"]),  # refused by main: --cfg needs job, hydra or all
+    ],
+)
+def test_flags_go_before_the_overrides_with_their_values(args, expected):
+    from ptv2.cli import flags_first
+
+    assert flags_first(args) == expected
+
+
+def test_a_flag_without_its_value_and_a_list_as_ckpt_are_one_line(tmp_path):
+    message = one_line_error(run(*TRAIN, "--cfg", f"hydra.run.dir={tmp_path}/r"))
+    assert message == "ptv2: error: --cfg needs job, hydra or all after it (e.g. --cfg job)"
+    message = one_line_error(run("eval", "ckpt=[1,2]", f"task.data_dir={RTE}", f"hydra.run.dir={tmp_path}/e"))
+    assert "ckpt=[1, 2] is not a checkpoint: pass ckpt=RUN_DIR or a prompt.safetensors file" in message
+
+
 def test_flags_after_the_overrides_work(tmp_path):
     sweep = tmp_path / "sweep"
     result = run(*TRAIN, "prompt.length=2", f"hydra.sweep.dir={sweep}", "-m")
