@@ -69,7 +69,8 @@ def _job(function, cfg: DictConfig, command: str):
             print(f"ptv2: error: {short_line(error)}", file=sys.stderr)
             if lock is not None:
                 lock.release()
-            discard_unused_run_dir(run_dir)
+            if not isinstance(error, rundir.RunDirInUse):  # another run's folder (maybe being written): untouched
+                discard_unused_run_dir(run_dir)
             sys.exit(2)
         record_failure(error, cfg, run_dir, hydra_cfg.job.num)
     except Exception as error:
