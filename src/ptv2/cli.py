@@ -69,7 +69,8 @@ def _job(function, cfg: DictConfig, command: str):
             print(f"ptv2: error: {short_line(error)}", file=sys.stderr)
             if lock is not None:
                 lock.release()
-            discard_unused_run_dir(run_dir)
+            if not isinstance(error, rundir.RunDirInUse):  # another run's folder (maybe being written): untouched
+                discard_unused_run_dir(run_dir)
             sys.exit(2)
         record_failure(error, cfg, run_dir, hydra_cfg.job.num)
     except Exception as error:
@@ -239,23 +240,27 @@ INFO_TOPICS = ("all", "config", "defaults", "defaults-tree", "plugins", "searchp
 def flags_first(args: list[str]) -> list[str]:
     """Hydra's flags (with their values) before the overrides: Hydra's argparse stops reading overrides at the first
     flag, so `ptv2 train task=rte -m` or an override ptv2 appends after `--cfg job` (the official preset) would be
-    refused as "unrecognized arguments". The order of the overrides is kept (the last one of a key wins)."""
-    flags, overrides, rest = [], [], iter(args)
-    for arg in rest:
-        if arg.startswith("-"):  # overrides never do (`~key`, `+key=`, `key=-1`)
-            flags.append(arg)
-            wants = arg in VALUE_FLAGS or arg == "--info"
-            if wants:
-                following = next(rest, None)
-                if following is None:
-                    continue
-                if arg == "--info" and following not in INFO_TOPICS:
-                    overrides.append(following)
-                else:
-                    flags.append(following)
-        else:
+    refused as "unrecognized arguments". The order of the overrides is kept (the last one of a key wins). A flag's
+    value is the next argument unless that is an override (it holds "=") or another flag."""
+    flags, overrides, last, index = [], [], [], 0
+    while index < len(args):
+        arg = args[index]
+        index += 1
+        if not arg.startswith("-"):  # overrides never do (`~key`, `+key=`, `key=-1`)
             overrides.append(arg)
-    return [*flags, *overrides]
+            continue
+        following = args[index] if index < len(args) else None
+        if arg not in (*VALUE_FLAGS, "--info"):
+            flags.append(arg)
+        elif following is not None and "=" not in following and not following.startswith("-"):
+            if arg != "--info" or following in INFO_TOPICS:
+                flags += [arg, following]
+                index += 1
+            else:
+                last.append(arg)
+        else:  # no value given: last, so that argparse does not take an override for its value
+            last.append(arg)
+    return [*flags, *overrides, *last]
 
 
 def launcher_knobs(args: list[str]) -> str | None:
@@ -382,6 +387,11 @@ def main(argv: list[str] | None = None) -> int:
     if config_name is None:
         return function(argv[1:])
     args = flags_first(argv[1:])
+    lacking = [arg for arg in args[-1:] if arg in VALUE_FLAGS]  # flags_first puts a flag without its value last
+    if lacking:
+        what = "job, hydra or all" if lacking[0] in ("-c", "--cfg") else "a value"
+        print(f"ptv2: error: {lacking[0]} needs {what} after it (e.g. --cfg job)", file=sys.stderr)
+        return 2
     problem = unwritable_run_dir(args) or linked_run_dir(args) or launcher_knobs(args)
     if problem:
         print(f"ptv2: error: {problem}", file=sys.stderr)
@@ -408,9 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     except (HydraException, OmegaConfBaseException) as error:
         if full_error or error is job_error:
             raise
-        line = config_error_line(error)
-        hint = "" if "did you mean" in line else f"; `ptv2 {command} --help` lists the options"
-        print(f"ptv2: error: {line}{hint}", file=sys.stderr)
+        print(f"ptv2: error: {config_error_line(error)}; `ptv2 {command} --help` lists the options", file=sys.stderr)
         return 2
     if failed_jobs:
         print(f"ptv2: {len(failed_jobs)} job(s) failed: {'; '.join(failed_jobs)}", file=sys.stderr)

@@ -408,7 +408,8 @@ def check_files(shown: str, task) -> None:
     for split, name in (task.get("files") or {}).items():
         if name is not None and (not isinstance(name, str) or "/" in name or name in ("", ".", "..")):
             path = Path(str(name)).expanduser()
-            fix = f"task.data_dir={path.parent} {shown}files.{split}={path.name}" if path.name else "a file name"
+            named = "/" in str(name) and path.name not in ("", ".", "..")
+            fix = f"task.data_dir={path.parent} {shown}files.{split}={path.name}" if named else "a file name"
             raise UserError(
                 f"{shown}files.{split}={name} is not a file name: task.files names files inside task.data_dir "
                 f"(now {task.get('data_dir')}); pass {fix}"

@@ -243,9 +243,15 @@ def prepare_split(task, split: str, tokenizer, task_type, cache_root: str | None
     if limit:
         examples = examples[:limit]
     rows = datasets.Dataset.from_list(examples)
-    features = rows.map(
-        lambda batch: task_type.encode(batch, tokenizer, task), batched=True, remove_columns=rows.column_names
-    )
+    try:
+        features = rows.map(
+            lambda batch: task_type.encode(batch, tokenizer, task), batched=True, remove_columns=rows.column_names
+        )
+    except KeyError as error:  # the reader's examples lack a field the task type encodes: they do not fit
+        raise UserError(
+            f"task {task.name}: task.type={task.type} needs the field {error} that task.reader={task.reader} does not "
+            f"give (its examples hold {', '.join(rows.column_names)}); use the task type its config names"
+        ) from None
     text = encode_examples(examples)
     if decode_examples(text) != examples:  # tuples or non-string keys would come back changed: not cached, re-read
         log.warning("the %s examples of task %s do not round-trip through JSON; they are not cached", split, task.name)

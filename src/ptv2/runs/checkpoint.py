@@ -66,6 +66,10 @@ def save(path: Path, model, cfg: DictConfig, labels: dict[str, list[str]]) -> No
 
 def resolve(path: str | Path) -> Path:
     """A checkpoint file, or the checkpoint inside a run directory."""
+    if not isinstance(path, (str, Path)) or not str(path):
+        raise UserError(
+            f"ckpt={path} is not a checkpoint: pass ckpt=RUN_DIR or a {FILENAME} file (a list only to ptv2 predict)"
+        )
     path = Path(path).expanduser()
     if path.is_dir():
         path = path / FILENAME

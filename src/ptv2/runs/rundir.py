@@ -227,6 +227,9 @@ def open_run_dir(cfg: DictConfig, run_dir: Path, command: str) -> RunLock:
     try:
         check_reuse(cfg, run_dir, command)
         lock.claim()
+        # A sweep job that failed (a SIGTERM, an error) and now starts again: its old FAILED marker would make
+        # `ptv2 table` call the job a failure even once it finishes; a new failure writes a new one.
+        (Path(run_dir) / "FAILED").unlink(missing_ok=True)
         write_config(cfg, run_dir)
     except BaseException:
         lock.release()
