@@ -38,7 +38,7 @@ def finished(tmp_path):
 def test_a_fresh_run_into_a_finished_run_folder_is_refused_and_changes_nothing(finished):
     before = snapshot(finished)
     assert {"results.json", "prompt.safetensors", "config.yaml", ".hydra/overrides.yaml"} <= before.keys()
-    # The README's preemption command re-issued without trainer.resume, and with another config.
+    # The preemption command of docs/usage.md (Resuming), re-issued without trainer.resume, and with another config.
     message = one_line_error(run(*TRAIN, f"hydra.run.dir={finished}", "optimizer.lr=0.5"))
     assert message == (
         f"ptv2: error: {finished} already holds a run (results.json, prompt.safetensors, state); continue it with "

@@ -3,7 +3,7 @@
 A reader is a module of this package named by `task.reader` with `load(task, split) -> list[dict]` that reads
 either the hub (`task.hub`) or local files (`task.data_dir`) into the task type's canonical examples, and
 `local_files(task) -> {format: {split: [file names]}}`: the names by which a data folder's files and their format
-are found (optionally `sniff_format(path)` for a file the user named; see io.local_split).
+are found (optionally `sniff_format(path)` for a file the user named; see files.local_split).
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def _not_utf8(task, split: str, error: UnicodeDecodeError) -> str:
 
 def with_local_file(task, split: str):
     """`task` with `format` and `files[split]` set to the file its data folder holds for `split` (found by the
-    reader's `local_files` names unless task.files / task.format say; see io.local_split), so the cache key covers
+    reader's `local_files` names unless task.files / task.format say; see files.local_split), so the cache key covers
     the file read; `task` itself without task.data_dir."""
     if not task.get("data_dir"):
         return task

@@ -43,7 +43,7 @@ def load_config(cfg) -> PretrainedConfig:
         # "glm", transformers' native GLM-4: without this check they would load as the wrong architecture.
         raise UserError(
             f"backbone {cfg.name_or_path} needs its own remote code (config.json has auto_map), which ptv2 does not "
-            "run; for the paper's GLM-xlarge/xxlarge use a native GLM such as backbone=glm-4-9b (see the README)"
+            "run; for the paper's GLM-xlarge/xxlarge use a native GLM such as backbone=glm-4-9b (see docs/backbones.md)"
         )
     injection.family_of(config)
     if cfg.dropout is not None:
