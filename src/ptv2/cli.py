@@ -157,6 +157,7 @@ COMMANDS = {
         "bench",
         "time train steps, eval throughput and peak memory per prompt method",
     ),
+    "export": ("ptv2.commands.export:main", None, "write a trained prompt as a PEFT adapter (RUN --to peft OUT)"),
     "table": (
         "ptv2.commands.table:main",
         None,

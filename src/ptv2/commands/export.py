@@ -1,0 +1,114 @@
+"""`ptv2 export RUN --to peft OUT`: a trained ptv2 deep prompt as a PEFT PrefixTuning adapter.
+
+OUT gets adapter_config.json and adapter_model.safetensors (PEFT's own file names and layout: one tensor
+`prompt_embeddings`, (P, layers x 2 x heads x head_dim), the key/value order ptv2's PrefixEncoder and PEFT share),
+which `PeftModel.from_pretrained(AutoModel.from_pretrained(BACKBONE), OUT)` loads; and ptv2_heads.safetensors,
+the task heads (PEFT's FEATURE_EXTRACTION model returns hidden states; a linear head on them gives ptv2's logits).
+
+Only where the two are the same function: PEFT passes the prefix as a key/value cache, so the backbone numbers its
+tokens from P. ptv2 does the same with prompt.shift_positions=true; without it, a backbone with learned absolute
+positions (BERT, RoBERTa, ELECTRA, GPT-2) is a different model, and the export is refused. Rotary decoders would
+match with the prefix keys rotated by P (not written yet: refused); DeBERTa-v2 cannot run PEFT's prefix at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig
+
+from ptv2.errors import UserError
+from ptv2.modeling.injection import encoder_shape, family_of
+from ptv2.modeling.peft_methods import require_peft
+from ptv2.runs import checkpoint
+
+HEADS_FILE = "ptv2_heads.safetensors"
+
+
+def refusal(prompt, config) -> str | None:
+    """Why a ptv2 prompt (prompt config, backbone HF config) has no PEFT PrefixTuning equivalent, or None."""
+    family = family_of(config)
+    if prompt.method != "ptv2":
+        return f"prompt.method={prompt.method}: only ptv2 deep prompts export as PEFT prefix tuning"
+    if family.injection != "attention_interface":
+        return f"{config.model_type}: PEFT's prefix tuning does not run on it (it has no key/value cache)"
+    if prompt.get("layers", "all") != "all":
+        return (
+            f"prompt.layers={prompt.layers}: PEFT's prefix tuning has a prefix on every layer; only layers=all exports"
+        )
+    if family.positions == "rotary":
+        return f"{config.model_type}: rotary decoders need the prefix keys rotated by P for PEFT; not written yet"
+    if not prompt.get("shift_positions"):
+        fix = "retrain with prompt.shift_positions=true" if not family.causal else "GPT-2 has no shifted ptv2 variant"
+        return (
+            f"{config.model_type} learns absolute positions: PEFT numbers tokens from P, this prompt was trained "
+            f"numbering them from 0, so the two are different models; {fix}"
+        )
+    return None
+
+
+def export_peft(ckpt: str, out: Path, backbone: str | None = None) -> Path:
+    """Write the PEFT adapter of checkpoint `ckpt` into `out`; backbone: the backbone hub id or folder when the
+    checkpoint's was a local folder. Returns `out`."""
+    peft = require_peft("ptv2 export --to peft")
+    path = checkpoint.resolve(ckpt)
+    metadata = checkpoint.read_metadata(path)
+    saved = checkpoint.stored_config(path)
+    location = backbone or saved.backbone.get("name_or_path")
+    if not location:
+        raise UserError(f"{path} was trained on the local backbone folder {metadata['backbone']}; pass --backbone DIR")
+    config = AutoConfig.from_pretrained(location, revision=None if backbone else saved.backbone.get("revision"))
+    if checkpoint.backbone_hash(config) != metadata["backbone_hash"]:
+        raise UserError(f"{path} was trained on backbone {metadata['backbone']}, not {location}; pass --backbone")
+    problem = refusal(saved.prompt, config)
+    if problem:
+        raise UserError(f"cannot export {path} to PEFT: {problem}")
+
+    tensors = load_file(str(path))
+    # The MLP reparameterization only shapes training: its output (stored folded) is the prefix itself.
+    prefix = tensors.get(checkpoint.FOLDED_KEY, tensors.get("prompt.embedding.weight"))
+    layers, heads, head_dim = encoder_shape(config)
+    if prefix is None or tuple(prefix.shape) != (saved.prompt.length, layers * 2 * heads * head_dim):
+        raise UserError(f"{path} holds no ptv2 prefix of length {saved.prompt.length} for this backbone; refused")
+    out.mkdir(parents=True, exist_ok=True)
+    peft.PrefixTuningConfig(
+        task_type=peft.TaskType.FEATURE_EXTRACTION,
+        num_virtual_tokens=saved.prompt.length,
+        num_layers=layers,
+        num_attention_heads=heads,
+        token_dim=heads * head_dim,  # PEFT reshapes each layer's key/value to (heads, token_dim / heads)
+        base_model_name_or_path=metadata["backbone"],
+        inference_mode=True,
+    ).save_pretrained(str(out))
+    save_file({"prompt_embeddings": prefix.contiguous()}, str(out / "adapter_model.safetensors"))
+    head_tensors = {name: t.contiguous() for name, t in tensors.items() if name.startswith("heads.")}
+    head_info = {"task": metadata["task"], "labels": metadata["labels"], "from": str(path)}
+    save_file(head_tensors, str(out / HEADS_FILE), metadata=head_info)
+    return out
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="ptv2 export", description="write a trained ptv2 prompt in another library's format"
+    )
+    parser.add_argument("ckpt", help="run directory or prompt.safetensors (ckpt=RUN is accepted too)")
+    parser.add_argument("--to", choices=["peft"], required=True, help="peft: a PEFT PrefixTuning adapter folder")
+    parser.add_argument("out", help="folder to write")
+    parser.add_argument("--backbone", help="backbone hub id or folder, when the checkpoint's was a local folder")
+    args = parser.parse_intermixed_args(argv)
+    try:
+        out = export_peft(args.ckpt.removeprefix("ckpt="), Path(args.out), args.backbone)
+    except UserError as error:
+        print(f"ptv2: error: {error}", file=sys.stderr)
+        return 2
+    config = json.loads((out / "adapter_config.json").read_text())
+    print(
+        f"ptv2 export: {out} (PEFT PrefixTuning, {config['num_virtual_tokens']} virtual tokens; heads in "
+        f"{HEADS_FILE}); "
+        f"load with PeftModel.from_pretrained(AutoModel.from_pretrained(BACKBONE), '{out}')"
+    )
+    return 0
