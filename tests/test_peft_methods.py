@@ -294,3 +294,30 @@ def test_export_refuses_unshifted_absolute_positions_in_one_line(tmp_path, saved
     assert result.returncode == 2 and not (tmp_path / "out").exists()
     line = result.stderr.strip()
     assert "\n" not in line and "PEFT numbers tokens from P" in line and "prompt.shift_positions=true" in line
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma", "glm", "glm4"])
+def test_rotary_prefix_keys_rotated_by_p_give_peft_ptv2s_hidden_states(family):
+    """ptv2 numbers a decoder's tokens from 0 with unrotated prefix keys, PEFT from P with the keys as they are: the
+    exported keys, rotated by position P, give every score ptv2's (right-padded rows); unrotated they do not."""
+    from ptv2.commands.export import rotated_keys
+
+    config = AutoConfig.from_pretrained(DECODERS / family)
+    torch.manual_seed(0)
+    encoder = AutoModel.from_config(config, attn_implementation=injection.attention_key(config))
+    injection.prepare_encoder(encoder)
+    stock = AutoModel.from_config(config)
+    stock.load_state_dict(encoder.state_dict())
+    ours = tagger(encoder, method="ptv2", length=4, dropout=0.0, init_std=1.0)
+    prefix = ours.prompt.embedding.weight.detach()
+    config_peft = peft.PrefixTuningConfig(task_type="FEATURE_EXTRACTION", num_virtual_tokens=4)
+    theirs = peft.get_peft_model(stock.eval(), config_peft).eval()
+    batch = batch_of(vocab_size=config.vocab_size)
+    real = batch["attention_mask"].bool()
+    differences = []
+    with torch.no_grad():
+        expected = injection.run_encoder(encoder, ours.prompt(3), **batch)[real]
+        for exported in (rotated_keys(prefix, config), prefix):
+            theirs.prompt_encoder["default"].embedding.weight.copy_(exported)
+            differences.append((theirs(**batch).last_hidden_state[real] - expected).abs().max().item())
+    assert differences[0] <= 1e-5 and differences[1] > 1e-2

@@ -7,19 +7,23 @@ the task heads (PEFT's FEATURE_EXTRACTION model returns hidden states; a linear 
 
 Only where the two are the same function: PEFT passes the prefix as a key/value cache, so the backbone numbers its
 tokens from P. ptv2 does the same with prompt.shift_positions=true; without it, a backbone with learned absolute
-positions (BERT, RoBERTa, ELECTRA, GPT-2) is a different model, and the export is refused. Rotary decoders would
-match with the prefix keys rotated by P (not written yet: refused); DeBERTa-v2 cannot run PEFT's prefix at all.
+positions (BERT, RoBERTa, ELECTRA, GPT-2) is a different model, and the export is refused. Rotary decoders match once
+every prefix key is rotated by the angle of position P (`rotated_keys`), for right-padded input (PEFT numbers a left-
+padded row's tokens from its padding on). DeBERTa-v2 cannot run PEFT's prefix at all.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig
+from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
 from ptv2.errors import UserError
 from ptv2.modeling.injection import encoder_shape, family_of
@@ -40,15 +44,31 @@ def refusal(prompt, config) -> str | None:
         return (
             f"prompt.layers={prompt.layers}: PEFT's prefix tuning has a prefix on every layer; only layers=all exports"
         )
-    if family.positions == "rotary":
-        return f"{config.model_type}: rotary decoders need the prefix keys rotated by P for PEFT; not written yet"
-    if not prompt.get("shift_positions"):
+    if family.positions != "rotary" and not prompt.get("shift_positions"):
         fix = "retrain with prompt.shift_positions=true" if not family.causal else "GPT-2 has no shifted ptv2 variant"
         return (
             f"{config.model_type} learns absolute positions: PEFT numbers tokens from P, this prompt was trained "
             f"numbering them from 0, so the two are different models; {fix}"
         )
     return None
+
+
+def rotated_keys(prefix: torch.Tensor, config) -> torch.Tensor:
+    """A rotary decoder's ptv2 prefix (P, layers x 2 x heads x head_dim) as PEFT's: every key rotated by position P.
+
+    ptv2 gives the prefix keys no rotation and numbers tokens from 0; PEFT's cache holds keys as they are and numbers
+    tokens from P. Rotations compose, R(P + i) q . R(P) k = R(i) q . k, so keys rotated by P give every score ptv2's.
+    The family's own rotary table and apply_rotary_pos_emb do the rotation (partial and interleaved ones included).
+    """
+    length = prefix.shape[0]
+    layers, heads, head_dim = encoder_shape(config)
+    module = importlib.import_module(MODEL_MAPPING[type(config)].__module__)
+    rotary_class = next(getattr(module, name) for name in dir(module) if name.endswith("RotaryEmbedding"))
+    key_values = prefix.float().view(length, layers, 2, heads, head_dim).clone()
+    keys = key_values[:, :, 0].permute(1, 2, 0, 3)  # (layers as batch, heads, P, head_dim)
+    cos, sin = rotary_class(config=config)(keys, torch.full((layers, length), length))
+    key_values[:, :, 0] = module.apply_rotary_pos_emb(keys, keys, cos, sin)[1].permute(2, 0, 1, 3)
+    return key_values.view_as(prefix).to(prefix.dtype)
 
 
 def export_peft(ckpt: str, out: Path, backbone: str | None = None) -> Path:
@@ -74,6 +94,8 @@ def export_peft(ckpt: str, out: Path, backbone: str | None = None) -> Path:
     layers, heads, head_dim = encoder_shape(config)
     if prefix is None or tuple(prefix.shape) != (saved.prompt.length, layers * 2 * heads * head_dim):
         raise UserError(f"{path} holds no ptv2 prefix of length {saved.prompt.length} for this backbone; refused")
+    if family_of(config).positions == "rotary":
+        prefix = rotated_keys(prefix, config)
     out.mkdir(parents=True, exist_ok=True)
     peft.PrefixTuningConfig(
         task_type=peft.TaskType.FEATURE_EXTRACTION,
