@@ -284,6 +284,27 @@ def test_export_to_peft_gives_ptv2s_logits(tmp_path, saved_tiny_bert, projection
     real = batch["attention_mask"].bool()
     assert (logits[real] - expected[real]).abs().max().item() <= 1e-5
 
+    # The round trip: the PEFT adapter imported back is a ptv2 checkpoint with the same prefix and heads, which
+    # `ptv2 eval` scores as the original.
+    back = tmp_path / "back"
+    ptv2("import", str(out), "--from", "peft", str(back), "--like", str(run_dir))
+    original, imported = load_file(str(run_dir / "prompt.safetensors")), load_file(str(back / "prompt.safetensors"))
+    prefix = original.get(checkpoint.FOLDED_KEY, original["prompt.embedding.weight"])
+    assert torch.equal(imported.pop("prompt.embedding.weight"), prefix)
+    assert imported.keys() == {k for k in original if k.startswith("heads.")}
+    assert all(torch.equal(imported[k], original[k]) for k in imported)
+    scores = []
+    for name, ckpt in (("a", run_dir), ("b", back)):
+        ptv2(
+            "eval",
+            f"ckpt={ckpt}",
+            f"backbone.name_or_path={saved_tiny_bert}",
+            *CONLL03[1:],
+            f"hydra.run.dir={tmp_path / name}",
+        )
+        scores.append(json.loads((tmp_path / name / "eval.json").read_text())["metrics"]["f1"])
+    assert scores[0] == scores[1]
+
 
 def test_export_refuses_unshifted_absolute_positions_in_one_line(tmp_path, saved_tiny_bert):
     run_dir = tmp_path / "run"
@@ -321,3 +342,5 @@ def test_rotary_prefix_keys_rotated_by_p_give_peft_ptv2s_hidden_states(family):
             theirs.prompt_encoder["default"].embedding.weight.copy_(exported)
             differences.append((theirs(**batch).last_hidden_state[real] - expected).abs().max().item())
     assert differences[0] <= 1e-5 and differences[1] > 1e-2
+    # ptv2 import rotates them back.
+    assert (rotated_keys(rotated_keys(prefix, config), config, inverse=True) - prefix).abs().max().item() <= 1e-5

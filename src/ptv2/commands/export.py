@@ -53,12 +53,13 @@ def refusal(prompt, config) -> str | None:
     return None
 
 
-def rotated_keys(prefix: torch.Tensor, config) -> torch.Tensor:
+def rotated_keys(prefix: torch.Tensor, config, inverse: bool = False) -> torch.Tensor:
     """A rotary decoder's ptv2 prefix (P, layers x 2 x heads x head_dim) as PEFT's: every key rotated by position P.
 
     ptv2 gives the prefix keys no rotation and numbers tokens from 0; PEFT's cache holds keys as they are and numbers
     tokens from P. Rotations compose, R(P + i) q . R(P) k = R(i) q . k, so keys rotated by P give every score ptv2's.
     The family's own rotary table and apply_rotary_pos_emb do the rotation (partial and interleaved ones included).
+    inverse: rotate by -P instead (a PEFT prefix back to ptv2's).
     """
     length = prefix.shape[0]
     layers, heads, head_dim = encoder_shape(config)
@@ -66,7 +67,7 @@ def rotated_keys(prefix: torch.Tensor, config) -> torch.Tensor:
     rotary_class = next(getattr(module, name) for name in dir(module) if name.endswith("RotaryEmbedding"))
     key_values = prefix.float().view(length, layers, 2, heads, head_dim).clone()
     keys = key_values[:, :, 0].permute(1, 2, 0, 3)  # (layers as batch, heads, P, head_dim)
-    cos, sin = rotary_class(config=config)(keys, torch.full((layers, length), length))
+    cos, sin = rotary_class(config=config)(keys, torch.full((layers, length), -length if inverse else length))
     key_values[:, :, 0] = module.apply_rotary_pos_emb(keys, keys, cos, sin)[1].permute(2, 0, 1, 3)
     return key_values.view_as(prefix).to(prefix.dtype)
 
@@ -111,6 +112,60 @@ def export_peft(ckpt: str, out: Path, backbone: str | None = None) -> Path:
     head_info = {"task": metadata["task"], "labels": metadata["labels"], "from": str(path)}
     save_file(head_tensors, str(out / HEADS_FILE), metadata=head_info)
     return out
+
+
+def import_peft(adapter: Path, like: str, out: Path) -> Path:
+    """A PEFT PrefixTuning adapter folder as a ptv2 checkpoint OUT/prompt.safetensors, with the run config, labels
+    and heads of the ptv2 run `like` (heads from the adapter's ptv2_heads.safetensors when `ptv2 export` wrote it).
+    The inverse of export_peft: the same refusals, rotary keys rotated back by -P. Returns the checkpoint path."""
+    require_peft("ptv2 import --from peft")
+    path = checkpoint.resolve(like)
+    metadata = checkpoint.read_metadata(path)
+    saved = checkpoint.stored_config(path)
+    try:
+        adapter_config = json.loads((adapter / "adapter_config.json").read_text())
+        prefix = load_file(str(adapter / "adapter_model.safetensors"))["prompt_embeddings"]
+    except (OSError, KeyError, ValueError) as error:
+        raise UserError(f"{adapter} is not a PEFT prefix-tuning adapter folder ({error}); refused") from None
+    if adapter_config.get("peft_type") != "PREFIX_TUNING":
+        raise UserError(f"{adapter} holds a {adapter_config.get('peft_type')} adapter; only PREFIX_TUNING imports")
+    location = saved.backbone.get("name_or_path") or adapter_config.get("base_model_name_or_path")
+    config = AutoConfig.from_pretrained(location)
+    problem = refusal(saved.prompt, config)
+    if problem:
+        raise UserError(f"cannot import into the shape of {path}: {problem}")
+    layers, heads, head_dim = encoder_shape(config)
+    length = int(adapter_config["num_virtual_tokens"])
+    if tuple(prefix.shape) != (length, layers * 2 * heads * head_dim):
+        raise UserError(f"{adapter}: prompt_embeddings {tuple(prefix.shape)} do not fit backbone {location}; refused")
+    if family_of(config).positions == "rotary":
+        prefix = rotated_keys(prefix, config, inverse=True)
+    tensors = {name: t for name, t in load_file(str(path)).items() if name.startswith("heads.")}
+    if (adapter / HEADS_FILE).is_file():
+        tensors.update(load_file(str(adapter / HEADS_FILE)))
+    tensors["prompt.embedding.weight"] = prefix.contiguous()
+    run_config = json.loads(metadata["config"])
+    run_config["prompt"].update(length=length, projection="none")  # the prefix itself: no MLP to rebuild
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / checkpoint.FILENAME
+    save_file(tensors, str(target), metadata={**metadata, "config": json.dumps(run_config)})
+    return target
+
+
+def import_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="ptv2 import", description="a PEFT prefix adapter as a ptv2 checkpoint")
+    parser.add_argument("adapter", help="PEFT PrefixTuning adapter folder (adapter_config.json, adapter_model.*)")
+    parser.add_argument("--from", dest="source", choices=["peft"], required=True)
+    parser.add_argument("out", help="folder to write prompt.safetensors into")
+    parser.add_argument("--like", required=True, help="the ptv2 run whose task, backbone, labels and heads it takes")
+    args = parser.parse_intermixed_args(argv)
+    try:
+        target = import_peft(Path(args.adapter), args.like.removeprefix("ckpt="), Path(args.out))
+    except UserError as error:
+        print(f"ptv2: error: {error}", file=sys.stderr)
+        return 2
+    print(f"ptv2 import: {target}; evaluate with ptv2 eval ckpt={target.parent} task.data_dir=DIR")
+    return 0
 
 
 def main(argv: list[str]) -> int:
