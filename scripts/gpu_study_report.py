@@ -1,8 +1,10 @@
-"""Report of scripts/gpu_study.sh: every job's epochs read from its train.log, so runs stopped at the study's deadline
-count with the epochs they finished; test F1 where a run finished (results.json).
+"""Report of the full-size fidelity study (scripts/gpu_evidence.sh, part "study"): every run's epochs read from its
+history.json (written at every epoch end, so a run stopped at the deadline counts with the epochs it finished), its
+test F1 from results.json where it finished.
 
-    python scripts/gpu_study_report.py RUNS_DIR [RUNS_DIR ...] --out docs/results/fidelity/gpu
-Each RUNS_DIR is an unpacked runs.tar.gz of one call; when a job ran in several calls, the later folder wins.
+    python scripts/gpu_study_report.py STUDY_DIR [STUDY_DIR ...] --out docs/results/fidelity/gpu
+Each STUDY_DIR holds one sweep folder per method family (OUT/study of one call); a run folder is named by its
+sweep and job number, its arm by its config; when a job ran in several calls, the later folder wins.
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import re
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -20,27 +21,34 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import yaml  # noqa: E402
-from fidelity_report import mean_std, save_plot  # noqa: E402  (beside this script)
 
-EPOCH_LINE = re.compile(r"epoch (\d+): (.*)$")
+from ptv2.commands.table import mean_std  # noqa: E402
+
+
+def save_plot(figure, axis, labels: tuple[str, str, str], path: Path) -> None:
+    """Label (x, y, title), grid, legend and write the figure."""
+    axis.set(xlabel=labels[0], ylabel=labels[1], title=labels[2])
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
 
 
 def read_job(folder: Path) -> dict:
-    """A job's planned epochs, its per-epoch metrics and, if it finished, its results."""
+    """A run's config, its per-epoch records and, if it finished, its results."""
     config = yaml.safe_load((folder / "config.yaml").read_text())
-    epochs = []
-    for line in (folder / "train.log").read_text().splitlines():
-        match = EPOCH_LINE.search(line)
-        if match:
-            values = dict(item.split("=") for item in match.group(2).split(", "))
-            epochs.append({"epoch": int(match.group(1)), **{k: float(v) for k, v in values.items()}})
     results_path = folder / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else None
+    history = folder / "history.json"
+    epochs = results["history"] if results else json.loads(history.read_text()) if history.exists() else []
     return {"config": config, "epochs": epochs, "results": results}
 
 
-def arm_of(name: str) -> str:
-    return re.sub(r"-s\d+$", "", name)
+def arm_of(job: dict) -> str:
+    """task/method[-P<length>] from the run's config: the seeds of one arm share it."""
+    config = job["config"]
+    method, length = config["prompt"]["method"], config["prompt"]["length"]
+    return f"{config['task']['name']}/{method}" + (f"-P{length}" if length else "")
 
 
 def main() -> None:
@@ -51,10 +59,10 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     jobs = {}
     for call, root in enumerate(args.runs, 1):
-        for log in sorted(root.glob("*/*/train.log")):
-            job = read_job(log.parent)
+        for config in sorted(root.glob("*/*/config.yaml")):
+            job = read_job(config.parent)
             if job["epochs"]:
-                jobs[f"{log.parent.parent.name}/{log.parent.name}"] = {**job, "call": call}
+                jobs[f"{config.parent.parent.name}/{config.parent.name}"] = {**job, "call": call}
 
     with (args.out / "epochs.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
@@ -75,8 +83,8 @@ def main() -> None:
                 )
 
     arms = defaultdict(list)
-    for name, job in jobs.items():
-        arms[arm_of(name)].append(job)
+    for job in jobs.values():
+        arms[arm_of(job)].append(job)
     lines = [
         "| task | arm | lr | epochs done / planned | dev at the last common epoch | best dev so far "
         "| test f1 at best dev (finished runs) | n |",

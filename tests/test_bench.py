@@ -209,3 +209,39 @@ def test_eager_backbone_attention_equals_sdpa_with_prefix():
     encoder.set_attn_implementation(injection.EAGER_ATTENTION_KEY)
     eager = injection.run_encoder(encoder, prefix, input_ids=input_ids, attention_mask=mask)
     assert torch.allclose(eager, sdpa, atol=1e-5)
+
+
+def test_bench_fails_with_one_line_per_method_and_exits_non_zero_when_every_method_failed(tmp_path, monkeypatch):
+    """Issue 22: a bench whose every method failed exits non-zero; each failure is one line, not a stack."""
+
+    def failing(variant, work_dir, profile):
+        return {"method": variant.prompt.method, "error": "out of memory"}
+
+    monkeypatch.setattr(bench, "measure_isolated", failing)
+    out = tmp_path / "bench"
+    result = ptv2("bench", *TINY_BENCH, "bench.methods=[ptv2,prompt_tuning]", f"hydra.run.dir={out}", check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "ptv2: error: every method failed (ptv2: out of memory; prompt_tuning: out of memory); the details are in "
+        f"{out}/bench_<method>.err"
+    )
+    assert "| ptv2 | failed: out of memory |" in result.stdout
+
+
+def test_bench_on_a_missing_gpu_is_refused_before_any_worker_starts(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible")
+    result = ptv2("bench", *TINY_BENCH, "bench.device=cuda", f"hydra.run.dir={tmp_path / 'b'}", check=False)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        "ptv2: error: bench.device=cuda but no CUDA device is visible; use bench.device=auto or cpu"
+    ]
+    assert not (tmp_path / "b").exists()  # a refused start leaves nothing
+
+
+@pytest.mark.slow
+def test_a_failed_worker_is_one_log_line_with_its_details_in_a_file(tmp_path):
+    variant = tiny_cfg("ptv2")
+    variant.bench.device = "cuda" if not torch.cuda.is_available() else "nope"
+    figures = bench.measure_isolated(variant, tmp_path, profile=False)
+    assert figures["method"] == "ptv2" and "\n" not in figures["error"]
+    assert (tmp_path / "bench_ptv2.err").read_text().strip()

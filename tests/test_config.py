@@ -182,3 +182,33 @@ def test_check_values_refuses_with_the_range(overrides, message):
     with pytest.raises(UserError) as error:
         check_values(compose_train(*overrides))
     assert message in str(error.value)
+
+
+def test_group_options_hold_only_what_differs_from_the_schema():
+    """One place per default: a group option (conf/<group>/<option>.yaml) sets only what its schema does not already
+    say; `name` / `method` stay, as they name the option."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from ptv2 import config
+
+    schemas = {
+        "trainer": config.TrainerConfig,
+        "optimizer": config.OptimizerConfig,
+        "scheduler": config.SchedulerConfig,
+        "logger": config.LoggerConfig,
+        "prompt": config.PromptConfig,
+        "backbone": config.BackboneConfig,
+    }
+    conf = Path(config.__file__).parents[2] / "conf"
+    repeated = []
+    for group, schema in schemas.items():
+        defaults = OmegaConf.structured(schema)
+        for path in sorted((conf / group).glob("*.yaml")):
+            if "@package" in path.read_text():
+                continue
+            for key, value in OmegaConf.to_container(OmegaConf.load(path)).items():
+                if key not in ("name", "method") and key in defaults and value == defaults[key]:
+                    repeated.append(f"{path.relative_to(conf)}: {key}")
+    assert not repeated, repeated

@@ -24,24 +24,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))  # conftest's helpers when run as a script (--record)
 
 from conftest import RTE, ptv2  # noqa: E402
+from test_packed import backbone_args  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
 RECORDS = FIXTURES / "loop_records.json"
-ASSET = Path(__file__).parents[1] / "src" / "ptv2" / "assets" / "tiny-bert"
-SHAPE = dict(vocab_size=197, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
-FAMILIES = {
-    "roberta": dict(model_type="roberta", max_position_embeddings=200, type_vocab_size=2, pad_token_id=0),
-    "deberta-v2": dict(
-        model_type="deberta-v2",
-        relative_attention=True,
-        pos_att_type=["p2c", "c2p"],
-        position_buckets=16,
-        max_relative_positions=-1,
-        position_biased_input=False,
-        type_vocab_size=0,
-        pad_token_id=0,
-    ),
-}
 DECODER = FIXTURES / "decoders"
 RUN = ["logger=none", "trainer.epochs=2", "trainer.batch_size=4", "trainer.eval_batch_size=4", "trainer.progress=false"]
 RTE_TASK = [f"task.data_dir={RTE}"]
@@ -53,12 +39,8 @@ GENERATION = ["task=generation", f"task.data_dir={FIXTURES / 'generation'}", "ta
 
 
 def family_folder(family: str, root: Path) -> list[str]:
-    folder = root / family
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in ("vocab.txt", "tokenizer_config.json"):
-        (folder / name).write_bytes((ASSET / name).read_bytes())
-    (folder / "config.json").write_text(json.dumps({**SHAPE, **FAMILIES[family]}))
-    return [f"backbone.name={family}", f"backbone.name_or_path={folder}"]
+    """A tiny RoBERTa or DeBERTa-v2 on the tiny-bert tokenizer (test_packed's), as backbone overrides."""
+    return backbone_args(family, root)[1:]  # without its backbone=tiny, already given
 
 
 # name -> (sweep?, overrides); a sweep's figures are recorded per job folder.
@@ -213,3 +195,41 @@ def test_a_packed_group_killed_between_two_jobs_saves_resumes_exactly(tmp_path):
     assert again.returncode == 0, again.stderr[-2000:]
     for job in ("0", "1"):
         assert figures(resumed / job) == figures(reference / job)
+
+
+def test_a_packed_generation_sweep_equals_its_jobs_run_separately(tmp_path):
+    """Generation packs like the other task types: both jobs' blocks in one decoder forward, each job's greedy
+    answers decoded with its own prefix, ending as the same jobs run one by one (dropout off; 1e-5 relative, as
+    the packed forward sums in another order)."""
+    no_dropout = ["backbone.dropout=0", "backbone.attention_dropout=0", "prompt.dropout=0", "task.head_dropout=0"]
+    args = ["backbone=tiny", *RUN, *GENERATION, *LLAMA, *no_dropout, "trainer.epochs=1", "prompt.length=2,4"]
+    packed, separate = tmp_path / "packed", tmp_path / "separate"
+    ptv2(
+        "train", "-m", *args, "hydra/launcher=packed", "hydra.launcher.jobs_per_forward=2", f"hydra.sweep.dir={packed}"
+    )
+    ptv2("train", "-m", *args, f"hydra.sweep.dir={separate}")
+    assert "packed group of 2 jobs" in (packed / "0" / "train.log").read_text()
+    for job in ("0", "1"):
+        ours = figures(packed / job)
+        assert "dev/rougeL" in ours["epochs"][0] and ours["steps"] > 0
+        assert_close(ours, figures(separate / job), job)
+
+
+@pytest.mark.slow  # a sweep in a subprocess, then its resume
+def test_a_resumed_packed_group_leaves_no_failed_marker(tmp_path):
+    """SIGTERM marks every job FAILED (the sweep did not finish); a resume that finishes them removes the markers,
+    so `ptv2 table` lists them as finished runs."""
+    from conftest import ptv2_subprocess
+
+    from ptv2.commands import table
+
+    sweep = tmp_path / "sweep"
+    args = ["train", "-m", "backbone=tiny", *RUN, *RTE_TASK, "hydra/launcher=packed", "trainer.batch_size=2"]
+    args += ["trainer.save_every_steps=2", "prompt.length=2,5", f"hydra.sweep.dir={sweep}"]
+    stopped = ptv2_subprocess(*args, env={"PTV2_DIE_AT_STEP": "3", "PTV2_DIE_SIGNAL": "TERM"}, check=False)
+    assert stopped.returncode != 0 and all((sweep / job / "FAILED").exists() for job in ("0", "1"))
+    assert "trainer.resume=true" in (sweep / "0" / "train.log").read_text()
+    ptv2(*args, "trainer.resume=true")
+    assert not any((sweep / job / "FAILED").exists() for job in ("0", "1"))
+    assert table.main([str(sweep), "--out", str(tmp_path / "table"), "--plot", "none"]) == 0
+    assert "failed" not in (tmp_path / "table" / "table.md").read_text().lower()

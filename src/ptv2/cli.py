@@ -10,6 +10,8 @@ import importlib
 import importlib.resources
 import logging
 import os
+import re
+import shutil
 import sys
 import traceback
 from pathlib import Path
@@ -23,16 +25,17 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ptv2 import __version__, config
-from ptv2.config import check_values
-from ptv2.errors import UserError
+from ptv2.config import check_added_keys, check_launcher, check_values, unknown_key_hint
+from ptv2.errors import UserError, short_line
 from ptv2.runs import rundir
 
 log = logging.getLogger("ptv2")
 CONFIG_PATH = "pkg://ptv2.conf"
 failed_jobs: list[str] = []
 job_error: Exception | None = None  # an error raised inside a job reaches main as it is (not a config mistake)
-# Run folders named on the command line that existed before this start: a refused start leaves them as they were.
-preexisting_run_dirs: set[Path] = set()
+# Run folders named on the command line that existed before this start, with the names they held: a refused start
+# leaves them as they were.
+preexisting_run_dirs: dict[Path, set[str]] = {}
 
 
 def resolved(cfg: DictConfig) -> None:
@@ -58,11 +61,15 @@ def _job(function, cfg: DictConfig, command: str):
     try:
         lock = open_job(cfg, run_dir, command)
         return objective(function(cfg, run_dir))
+    except rundir.AlreadyFinished as note:  # a resume of a finished run: nothing to do, the folder as it was
+        print(f"ptv2: {note}", file=sys.stderr)
+        return None
     except UserError as error:
         if not sweeping:
-            print(f"ptv2: error: {error}", file=sys.stderr)
-            if lock is None:
-                discard_unused_run_dir(run_dir)
+            print(f"ptv2: error: {short_line(error)}", file=sys.stderr)
+            if lock is not None:
+                lock.release()
+            discard_unused_run_dir(run_dir)
             sys.exit(2)
         record_failure(error, cfg, run_dir, hydra_cfg.job.num)
     except Exception as error:
@@ -76,23 +83,62 @@ def _job(function, cfg: DictConfig, command: str):
     return None
 
 
+# What a start writes before the command's own checks (layers, data) can refuse it: removed again on a refusal
+# (and Hydra's <command>.log: train.log, eval.log, ...).
+START_FILES = (rundir.LOCK_FILE, "config.yaml", ".hydra")
+
+
 def discard_unused_run_dir(run_dir: Path) -> None:
-    """A start refused by ptv2's checks leaves no folder behind: Hydra made the run folder and an empty train.log
-    before the checks ran. Anything else in it, or a folder that existed before this start, stays."""
-    if run_dir.absolute() in preexisting_run_dirs or not run_dir.is_dir():
+    """A refused start leaves nothing behind: Hydra made the run folder and train.log, open_job the lock, config.yaml
+    and .hydra/, before a layer or data check refused the run. Only those are removed, and only when the folder
+    holds nothing else this start made (a run that got as far as a state or a checkpoint keeps everything); what
+    was there before this start stays, and a folder that existed before stays."""
+    before = preexisting_run_dirs.get(run_dir.absolute())
+    if not run_dir.is_dir() or run_dir.is_symlink():
         return
-    log_file = run_dir / "train.log"
-    if [path.name for path in run_dir.iterdir()] == [log_file.name] and log_file.stat().st_size == 0:
-        log_file.unlink()
-        run_dir.rmdir()
+    names = {path.name for path in run_dir.iterdir()}
+    made = names - (before or set())
+    if not all(name in START_FILES or name.endswith(".log") for name in made):
+        return
+    for name in made:
+        path = run_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    if before is None:
+        try:
+            run_dir.rmdir()
+        except OSError:  # something appeared meanwhile: leave it
+            pass
+
+
+def process_owns_run_dir() -> bool:
+    """Whether this process writes the run directory: every process but the non-main ones of a multi-process launch
+    (`accelerate launch`/torchrun set RANK and WORLD_SIZE). A RANK alone (left in the environment) does not make a
+    process a follower: it still locks and checks the folder."""
+    try:
+        rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise UserError(
+            f"RANK={os.environ.get('RANK')!r} / WORLD_SIZE={os.environ.get('WORLD_SIZE')!r} are not integers; "
+            "unset them, or let the launcher (accelerate launch, torchrun) set them"
+        ) from None
+    return rank == 0 or world <= 1
 
 
 def open_job(cfg: DictConfig, run_dir: Path, command: str) -> rundir.RunLock | None:
     """Every value checked, the run directory locked and checked, the config written; the caller releases the lock."""
     resolved(cfg)
     check_values(cfg)
-    # Under `accelerate launch` every process runs the job; the main one (RANK 0) owns the run directory.
-    if int(os.environ.get("RANK", "0")) != 0:
+    if HydraConfig.initialized():
+        hydra_cfg = HydraConfig.get()
+        check_added_keys(list(hydra_cfg.overrides.task), set(hydra_cfg.runtime.choices))
+        check_launcher(hydra_cfg.launcher)
+    if not process_owns_run_dir():
+        # The main process locks and writes the folder; this one still refuses a folder it may not train into.
+        rundir.refuse_finished_resume(cfg, run_dir, command)
+        rundir.check_reuse(cfg, run_dir, command, read_only=True)
         return None
     return rundir.open_run_dir(cfg, run_dir, command)
 
@@ -100,8 +146,11 @@ def open_job(cfg: DictConfig, run_dir: Path, command: str) -> rundir.RunLock | N
 def record_failure(error: Exception, cfg: DictConfig, run_dir: Path, job_num) -> None:
     """A failed sweep job (the sweep goes on): its error in the log (one line for a user error, else the traceback),
     its entry in the failed list, its FAILED marker; a folder that is another run's is left as it is."""
+    if isinstance(error, rundir.AlreadyFinished):  # not a failure; printed, not logged: its log stays as it was
+        print(f"ptv2: job {job_num}: {error}", file=sys.stderr)
+        return
     if isinstance(error, UserError):
-        log.error(f"ptv2: error: {error}")
+        log.error(f"ptv2: error: {short_line(error)}")
     else:
         log.error("job %s failed:\n%s", job_num, "".join(traceback.format_exception(error)))
     if isinstance(error, rundir.RunDirInUse):
@@ -183,6 +232,67 @@ def unwritable_run_dir(args: list[str]) -> str | None:
     return f"cannot create the run directory {path}: {existing} is {what}; pass {key}DIR with a writable DIR"
 
 
+# Hydra's flags that take a value (argparse): `--cfg job`, `-p trainer`, ...; `--info` takes one of INFO_TOPICS.
+VALUE_FLAGS = ("-c", "--cfg", "-p", "--package", "-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir")
+VALUE_FLAGS += ("--experimental-rerun",)
+INFO_TOPICS = ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath")
+
+
+def flags_first(args: list[str]) -> list[str]:
+    """Hydra's flags (with their values) before the overrides: Hydra's argparse stops reading overrides at the first
+    flag, so `ptv2 train task=rte -m` or an override ptv2 appends after `--cfg job` (the official preset) would be
+    refused as "unrecognized arguments". The order of the overrides is kept (the last one of a key wins)."""
+    flags, overrides, rest = [], [], iter(args)
+    for arg in rest:
+        if arg.startswith("-"):  # overrides never do (`~key`, `+key=`, `key=-1`)
+            flags.append(arg)
+            wants = arg in VALUE_FLAGS or arg == "--info"
+            if wants:
+                following = next(rest, None)
+                if following is None:
+                    continue
+                if arg == "--info" and following not in INFO_TOPICS:
+                    overrides.append(following)
+                else:
+                    flags.append(following)
+        else:
+            overrides.append(arg)
+    return [*flags, *overrides]
+
+
+def launcher_knobs(args: list[str]) -> str | None:
+    """Why a packed launcher knob on the command line is out of range, or None: checked before Hydra starts a sweep
+    (each job checks the launcher config again, for values set in a config file)."""
+    for arg in args:
+        key, _, value = arg.lstrip("+").partition("=")
+        if key in ("hydra.launcher.max_pack", "hydra.launcher.jobs_per_forward") and value not in ("null", ""):
+            if not (value.isdigit() and int(value) >= 1):
+                return f"{key}={value} is out of range; use an integer >= 1 (or null for the default)"
+    return None
+
+
+def linked_run_dir(args: list[str]) -> str | None:
+    """Why the run folder named on the command line may not be used because of a symbolic link (rundir.link_problem:
+    a dangling link as the folder, a link where ptv2 or Hydra writes), or None. Checked before Hydra opens its
+    train.log there, which would append through a link; a sweep's job folders are checked too."""
+    for key in ("hydra.run.dir=", "hydra.sweep.dir="):
+        given = [arg[len(key) :] for arg in args if arg.startswith(key)]
+        if not given:
+            continue
+        folder = Path(given[-1]).expanduser()
+        problem = rundir.link_problem(folder)
+        if problem or key == "hydra.run.dir=" or not folder.is_dir() or folder.is_symlink():
+            if problem:
+                return problem
+            continue
+        for job in sorted(folder.iterdir()):
+            if job.is_dir() and not job.is_symlink():
+                problem = rundir.link_problem(job)
+                if problem:
+                    return problem
+    return None
+
+
 def _choice(args: list[str], group: str, default: str | None) -> str | None:
     """The option chosen for a config group on the command line (the last `group=X` wins), else `default`."""
     chosen = [arg.split("=", 1)[1] for arg in args if arg.startswith(f"{group}=")]
@@ -227,7 +337,23 @@ def config_error_line(error: Exception) -> str:
         parts.append(f"{lines[header]} {', '.join(lines[header + 1 :])}")
     if isinstance(error.__cause__, OmegaConfBaseException):
         parts[0] += f" ({str(error.__cause__).splitlines()[0]})"
-    return "; ".join([parts[0], *(part[0].lower() + part[1:] for part in parts[1:])])
+    # Hydra advises `+key=...` for a key the schema lacks: that would add a key nothing reads (check_added_keys
+    # refuses it); name the close key instead.
+    parts = [part for part in parts if not part.lower().startswith("to append to your config use")]
+    line = "; ".join([parts[0], *(part[0].lower() + part[1:] for part in parts[1:])])
+    missing = re.search(r"Could not override '([^']+)'", line)
+    if missing and "not in '" in line and not missing.group(1).startswith("hydra."):
+        line += f"; {unknown_key_hint(missing.group(1))}"
+    if any(marker in line for marker in LEXER_ERRORS):
+        line += (
+            "; quote a value holding spaces or non-ASCII characters, with the shell's quotes around the whole "
+            """override: 'key="a value"'"""
+        )
+    return line
+
+
+# Hydra's override lexer and parser reporting an unquoted space or a character it does not take.
+LEXER_ERRORS = ("LexerNoViableAltException", "missing EQUAL", "token recognition error", "extraneous input")
 
 
 def usage() -> str:
@@ -257,12 +383,12 @@ def main(argv: list[str] | None = None) -> int:
     function = getattr(importlib.import_module(module_name), function_name)
     if config_name is None:
         return function(argv[1:])
-    problem = unwritable_run_dir(argv[1:])
+    args = flags_first(argv[1:])
+    problem = unwritable_run_dir(args) or linked_run_dir(args) or launcher_knobs(args)
     if problem:
         print(f"ptv2: error: {problem}", file=sys.stderr)
         return 2
     register()
-    args = argv[1:]
     if command == "train":
         args, preset = with_official_preset(args)
         if preset:
@@ -275,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.argv = [f"ptv2 {command}", *args]
     named = [Path(arg.split("=", 1)[1]).expanduser().absolute() for arg in args if arg.startswith("hydra.run.dir=")]
     preexisting_run_dirs.clear()
-    preexisting_run_dirs.update(path for path in named if path.exists())
+    preexisting_run_dirs.update({path: {p.name for p in path.iterdir()} for path in named if path.is_dir()})
     full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"  # the user asked for Hydra's tracebacks
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors instead of printing them: reported below
     GlobalHydra.instance().clear()  # a Hydra app of an earlier call in this process
@@ -284,7 +410,9 @@ def main(argv: list[str] | None = None) -> int:
     except (HydraException, OmegaConfBaseException) as error:
         if full_error or error is job_error:
             raise
-        print(f"ptv2: error: {config_error_line(error)}; `ptv2 {command} --help` lists the options", file=sys.stderr)
+        line = config_error_line(error)
+        hint = "" if "did you mean" in line else f"; `ptv2 {command} --help` lists the options"
+        print(f"ptv2: error: {line}{hint}", file=sys.stderr)
         return 2
     if failed_jobs:
         print(f"ptv2: {len(failed_jobs)} job(s) failed: {'; '.join(failed_jobs)}", file=sys.stderr)

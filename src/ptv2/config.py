@@ -9,23 +9,58 @@ from __future__ import annotations
 import importlib.util
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING, ListConfig, OmegaConf
 
 from ptv2.errors import UserError, unknown
 from ptv2.modeling.methods import METHODS, method
 
 HEADS = ("linear", "pooler", "verbalizer", "lm")  # task.head
 
+# The roles of config keys, declared once on the schema's fields below (`tagged`) and read by every module that
+# treats a kind of key alike (`keys_with`): a role added to a field reaches all of them.
+PATH = "path"  # a path on the machine that wrote it: a checkpoint's is never used (cleared to the default)
+FREE = "free"  # changes nothing a run computes: a resume may change it, `ptv2 table` does not tell runs apart by it
+REPLICATE = "replicate"  # runs that differ only here are replicates: `ptv2 table` aggregates them (mean ± std)
+ALIAS = "alias"  # another key names the same thing (backbone.name; the data): `ptv2 table` reads that one
+PER_JOB = "per_job"  # may differ between the jobs of one packed group (it lives in a job's prompt, head, optimizer)
+COMMAND = "command"  # a key of `ptv2 eval` / `predict`, not of the run
+
+
+def tagged(default: Any = None, *roles: str, factory=None):
+    """A schema field with its roles (PATH, FREE, ...); factory: a default_factory instead of a default."""
+    metadata = {"roles": frozenset(roles)}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def keys_with(*roles: str, schema=None) -> tuple[str, ...]:
+    """The dotted keys of the schema's fields that have any of these roles; a tagged group ends with "." (all of its
+    keys). Nested groups are searched too."""
+    found = []
+    for item in fields(schema or RunConfig):
+        nested = item.default_factory if is_dataclass(item.default_factory) else None
+        if item.metadata.get("roles", frozenset()) & set(roles):
+            found.append(item.name + ("." if nested else ""))
+        elif nested:
+            found += [f"{item.name}.{key}" for key in keys_with(*roles, schema=nested)]
+    return tuple(found)
+
+
+def has_role(key: str, keys: tuple[str, ...]) -> bool:
+    """Whether a dotted key is one of keys_with's keys (or inside one of its groups)."""
+    return any(key == name or (name.endswith(".") and key.startswith(name)) for name in keys)
+
 
 @dataclass
 class BackboneConfig:
     name: str = MISSING  # short name used in run directories and W&B run names
-    name_or_path: str = MISSING  # hub id or local Hugging Face model folder
+    name_or_path: str = tagged(MISSING, ALIAS)  # hub id or local Hugging Face model folder
     revision: Optional[str] = None
     random_init: bool = False  # build from the config alone (tests, benchmarks): no weights needed
     dtype: str = "float32"  # weights of the backbone: float32 | bfloat16 | float16
@@ -38,18 +73,22 @@ class BackboneConfig:
 
 @dataclass
 class PromptConfig:
-    # modeling.methods.METHODS: ptv2 | prompt_tuning | ptuning_v1 | finetune | linear_probe | lora | peft_prefix
+    # modeling.methods.METHODS: ptv2 | prompt_tuning | ptuning_v1 | finetune | linear_probe | apt | lora | peft_prefix
     method: str = "ptv2"
-    length: int = 16  # number of prompt vectors (per layer for ptv2 and peft_prefix)
-    projection: str = "none"  # ptv2 reparameterization: none | mlp
-    projection_dim: int = 512  # hidden width of the reparameterization MLP
-    dropout: float = 0.1  # on the prompt vectors (lora: on LoRA's input) only, independent of the backbone's dropout
-    layers: Any = "all"  # ptv2 depth: all | top:K | bottom:K | [i, j, ...]
-    shift_positions: bool = False  # number tokens P..P+L-1 as the official cache-based code did
+    # number of prompt vectors (per layer for the deep prompts); a deep prompt also takes a list, one length per
+    # prompted layer (bottom to top), e.g. [4, 8, 16]
+    length: Any = tagged(16, PER_JOB)
+    projection: str = tagged("none", PER_JOB)  # ptv2 reparameterization: none | mlp
+    projection_dim: int = tagged(512, PER_JOB)  # hidden width of the reparameterization MLP
+    # on the prompt vectors (lora: on LoRA's input) only, independent of the backbone's dropout
+    dropout: float = tagged(0.1, PER_JOB)
+    layers: Any = tagged("all", PER_JOB)  # ptv2 depth: all | top:K | bottom:K | [i, j, ...]
+    shift_positions: bool = tagged(False, PER_JOB)  # number tokens P..P+L-1 as the official cache-based code did
     encoder: str = "lstm"  # ptuning_v1 prompt encoder: lstm | mlp
     # std of the N(0, std) prompt embeddings; None: the backbone's initializer_range, as the official models started
-    init_std: Optional[float] = None
-    init_from: Optional[str] = None  # run dir or checkpoint whose prompt (and matching heads) start training
+    init_std: Optional[float] = tagged(None, PER_JOB)
+    # run dir or checkpoint whose prompt (and matching heads) start training
+    init_from: Optional[str] = tagged(None, PATH, PER_JOB)
     r: int = 8  # lora: rank of the low-rank update B A
     alpha: float = 16.0  # lora: the update is scaled by alpha / r
     # lora: module name suffixes to adapt; None: the backbone family's default (injection.FAMILIES lora_targets)
@@ -61,16 +100,16 @@ class TaskConfig:
     name: str = MISSING
     type: str = "classification"  # classification | multiple_choice | tagging | span
     reader: str = MISSING  # module in ptv2.data that turns hub rows / local files into examples
-    data_dir: Optional[str] = None  # local files instead of the hub
+    data_dir: Optional[str] = tagged(None, PATH)  # local files instead of the hub
     format: Optional[str] = None  # local file format when a reader knows several; null: found with the files
     # split -> file name inside data_dir; null (or absent): found by name (the reader's local_files)
     files: dict[str, Optional[str]] = field(default_factory=dict)
     hub: dict[str, Any] = field(default_factory=dict)  # path, name, revision
     hub_splits: dict[str, str] = field(default_factory=dict)  # split -> hub split name
-    labels: list[str] = field(default_factory=list)  # label names (label ids follow this order)
+    labels: list[str] = tagged(None, ALIAS, factory=list)  # label names (label ids follow this order)
     metric: str = "accuracy"  # selects the best epoch
     max_length: int = 128
-    head_dropout: float = 0.1
+    head_dropout: float = tagged(0.1, PER_JOB)
     # linear: a linear layer on [CLS] (multiple choice: one score per choice) | pooler: the backbone's pooler (frozen
     # with the encoder), dropout, a linear layer: the official models' head | verbalizer: the backbone's MLM head
     # scores the label words of `options.verbalizer` at a mask slot appended to the input (see heads.VerbalizerHead;
@@ -126,23 +165,27 @@ class TrainerConfig:
     max_steps: Optional[int] = None  # stop after this many optimizer steps (smoke runs)
     batch_size: int = 32
     eval_batch_size: int = 64
-    max_grad_norm: float = 1.0
-    seed: int = 42
+    max_grad_norm: float = tagged(1.0, PER_JOB)
+    seed: int = tagged(42, REPLICATE)
     precision: str = "no"  # no | bf16 | fp16 (autocast via accelerate)
     cpu: bool = False  # force CPU even when a GPU is present
     group_by_length: bool = True  # batches of similar length: less padding
     pad_to_max_length: bool = False  # pad every training batch to task.max_length, as the official scripts did
     limit_train: Optional[int] = None  # first N training examples only (demos, smoke runs)
     limit_eval: Optional[int] = None
-    save_checkpoint: bool = True
-    save_every_steps: Optional[int] = None  # also save the full training state (state/) every N steps
-    resume: Any = False  # true: continue the run in hydra.run.dir from its state/; or the run dir to continue from
-    overwrite: bool = False  # replace a finished run in hydra.run.dir (refused otherwise; see rundir.py)
-    progress: bool = True  # a bar on a terminal; elsewhere one log line per tenth of an epoch (see progress.py)
+    save_checkpoint: bool = tagged(True, PER_JOB)
+    save_every_steps: Optional[int] = tagged(None, FREE)  # also save the full training state (state/) every N steps
+    resume: Any = tagged(
+        False, PATH, FREE
+    )  # true: continue the run in hydra.run.dir from its state/; or the run dir to continue from
+    overwrite: bool = tagged(False, FREE)  # replace a finished run in hydra.run.dir (refused otherwise; see rundir.py)
+    progress: bool = tagged(
+        True, FREE
+    )  # a bar on a terminal; elsewhere one log line per tenth of an epoch (see progress.py)
     # Stop after this many epochs without a better dev metric; None: off, as in the presets (the official runs
     # trained a fixed number of epochs).
-    early_stopping_patience: Optional[int] = None
-    cache_dir: Optional[str] = None  # tokenized-data cache; default $PTV2_CACHE or ~/.cache/ptv2
+    early_stopping_patience: Optional[int] = tagged(None, PER_JOB)
+    cache_dir: Optional[str] = tagged(None, PATH, FREE)  # tokenized-data cache; default $PTV2_CACHE or ~/.cache/ptv2
 
 
 @dataclass
@@ -184,15 +227,19 @@ class RunConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    optimizer: OptimizerConfig = tagged(None, PER_JOB, factory=OptimizerConfig)
+    scheduler: SchedulerConfig = tagged(None, PER_JOB, factory=SchedulerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    logger: LoggerConfig = tagged(None, FREE, PER_JOB, factory=LoggerConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
-    ckpt: Any = None  # `ptv2 eval` / `predict`: checkpoint file or run directory (predict: also a list of them)
-    split: str = "dev"  # `ptv2 eval` / `predict`: split to evaluate or predict
-    input: Optional[str] = None  # `ptv2 predict`: a file in the task's own format instead of a split
-    output_dir: Optional[str] = None  # `ptv2 predict`: where prediction files go (default: the run directory)
+    ckpt: Any = tagged(
+        None, COMMAND
+    )  # `ptv2 eval` / `predict`: checkpoint file or run directory (predict: also a list of them)
+    split: str = tagged("dev", COMMAND)  # `ptv2 eval` / `predict`: split to evaluate or predict
+    input: Optional[str] = tagged(None, COMMAND)  # `ptv2 predict`: a file in the task's own format instead of a split
+    output_dir: Optional[str] = tagged(
+        None, COMMAND
+    )  # `ptv2 predict`: where prediction files go (default: the run directory)
 
 
 def _package_path(package: str, *parts: str) -> str:
@@ -255,13 +302,16 @@ class Range:
         return f"null or {text}" if self.optional else text
 
 
+MAX_PROMPT_LENGTH = 4096
 COUNT, SOME_COUNT = Range(1, integer=True), Range(1, integer=True, optional=True)
 PROBABILITY = Range(0, 1, high_open=True)  # dropout
 POSITIVE = Range(0, low_open=True)
 RANGES = {
     "backbone.dropout": Range(0, 1, high_open=True, optional=True),
     "backbone.attention_dropout": Range(0, 1, high_open=True, optional=True),
-    "prompt.length": Range(0, integer=True),  # >= 1 for the prompt methods: see check_values
+    # >= 1 for the prompt methods (see check_values); the bound keeps a typo (or a crafted checkpoint) from
+    # allocating until the machine gives out: the paper's longest prompts are 128-256 vectors
+    "prompt.length": Range(0, MAX_PROMPT_LENGTH, integer=True),
     "prompt.projection_dim": COUNT,
     "prompt.dropout": PROBABILITY,
     "prompt.init_std": Range(0, low_open=True, optional=True),
@@ -314,12 +364,76 @@ NAMES = ("backbone.name", "task.name", "task.eval_split", "task.test_split", "sp
 _ABSENT = object()
 
 
+MAX_NAME = 100  # characters: a name is one part of file names that also hold other names (255 bytes at most)
+
+
 def check_name(key: str, value: Any) -> None:
-    """A name that becomes part of a file or folder name: letters, digits, `_`, `.`, `-`; never `.` or `..`."""
+    """A name that becomes part of a file or folder name: letters, digits, `_`, `.`, `-`; never `.` or `..`; at
+    most MAX_NAME characters."""
     if not (isinstance(value, str) and NAME.fullmatch(value) and value not in (".", "..")):
         raise UserError(
-            f"{key}={value!r} is not a valid name: use letters, digits, '_', '.' and '-' only (it names files)"
+            f"{key}={str(value)[:MAX_NAME]!r} is not a valid name: use letters, digits, '_', '.' and '-' only "
+            "(it names files)"
         )
+    if len(value) > MAX_NAME:
+        raise UserError(
+            f"{key}={value[:40]}... is {len(value)} characters long; use at most {MAX_NAME} (it names files and "
+            "folders)"
+        )
+
+
+BLEU_TOKENIZERS = ("none", "zh", "13a", "intl", "char", "ja-mecab", "ko-mecab", "spm", "flores101", "flores200")
+
+
+def check_generation(shown: str, task) -> None:
+    """A generation task's options (tasks/generation.py), checked before any data is read: an answer of at least one
+    token besides the end token, room left for the prompt, a decoding budget of at least one token, a BLEU
+    tokenizer sacrebleu knows (an unknown one would end the run at the first evaluation)."""
+    options = task.get("options") or {}
+    target = options.get("max_target_length", 64)
+    if not Range(2, integer=True).admits(target):
+        raise UserError(
+            f"{shown}options.max_target_length={target} is out of range; use an integer >= 2 (the answer's tokens "
+            "and its end token: 1 leaves every answer empty)"
+        )
+    max_length = task.get("max_length")
+    if isinstance(max_length, int) and max_length - target < 4:
+        raise UserError(
+            f"{shown}max_length={max_length} leaves no room for a prompt next to {shown}options.max_target_length="
+            f"{target}; raise the one or lower the other"
+        )
+    new_tokens = options.get("max_new_tokens")
+    if not SOME_COUNT.admits(new_tokens):
+        raise UserError(f"{shown}options.max_new_tokens={new_tokens} is out of range; use {SOME_COUNT}")
+    tokenize = options.get("bleu_tokenize", "13a")
+    if tokenize not in BLEU_TOKENIZERS:
+        raise unknown(f"{shown}options.bleu_tokenize", tokenize, BLEU_TOKENIZERS)
+
+
+def check_files(shown: str, task) -> None:
+    """task.files holds file names inside task.data_dir, never paths: a path is refused with the split into the two
+    settings (it would otherwise be looked up, and reported missing, inside the data folder)."""
+    for split, name in (task.get("files") or {}).items():
+        if name is not None and (not isinstance(name, str) or "/" in name or name in ("", ".", "..")):
+            path = Path(str(name)).expanduser()
+            fix = f"task.data_dir={path.parent} {shown}files.{split}={path.name}" if path.name else "a file name"
+            raise UserError(
+                f"{shown}files.{split}={name} is not a file name: task.files names files inside task.data_dir "
+                f"(now {task.get('data_dir')}); pass {fix}"
+            )
+
+
+def check_head(shown: str, task) -> None:
+    """task.head is one the task type admits (checked again by the engine, here before a backbone is loaded)."""
+    from ptv2.tasks import TASK_TYPES, task_type
+
+    kind = task.get("head", "linear")
+    if task.get("type") in TASK_TYPES and kind in HEADS:
+        admitted = task_type(task.type).HEAD_KINDS
+        if kind not in admitted:
+            raise UserError(
+                f"{shown}head={kind} does not fit {shown}type={task.type}; use {shown}head={' or '.join(admitted)}"
+            )
 
 
 def _settings(cfg, key: str):
@@ -345,10 +459,12 @@ def check_values(cfg) -> None:
     from ptv2.tasks import TASK_TYPES
 
     prompt = cfg.get("prompt")
-    if prompt is not None and prompt.method in METHODS and method(prompt.method).has_prompt and prompt.length < 1:
-        raise UserError(f"prompt.length={prompt.length} is out of range for prompt.method={prompt.method}; use {COUNT}")
+    if prompt is not None and prompt.method in METHODS:
+        _check_prompt_length(prompt)
     for key, allowed in RANGES.items():
         for shown, value in _settings(cfg, key):
+            if key == "prompt.length" and isinstance(value, (list, ListConfig)):
+                continue  # per-layer lengths: _check_prompt_length
             if not allowed.admits(value):
                 raise UserError(f"{shown}={value} is out of range; use {allowed}")
     tables = {"task.type": TASK_TYPES, "optimizer.name": tuple(OPTIMIZERS), "scheduler.name": tuple(SCHEDULERS)}
@@ -365,6 +481,14 @@ def check_values(cfg) -> None:
                 check_name(shown, value)
     for name in (cfg.task.get("members") or {}) if cfg.get("task") is not None else ():
         check_name(f"task.members.{name}", name)
+    if cfg.get("task") is not None:
+        members = task_members(cfg.task) if cfg.task.get("members") else [(None, cfg.task)]
+        for name, task in members:
+            shown = f"task.members.{name}." if name else "task."
+            check_head(shown, task)
+            check_files(shown, task)
+            if task.get("type") == "generation":
+                check_generation(shown, task)
     betas = OmegaConf.select(cfg, "optimizer.betas", default=None)
     if betas is not None and (len(betas) != 2 or not all(PROBABILITY.admits(beta) for beta in betas)):
         raise UserError(f"optimizer.betas={list(betas)} is out of range; use two numbers in [0, 1)")
@@ -373,29 +497,75 @@ def check_values(cfg) -> None:
             raise UserError(f"bench.methods: {name} is unknown; choose from {', '.join(METHODS)}")
 
 
+def _check_prompt_length(prompt) -> None:
+    """prompt.length: >= 1 for the prompt methods; a list (per-layer lengths) only for deep prompts, without the
+    official-style position shift (which moves every token by one P)."""
+    chosen = method(prompt.method)
+    length = prompt.length
+    if isinstance(length, (list, ListConfig)):
+        shown = list(length)
+        if chosen.prompt != "prefix":
+            deep = ", ".join(name for name, row in METHODS.items() if row.prompt == "prefix")
+            raise UserError(
+                f"prompt.length={shown} is a list (one length per prompted layer), which only deep prompts take "
+                f"({deep}); give prompt.method={prompt.method} one number"
+            )
+        if not shown or not all(COUNT.admits(value) for value in shown):
+            raise UserError(f"prompt.length={shown}: every per-layer length must be {COUNT}")
+        if prompt.get("shift_positions"):
+            raise UserError(
+                f"prompt.shift_positions=true moves tokens by one prompt length, and prompt.length={shown} has "
+                "several; set prompt.shift_positions=false or give one number"
+            )
+    elif chosen.has_prompt and isinstance(length, (int, float)) and length < 1:
+        raise UserError(f"prompt.length={length} is out of range for prompt.method={prompt.method}; use {COUNT}")
+
+
+def _prompted_layer_count(layers, num_layers: int) -> int:
+    """How many layers prompt.layers names (already validated)."""
+    if isinstance(layers, str):
+        return num_layers if layers == "all" else int(layers.partition(":")[2])
+    return len(set(layers))
+
+
 def validate(cfg, backbone_config) -> None:
     """check_values, then the checks that need the backbone's config; raise UserError with one clear line."""
     from ptv2.modeling.injection import encoder_shape, family_of, positions_used
+    from ptv2.modeling.methods import parse_layers
 
     check_values(cfg)
     prompt = cfg.prompt
     num_layers = encoder_shape(backbone_config)[0]
     layers = prompt.layers
-    if isinstance(layers, str):
-        side, _, count = layers.partition(":")
-        if layers != "all" and (
-            side not in ("top", "bottom") or not count.isdigit() or not 1 <= int(count) <= num_layers
-        ):
-            raise UserError(
-                f"prompt.layers={layers} is invalid; use all, top:K or bottom:K with 1 <= K <= {num_layers}, "
-                "or a list of layer indices"
-            )
-    else:
-        bad = [layer for layer in layers if not isinstance(layer, int) or not 0 <= layer < num_layers]
-        if bad or not layers:
+    try:
+        side, count = parse_layers(layers)
+    except (ValueError, TypeError):
+        side, count = "invalid", 0
+    if side in ("invalid", "top", "bottom") and not 1 <= count <= num_layers:
+        raise UserError(
+            f"prompt.layers={layers} is invalid; use all, top:K or bottom:K with 1 <= K <= {num_layers}, "
+            "or a list of layer indices"
+        )
+    if side == "list":
+        bad = [layer for layer in count if not 0 <= layer < num_layers]
+        if bad or not count:
             raise UserError(
                 f"prompt.layers={list(layers)}: the backbone has layers 0..{num_layers - 1} "
                 f"(bad: {bad or 'empty list'})"
+            )
+
+    length = prompt.length
+    if isinstance(length, (list, ListConfig)) and len(length) != (count := _prompted_layer_count(layers, num_layers)):
+        raise UserError(
+            f"prompt.length={list(length)} has {len(length)} lengths for the {count} layers of "
+            f"prompt.layers={layers if isinstance(layers, str) else list(layers)}; give one per prompted layer"
+        )
+    chosen = method(prompt.method)
+    for shown, kind in _settings(cfg, "task.type"):
+        if kind == "generation" and not chosen.generation:
+            raise UserError(
+                f"prompt.method={prompt.method} cannot train for generation ({shown}=generation): its prompt reads the "
+                "whole sequence, which token-by-token decoding never has; use prompt.method=ptv2"
             )
 
     if prompt.get("shift_positions") and family_of(backbone_config).causal:
@@ -404,7 +574,6 @@ def validate(cfg, backbone_config) -> None:
             "(set prompt.shift_positions=false)"
         )
     task = cfg.task
-    chosen = method(prompt.method)
     if chosen.peft:
         _check_peft_method(cfg, backbone_config)
     # Input prompts occupy positions like tokens; the official-style shift moves every token by P, and PEFT's
@@ -434,3 +603,70 @@ def _check_peft_method(cfg, backbone_config) -> None:
         problem = peft_prefix_refusal(cfg.prompt, cfg.backbone, heads, backbone_config)
         if problem:
             raise UserError(f"prompt.method=peft_prefix: {problem}")
+
+
+# --------------------------------------------------------------------------------------------- keys and launchers
+
+
+def _schema_node(key: str):
+    """(node, missing part) walking `key` through the schema: missing is None when the schema holds the key or
+    admits any key there (a dict or Any setting such as task.options); else the first part it lacks."""
+    node = OmegaConf.structured(RunConfig)
+    for part in key.split("."):
+        if not OmegaConf.is_dict(node) or OmegaConf.get_type(node) is dict:
+            return node, None  # task.options.*, task.hub.*, ckpt, ...: free-form
+        if part not in node:
+            return node, part
+        node = node._get_node(part)
+        node = node if OmegaConf.is_config(node) else None
+    return node, None
+
+
+def close_keys(key: str) -> list[str]:
+    """Schema keys spelled like `key`: the part it misspells against the keys beside it (trainer.epoch ->
+    trainer.epochs), else against every setting's name (lr -> optimizer.lr)."""
+    import difflib
+
+    node, missing = _schema_node(key)
+    if missing is None:
+        return []
+    parent = key.split(".")[: key.split(".").index(missing)]
+    beside = list(node.keys()) if OmegaConf.is_dict(node) else []
+    close = difflib.get_close_matches(missing, beside, n=2, cutoff=0.7)
+    if close:
+        return [".".join([*parent, name]) for name in close]
+    settings = flat_keys(OmegaConf.to_container(OmegaConf.structured(RunConfig)))
+    last = key.rsplit(".", 1)[-1]
+    return [k for k in settings if difflib.get_close_matches(last, [k.rsplit(".", 1)[-1]], cutoff=0.85)][:2]
+
+
+def unknown_key_hint(key: str) -> str:
+    """The end of the one-line error for a key the schema lacks: the close keys, never `+key` (that adds a key
+    nothing reads)."""
+    close = close_keys(key)
+    if close:
+        return f"did you mean {' or '.join(close)}?"
+    return "no setting has that name; `--cfg job` prints the config with every key"
+
+
+def check_added_keys(overrides: list[str], groups: set[str]) -> None:
+    """`+key=value` / `++key=value` for a key the schema does not know adds a key nothing reads: refused, naming the
+    close key. Config group choices (`+experiment=x`) and Hydra's own keys are not settings and pass."""
+    for override in overrides:
+        if not override.startswith("+"):
+            continue
+        key = override.lstrip("+").split("=", 1)[0].strip()
+        if key.split("@")[0] in groups or key.startswith("hydra.") or "/" in key:
+            continue
+        if _schema_node(key)[1] is not None:
+            raise UserError(
+                f"{override}: {key} is not a setting ptv2 reads, so it would change nothing; {unknown_key_hint(key)}"
+            )
+
+
+def check_launcher(launcher) -> None:
+    """The packed launcher's knobs (conf/hydra/launcher/packed.yaml), checked before any job starts."""
+    for key in ("max_pack", "jobs_per_forward"):
+        value = launcher.get(key) if launcher is not None else None
+        if value is not None and not COUNT.admits(value):
+            raise UserError(f"hydra.launcher.{key}={value} is out of range; use {COUNT} (or null for the default)")

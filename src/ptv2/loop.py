@@ -44,6 +44,7 @@ from ptv2.runs.resume import Progress
 from ptv2.runs.tracking import Tracker
 
 log = logging.getLogger("ptv2")
+HISTORY_FILE = "history.json"  # the epochs so far, one record each (results.json's history once the run ends)
 
 
 @dataclass
@@ -269,7 +270,9 @@ class Group:
                     for job in self.running():
                         where = job.run_dir / training_state.STATE_DIR
                         message = f"stopped by {stop.signal_name} at step {job.progress.step}; the training state is"
-                        fail(job, UserError(f"{message} saved in {where}: {resume_hint(job.run_dir)}"))
+                        with job.scope():
+                            hint = resume_hint(job.run_dir)
+                        fail(job, UserError(f"{message} saved in {where}: {hint}"))
                     return
                 if all(self.at_max_steps(job) for job in self.running()):
                     break
@@ -333,8 +336,12 @@ class Group:
             record, improved = epoch_record(job.progress, self.members, metrics, epoch, train_seconds, job.module)
             job.tracker.log(record, step=job.progress.step)
             job.log(epoch_line(record))
-            if improved and job.cfg.trainer.save_checkpoint and self.accelerator.is_main_process:
-                checkpoint.save(job.run_dir / checkpoint.FILENAME, job.module, job.cfg, self.labels)
+            if self.accelerator.is_main_process:
+                # Every finished epoch, readable while the run goes on or after it is stopped (results.json is the
+                # record of a finished run only).
+                write_json(job.run_dir / HISTORY_FILE, job.progress.history)
+                if improved and job.cfg.trainer.save_checkpoint:
+                    checkpoint.save(job.run_dir / checkpoint.FILENAME, job.module, job.cfg, self.labels)
         self.save_states(epoch + 1, 0, ending)
 
     def save_states(self, epoch: int, batches_done: int, jobs: list[Job] | None = None) -> None:
@@ -369,6 +376,7 @@ class Group:
             job.tracker.finish()
             if self.accelerator.is_main_process:
                 write_json(job.run_dir / "results.json", results)
+                (job.run_dir / "FAILED").unlink(missing_ok=True)  # an earlier attempt's, now resumed to its end
             job.results = results
             best = (job.cfg.task.metric, progress.best_value, progress.best_epoch, job.run_dir)
             job.log("best %s=%.4f at epoch %d; results in %s", *best)

@@ -28,6 +28,7 @@ from ptv2.errors import UserError
 from ptv2.modeling.injection import family_of, position_ids, run_encoder
 from ptv2.modeling.methods import method, mixable
 from ptv2.modeling.model import PromptModel
+from ptv2.modeling.packing import mixed_gate
 from ptv2.modeling.prompts import PrefixEncoder
 from ptv2.runs import checkpoint
 
@@ -165,8 +166,9 @@ class PromptServer(nn.Module):
         return groups
 
     def _mixed_prefix(self, groups: dict[str, list[int]], batch_size: int):
-        """{layer: (key, value, visible)}: key/value (B, heads, P_max, head_dim) holding each row's own prefix,
-        zero-padded; visible (B, P_max) is True on a row's real prefix columns only. None without prompts."""
+        """{layer: (key, value, visible[, gate])}: key/value (B, heads, P_max, head_dim) holding each row's own
+        prefix, zero-padded; visible (B, P_max) is True on a row's real prefix columns only; a gate when some served
+        prefix is gated (APT), each row weighted by its own prompt's gate. None without prompts."""
         prompts = {}
         for name in groups:
             prompt = self._model_of(name).prompt
@@ -174,15 +176,16 @@ class PromptServer(nn.Module):
                 prompts[name] = prompt(1)  # eval mode: no dropout; {layer: (key, value)} each (1, H, P, D)
         if not prompts:
             return None
-        longest = max(next(iter(p.values()))[0].shape[2] for p in prompts.values())
         layers = sorted({layer for p in prompts.values() for layer in p})
         sample = next(iter(next(iter(prompts.values())).values()))[0]
         _, heads, _, head_dim = sample.shape
         prefix = {}
         for layer in layers:
+            longest = max(p[layer][0].shape[2] for p in prompts.values() if layer in p)  # per-layer lengths differ
             key = sample.new_zeros(batch_size, heads, longest, head_dim)
             value = sample.new_zeros(batch_size, heads, longest, head_dim)
             visible = torch.zeros(batch_size, longest, dtype=torch.bool, device=sample.device)
+            gates = []
             for name, prompt in prompts.items():
                 if layer not in prompt:
                     continue  # this task has no prompt on this layer: its rows see no prefix columns here
@@ -191,7 +194,9 @@ class PromptServer(nn.Module):
                 key[rows, :, :length] = prompt[layer][0][0]
                 value[rows, :, :length] = prompt[layer][1][0]
                 visible[rows, :length] = True
-            prefix[layer] = (key, value, visible)
+                if len(prompt[layer]) > 3 and prompt[layer][3] is not None:  # a gated prefix (APT): its own gate
+                    gates.append((prompt[layer][3], rows, length))
+            prefix[layer] = (key, value, visible, mixed_gate(gates, longest)) if gates else (key, value, visible)
         return prefix
 
     def _position_ids(self, groups: dict[str, list[int]], attention_mask: torch.Tensor) -> torch.Tensor | None:

@@ -204,9 +204,13 @@ def measure_isolated(variant: DictConfig, work_dir: Path, profile: bool) -> dict
         command.append(str(work_dir / f"profile_{method}.txt"))
     finished = subprocess.run(command, capture_output=True, text=True)
     if finished.returncode != 0:
-        lines = finished.stderr.strip().splitlines() or ["(no output)"]
-        log.error("bench of %s failed:\n%s", method, "\n".join(lines[-15:]))
-        return {"method": method, "error": lines[-1]}
+        # One line here; the worker's whole output (a traceback, if any) goes to a file beside bench.json.
+        lines = finished.stderr.strip().splitlines() or [f"exit code {finished.returncode}, no output"]
+        error_path = work_dir / f"bench_{method}.err"
+        error_path.write_text(finished.stderr)
+        reason = lines[-1].removeprefix("ptv2: error: ")
+        log.error("bench of %s failed: %s (details in %s)", method, reason, error_path.name)
+        return {"method": method, "error": reason}
     return json.loads(result_path.read_text())
 
 
@@ -258,6 +262,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         return pack_bench.run(cfg, variant_config(cfg, cfg.prompt.method), run_dir)
     if not bench.methods:
         raise UserError("bench.methods is empty")
+    if bench.device == "cuda" and not torch.cuda.is_available():  # before a worker per method finds out
+        raise UserError("bench.device=cuda but no CUDA device is visible; use bench.device=auto or cpu")
     variants = [variant_config(cfg, name) for name in dict.fromkeys(bench.methods)]
     if bench.isolate:
         results = {}
@@ -265,7 +271,15 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             log.info("bench: %s", variant.prompt.method)
             results[variant.prompt.method] = measure_isolated(variant, run_dir, bench.profile)
     else:
-        results = measure_together(variants, run_dir, bench.profile)
+        try:
+            results = measure_together(variants, run_dir, bench.profile)
+        except UserError:
+            raise
+        except Exception as error:  # one process for all: one failure ends them all
+            raise UserError(
+                f"bench (isolate=false) failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}; "
+                "bench.isolate=true measures each method in its own process"
+            ) from None
     results = with_ratios(results)
     measured = next((f for f in results.values() if "device" in f), {})
     report = {
@@ -288,6 +302,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         f"precision {cfg.trainer.precision}\n{text}"
     )
     log.info("bench results in %s", run_dir / "bench.json")
+    failed = {name: figures["error"] for name, figures in results.items() if "error" in figures}
+    if failed and len(failed) == len(results):  # nothing measured: the command failed
+        listed = "; ".join(f"{name}: {error}" for name, error in failed.items())
+        raise UserError(f"every method failed ({listed}); the details are in {run_dir}/bench_<method>.err")
     return report
 
 
@@ -296,7 +314,12 @@ def _worker(argv: list[str]) -> None:
     # Over the schema, so keys the config lacks get their defaults and the worker sees typed values.
     cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(argv[0]))
     profile = Path(argv[2]) if len(argv) > 2 else None
-    Path(argv[1]).write_text(json.dumps(measure(cfg, profile), indent=2))
+    try:
+        figures = measure(cfg, profile)
+    except UserError as error:  # one line for the parent to report, no traceback
+        print(f"ptv2: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    Path(argv[1]).write_text(json.dumps(figures, indent=2))
 
 
 if __name__ == "__main__":

@@ -40,6 +40,8 @@ def refusal(prompt, config) -> str | None:
         return f"prompt.method={prompt.method}: only ptv2 deep prompts export as PEFT prefix tuning"
     if family.injection != "attention_interface":
         return f"{config.model_type}: PEFT's prefix tuning does not run on it (it has no key/value cache)"
+    if not isinstance(prompt.length, int):
+        return f"prompt.length={list(prompt.length)}: PEFT's prefix tuning has one length for every layer"
     if prompt.get("layers", "all") != "all":
         return (
             f"prompt.layers={prompt.layers}: PEFT's prefix tuning has a prefix on every layer; only layers=all exports"

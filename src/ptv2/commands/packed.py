@@ -25,33 +25,17 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from ptv2 import loop
-from ptv2.config import flat_keys, task_members
+from ptv2.config import PER_JOB, flat_keys, has_role, keys_with, task_members
 from ptv2.loop import Job, fail
 from ptv2.modeling.methods import method, mixable
 from ptv2.runs import resume as training_state
 
 log = logging.getLogger("ptv2")
 
-# Settings a job of a group may have its own value for: they live in its prompt, head, optimizer and scheduler, or
-# only in its bookkeeping. Every other setting is shared by the group (it decides the backbone, the data and the
-# batches).
-PER_JOB_KEYS = (
-    "prompt.length",
-    "prompt.layers",
-    "prompt.projection",
-    "prompt.projection_dim",
-    "prompt.dropout",
-    "prompt.init_std",
-    "prompt.init_from",
-    "prompt.shift_positions",  # each block of rows gets its own position ids
-    "task.head_dropout",
-    "optimizer.",
-    "scheduler.",
-    "trainer.max_grad_norm",
-    "trainer.early_stopping_patience",
-    "trainer.save_checkpoint",
-    "logger.",
-)
+# Settings a job of a group may have its own value for (config.PER_JOB: they live in its prompt, head, optimizer and
+# scheduler, or only in its bookkeeping). Every other setting is shared by the group (it decides the backbone, the
+# data and the batches).
+PER_JOB_KEYS = keys_with(PER_JOB)
 
 
 def unpacked_reason(cfg: DictConfig) -> str | None:
@@ -73,7 +57,7 @@ def group_key(cfg: DictConfig) -> str | None:
     if unpacked_reason(cfg):
         return None
     flat = flat_keys(OmegaConf.to_container(cfg, resolve=True))
-    shared = {k: v for k, v in flat.items() if not k.startswith(PER_JOB_KEYS)}
+    shared = {k: v for k, v in flat.items() if not has_role(k, PER_JOB_KEYS)}
     return repr(sorted(shared.items()))
 
 

@@ -28,22 +28,14 @@ from pathlib import Path
 
 import yaml
 
-from ptv2.config import flat_keys
+from ptv2.config import ALIAS, COMMAND, FREE, REPLICATE, flat_keys, has_role, keys_with
 from ptv2.errors import UserError
+from ptv2.modeling.methods import parse_layers
 
 REFERENCES = Path(__file__).parents[1] / "references.yaml"
-# Config keys that never make two runs different configs: the seed (seeds are aggregated), bookkeeping and logging.
-IGNORED = (
-    "trainer.seed",
-    "trainer.progress",
-    "trainer.cache_dir",
-    "trainer.overwrite",
-    "trainer.resume",
-    "logger.",
-    "task.labels",
-    "backbone.name_or_path",
-)
-IGNORED += ("ckpt", "split", "input", "output_dir")
+# Config keys that never make two runs different configs: the seed (seeds are aggregated), bookkeeping, logging,
+# keys that another one names, and eval/predict's own.
+IGNORED = keys_with(REPLICATE, FREE, ALIAS, COMMAND)
 PROTOCOL = (
     "Selection protocol: every run keeps its best dev epoch (results.json `best_epoch`, chosen by the task's "
     "selection metric). The score is the dev score at that epoch; for tasks with a test split (tagging) it is the "
@@ -86,7 +78,9 @@ def _metric_of(select, member: str | None = None) -> str:
 
 def score_of(results: dict, config: dict) -> tuple[str, str, float]:
     """(split, metric, score in percent) of a run under the selection protocol (see PROTOCOL)."""
-    task = config.get("task", {})
+    task = config.get("task") or {}
+    if not isinstance(task, dict):
+        raise TypeError("config.yaml: task is not a mapping")
     select = results["select_metric"]
     metric = select if isinstance(select, str) else "/".join(sorted(set(select.values())))
     if "test_at_best" in results:
@@ -102,11 +96,42 @@ def score_of(results: dict, config: dict) -> tuple[str, str, float]:
     return split, metric, float(value) * scale
 
 
+class Unusable(ValueError):
+    """A run folder whose files the table cannot use: the reason, for its one skip line."""
+
+
+def _read_mapping(path: Path, parse) -> dict:
+    """A JSON / YAML file that must hold a mapping; Unusable naming what is wrong with it."""
+    try:
+        value = parse(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as error:
+        raise Unusable(f"{path.name} is unreadable ({getattr(error, 'strerror', None) or error})") from None
+    except (ValueError, yaml.YAMLError) as error:
+        raise Unusable(f"{path.name} is not valid ({str(error).splitlines()[0][:120]})") from None
+    if not isinstance(value, dict):
+        raise Unusable(f"{path.name} holds {type(value).__name__}, not a mapping")
+    return value
+
+
 def load_run(results_path: Path) -> Run:
-    results = json.loads(results_path.read_text())
+    results = _read_mapping(results_path, json.loads)
     config_path = results_path.with_name("config.yaml")
-    config = yaml.safe_load(config_path.read_text()) if config_path.exists() else {}
-    split, metric, score = score_of(results, config)
+    config = _read_mapping(config_path, yaml.safe_load) if config_path.exists() else {}
+    try:
+        split, metric, score = score_of(results, config)
+    except KeyError as error:
+        raise Unusable(f"results.json lacks {error}") from None
+    except (TypeError, ValueError, AttributeError, statistics.StatisticsError) as error:
+        raise Unusable(f"results.json has an entry of the wrong type ({error})") from None
+    if not math.isfinite(score):
+        raise Unusable(f"its score is {score} (a diverged run)")
+    names = {key: results.get(key) for key in ("task", "backbone", "method")}
+    odd = [f"{key}={value!r}" for key, value in names.items() if not isinstance(value, str) or not value]
+    if odd:
+        raise Unusable(f"results.json: {', '.join(odd)} is not a name")
+    if not isinstance(split, str) or not isinstance(metric, str):
+        raise Unusable(f"the split or metric ({split!r}, {metric!r}) is not a name")
+    trainer = config.get("trainer")
     return Run(
         path=results_path.parent,
         task=results["task"],
@@ -115,7 +140,7 @@ def load_run(results_path: Path) -> Run:
         split=split,
         metric=metric,
         score=score,
-        seed=config.get("trainer", {}).get("seed"),
+        seed=trainer.get("seed") if isinstance(trainer, dict) else None,
         config=flatten(config),
         results=results,
     )
@@ -126,7 +151,10 @@ def failure_reason(job_dir: Path) -> str:
     logs = sorted(job_dir.glob("*.log"))
     if not logs:
         return "no log"
-    lines = logs[0].read_text(errors="replace").splitlines()
+    try:
+        lines = logs[0].read_text(errors="replace").splitlines()
+    except OSError as error:
+        return f"{logs[0].name} is unreadable ({error.strerror})"
     for line in lines:
         if "ptv2: error:" in line:
             return line[line.index("ptv2: error:") + len("ptv2: error: ") :]
@@ -138,7 +166,15 @@ def failure_reason(job_dir: Path) -> str:
 
 def job_overrides(job_dir: Path) -> str:
     overrides = job_dir / ".hydra" / "overrides.yaml"
-    return " ".join(yaml.safe_load(overrides.read_text()) or []) if overrides.exists() else ""
+    if not overrides.exists():
+        return ""
+    try:
+        listed = yaml.safe_load(overrides.read_text(encoding="utf-8")) or []
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return "(unreadable .hydra/overrides.yaml)"
+    if not isinstance(listed, list):
+        return "(malformed .hydra/overrides.yaml)"
+    return " ".join(str(item) for item in listed)
 
 
 def collect(root: Path) -> tuple[list[Run], list[dict]]:
@@ -149,10 +185,13 @@ def collect(root: Path) -> tuple[list[Run], list[dict]]:
             continue
         try:
             runs.append(load_run(path))
-        except (KeyError, TypeError, ValueError, yaml.YAMLError) as error:
-            failures.append({"dir": path.parent, "reason": f"unreadable results.json ({error!r})", "overrides": ""})
+        except Unusable as error:
+            print(f"ptv2 table: skipped {path.parent}: {error}", file=sys.stderr)
+            failures.append({"dir": path.parent, "reason": f"skipped: {error}"})
     seen = {run.path for run in runs}
     for marker in sorted(root.rglob("FAILED")):
+        if marker.parent in seen:  # a job that failed, then was resumed to the end: its results stand
+            continue
         failures.append({"dir": marker.parent, "reason": failure_reason(marker.parent)})
         seen.add(marker.parent)
     # A training job folder (its train.log and config.yaml) with neither: killed, crashed hard or still running.
@@ -169,7 +208,7 @@ def collect(root: Path) -> tuple[list[Run], list[dict]]:
 
 
 def _ignored(key: str) -> bool:
-    return any(key == name or (name.endswith(".") and key.startswith(name)) for name in IGNORED)
+    return has_role(key, IGNORED)
 
 
 def varying_keys(runs: list[Run]) -> list[str]:
@@ -216,14 +255,26 @@ class Cell:
 def load_references(path: Path | None) -> tuple[list[dict], dict]:
     if path is None:
         return [], {}
-    if not path.exists():
-        raise UserError(f"reference file {path} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
-    references, sources = data.get("references", []), data.get("sources", {})
+    if not path.is_file():
+        raise UserError(f"reference file {path} does not exist; pass --reference FILE or --no-reference")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        reason = getattr(error, "strerror", None) or str(error).splitlines()[0][:120]
+        raise UserError(f"reference file {path} is unreadable ({reason}); fix it or pass --no-reference") from None
+    references = data.get("references", []) if isinstance(data, dict) else None
+    sources = data.get("sources", {}) if isinstance(data, dict) else None
+    if not isinstance(references, list) or not isinstance(sources, dict):
+        raise UserError(f"{path}: expected a mapping with a references list and a sources mapping; see {REFERENCES}")
     for entry in references:
+        if not isinstance(entry, dict):
+            raise UserError(f"{path}: reference {str(entry)[:80]!r} is not a mapping; see {REFERENCES}")
         missing = {"task", "backbone", "method", "split", "metric", "value", "source"} - set(entry)
         if missing or entry["source"] not in sources:
             raise UserError(f"{path}: reference {entry} lacks {sorted(missing) or 'a source listed under sources'}")
+        value = entry["value"]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise UserError(f"{path}: reference {entry} has value {value!r}, not a finite number")
     return references, sources
 
 
@@ -268,7 +319,76 @@ def split_label(split: str) -> str:
     return f"{split} (at best dev epoch)" if split.startswith("test") else f"{split} (dev-selected: best epoch)"
 
 
-def write_markdown(path, root, rows, columns, cells, descriptors, failures, sources, plots) -> None:
+def dev_per_epoch(run: Run) -> list[float] | None:
+    """The run's dev selection metric at every epoch, in the table's unit; None for a multi-task run."""
+    metric = run.results.get("select_metric")
+    if not isinstance(metric, str):
+        return None
+    scale = 1.0 if run.config.get("task.type") == "span" else 100.0
+    try:
+        return [scale * float(record[f"dev/{metric}"]) for record in run.results.get("history") or []]
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def mean_std(values: list[float]) -> str:
+    if not values:
+        return ""
+    mean = statistics.fmean(values)
+    return f"{mean:.1f} ± {statistics.stdev(values):.1f}" if len(values) > 1 else f"{mean:.1f}"
+
+
+def details_lines(rows, columns, cells, descriptors) -> list[str]:
+    """`--details`: one line per cell with how its runs were trained and how they went: learning rate, epochs,
+    trainable share, the dev score of the best epoch, the reported score, the best epochs, the mean dev curve and
+    the wall time per run."""
+    header = [
+        "task",
+        "method / backbone",
+        *descriptors,
+        "P",
+        "lr",
+        "epochs",
+        "trainable %",
+        "dev (best epoch)",
+        "score",
+    ]
+    header += ["best epochs", "dev per epoch (mean)", "n", "wall per run"]
+    lines = ["## Settings and training", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        for column in columns:
+            cell = cells.get((row, column))
+            if cell is None:
+                continue
+            runs, first = cell.runs, cell.runs[0]
+            scale = 1.0 if first.config.get("task.type") == "span" else 100.0
+            dev = [scale * float(run.results["best_value"]) for run in runs]
+            curves = [curve for curve in map(dev_per_epoch, runs) if curve]
+            width = min(map(len, curves)) if len(curves) == len(runs) else 0
+            curve = " / ".join(f"{statistics.fmean(c[i] for c in curves):.1f}" for i in range(width))
+            walls = [run.results.get("wall_time_seconds") for run in runs]
+            wall = f"{statistics.fmean(walls) / 60:.0f} min" if all(isinstance(w, (int, float)) for w in walls) else ""
+            share = first.results.get("trainable_percent")
+            values = [
+                row[0],
+                f"{column[0]} / {column[1]}",
+                *(v if v is not None else "" for v in row[3:]),
+                "" if first.config.get("prompt.length") in (None, "0") else first.config["prompt.length"],
+                first.config.get("optimizer.lr", ""),
+                first.config.get("trainer.epochs", ""),
+                f"{share:.3f}" if isinstance(share, (int, float)) else "",
+                mean_std(dev),
+                f"{split_label(row[1])}: {mean_std(cell.scores)}",
+                ", ".join(str(run.results.get("best_epoch")) for run in runs),
+                curve,
+                str(len(runs)),
+                wall,
+            ]
+            lines.append("| " + " | ".join(map(str, values)) + " |")
+    return [*lines, ""]
+
+
+def write_markdown(path, root, rows, columns, cells, descriptors, failures, sources, plots, details=False) -> None:
     lines = [f"# Results: {root}", "", PROTOCOL, ""]
     if any(cell.reference for cell in cells.values()):
         lines += ["`ref`: the published number for this task, backbone, method, split and metric; Δ = ours − ref.", ""]
@@ -278,6 +398,8 @@ def write_markdown(path, root, rows, columns, cells, descriptors, failures, sour
         values = [v if v is not None else "" for v in row]
         values[1] = split_label(values[1])
         lines.append("| " + " | ".join([*values, *(cell_text(cells.get((row, c))) for c in columns)]) + " |")
+    if details:
+        lines += ["", *details_lines(rows, columns, cells, descriptors)]
     used = sorted({cell.reference["source"] for cell in cells.values() if cell.reference})
     if used:
         lines += ["", "## Reference sources", ""] + [f"- `{name}`: {sources[name]}" for name in used]
@@ -334,22 +456,45 @@ def plot_series(rows, columns, cells, descriptors, kind: str) -> dict | None:
 
     length: x = prompt.length, one line per task x column (x other varying keys);
     depth: x = K of prompt.layers bottom:K (ascending) / top:K (descending), one line per task x column x order;
-    methods: one bar per method, grouped by task x backbone.
+    methods: one bar per method, grouped by task x backbone;
+    curves: x = epoch, the dev score per epoch (mean over the cell's runs), one line per cell.
     """
     series = defaultdict(list)
     if kind == "length" and "prompt.length" in descriptors:
         at = descriptors.index("prompt.length")
         for (row, column), cell in cells.items():
+            if not re.fullmatch(r"\d+", str(row[3 + at])):
+                continue  # per-layer lengths ([4, 8, 16]) have no place on one length axis: the table holds them
             others = [f"{k}={v}" for k, v in zip(descriptors, row[3:], strict=True) if k != "prompt.length" and v]
             label = " ".join([row[0], f"{column[0]}/{column[1]}", *others])
             series[label].append((float(row[3 + at]), cell.mean, cell.std))
     elif kind == "depth" and "prompt.layers" in descriptors:
         at = descriptors.index("prompt.layers")
         for (row, column), cell in cells.items():
-            match = re.fullmatch(r"(bottom|top):(\d+)", str(row[3 + at]))
-            if match:
-                order = "ascending (bottom:K)" if match[1] == "bottom" else "descending (top:K)"
-                series[f"{row[0]} {column[0]}/{column[1]} {order}"].append((float(match[2]), cell.mean, cell.std))
+            try:
+                side, count = parse_layers(str(row[3 + at]))
+            except ValueError:
+                continue
+            if side in ("top", "bottom"):
+                order = "ascending (bottom:K)" if side == "bottom" else "descending (top:K)"
+                series[f"{row[0]} {column[0]}/{column[1]} {order}"].append((float(count), cell.mean, cell.std))
+    elif kind == "curves":
+        for (row, column), cell in cells.items():
+            curves = [dev_per_epoch(run) for run in cell.runs]
+            if not all(curves) or min(map(len, curves)) < 2:
+                continue
+            label = " ".join(
+                [
+                    row[0],
+                    f"{column[0]}/{column[1]}",
+                    *(f"{k}={v}" for k, v in zip(descriptors, row[3:], strict=True) if v),
+                ]
+            )
+            label += f" (n={len(curves)})"
+            for epoch in range(min(map(len, curves))):
+                values = [curve[epoch] for curve in curves]
+                std = statistics.stdev(values) if len(values) > 1 else math.nan
+                series[label].append((epoch + 1, statistics.fmean(values), std))
     elif kind == "methods" and len({m for m, _ in columns}) > 1:
         for (row, column), cell in cells.items():
             others = [str(v) for v in row[3:] if v]
@@ -363,7 +508,9 @@ PLOTS = {
     "length": ("plot_prompt_length.png", "score vs prompt length", "prompt length (log scale)"),
     "depth": ("plot_prompt_depth.png", "score vs number of layers with prompts", "K layers with prompts"),
     "methods": ("plot_methods.png", "method comparison", "method"),
+    "curves": ("plot_learning_curves.png", "dev score per epoch (mean over seeds)", "epoch"),
 }
+AUTO_PLOTS = ("length", "depth", "methods")  # --plot auto; curves on request (--plot curves or a list)
 
 
 def draw(kind: str, series: dict, out: Path, ylabel: str) -> Path:
@@ -405,7 +552,7 @@ def draw(kind: str, series: dict, out: Path, ylabel: str) -> Path:
 
 
 def make_plots(rows, columns, cells, descriptors, out: Path, choice: str) -> list[dict]:
-    kinds = list(PLOTS) if choice == "auto" else [] if choice == "none" else [choice]
+    kinds = list(AUTO_PLOTS) if choice == "auto" else [] if choice == "none" else choice.split(",")
     wanted = {kind: plot_series(rows, columns, cells, descriptors, kind) for kind in kinds}
     wanted = {kind: series for kind, series in wanted.items() if series}
     if choice not in ("auto", "none") and not wanted:
@@ -463,7 +610,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="where table.md, table.csv, runs.csv and plots go (default: DIR)")
     parser.add_argument("--reference", type=Path, default=REFERENCES, help="reference numbers (YAML, with sources)")
     parser.add_argument("--no-reference", action="store_true", help="no reference column")
-    parser.add_argument("--plot", choices=["auto", *PLOTS, "none"], default="auto", help="auto: all that apply")
+    parser.add_argument(
+        "--plot",
+        default="auto",
+        help=f"auto ({', '.join(AUTO_PLOTS)}: all that apply), none, or a comma list of {', '.join(PLOTS)}",
+    )
+    parser.add_argument(
+        "--details", action="store_true", help="also a section per cell: lr, epochs, trainable %%, dev curve, wall"
+    )
     parser.add_argument("--wandb", action="store_true", help="also log table and plots to W&B")
     parser.add_argument("--project", default="ptv2", help="W&B project for --wandb")
     # `logger=...` out of habit from `ptv2 train`: the table's own switch is --wandb.
@@ -472,7 +626,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     overrides = [arg for arg in argv if "=" in arg and not arg.startswith("-") and not Path(arg).exists()]
     if overrides:
         parser.error(f"{overrides[0]} is a run setting; ptv2 table takes a folder and flags (--out, --plot, --wandb)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    unknown = [kind for kind in args.plot.split(",") if kind not in PLOTS] if args.plot not in ("auto", "none") else []
+    if unknown:
+        parser.error(f"--plot {unknown[0]} is not a plot; choose auto, none or from {', '.join(PLOTS)}")
+    return args
 
 
 def main(argv: list[str]) -> int:
@@ -493,12 +651,23 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"no results.json under {root}")
     references, sources = load_references(None if args.no_reference else args.reference)
     out = args.out or root
-    out.mkdir(parents=True, exist_ok=True)
     rows, columns, cells, descriptors = build_table(runs, references)
-    plots = make_plots(rows, columns, cells, descriptors, out, args.plot)
-    write_markdown(out / "table.md", root, rows, columns, cells, descriptors, failures, sources, plots)
-    write_csv(out / "table.csv", rows, columns, cells, descriptors)
-    write_runs_csv(out / "runs.csv", runs, descriptors, root)
+    try:
+        if out.exists() and not out.is_dir():
+            raise UserError(f"--out {out} is a file, not a folder; pass --out DIR")
+        out.mkdir(parents=True, exist_ok=True)
+        plots = make_plots(rows, columns, cells, descriptors, out, args.plot)
+        write_markdown(
+            out / "table.md", root, rows, columns, cells, descriptors, failures, sources, plots, args.details
+        )
+        write_csv(out / "table.csv", rows, columns, cells, descriptors)
+        write_runs_csv(out / "runs.csv", runs, descriptors, root)
+    except OSError as error:  # a read-only or full folder: one line, no traceback
+        where = error.filename or out
+        raise UserError(
+            f"cannot write the table into {out} ({where}: {error.strerror or error}); pass --out DIR with a "
+            "writable folder"
+        ) from None
     if args.wandb:
         log_to_wandb(out, root, args.project, plots)
     print(f"ptv2 table: {len(runs)} run(s), {len(rows)} row(s), {len(failures)} failure(s) -> {out / 'table.md'}")

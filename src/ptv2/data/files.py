@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ptv2.errors import UserError
+from ptv2.errors import UserError, shown_list
 
 
 def data_folder(data_dir: str | Path) -> Path:
@@ -93,6 +93,9 @@ def local_split(task: Any, split: str, accepted: dict[str, dict[str, list[str]]]
                 f"task {name}: {reason}; put the {split} data file there or name another: task.files.{split}=FILE"
             )
     expected = "; ".join(f"{', '.join(splits[split])} ({fmt})" for fmt, splits in formats.items() if splits.get(split))
+    known = sorted({name for splits in formats.values() for name in splits})
+    if not expected and known:  # no reader file name for it: a split this task does not have (split=nope)
+        raise UserError(f"task {name}: '{split}' is not one of its splits; use one of {', '.join(known)}")
     raise UserError(
         f"task {name}: no {split} file in {data_dir} (it holds: {', '.join(sorted(held)) or 'nothing'}); "
         f"expected {expected or 'none for this split'}; or name it: task.files.{split}=FILE"
@@ -162,7 +165,7 @@ def label_id(value: Any, labels: list[str], where: str) -> int:
         return labels.index(key)
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(labels):
         return value
-    raise UserError(f"{where}: unknown label {value!r}; expected one of {labels}")
+    raise UserError(f"{where}: unknown label {value!r}; expected one of {shown_list(labels)}")
 
 
 def load_hub_split(path: str, name: str | None, revision: str | None, split: str) -> list[dict[str, Any]]:

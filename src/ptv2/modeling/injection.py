@@ -17,15 +17,21 @@ picked per model family in `FAMILIES`:
 
 With no prefix for a layer, both paths run the stock computation unchanged.
 
-A prefix is `dict[layer_index, (key, value)]`, each of shape (batch or 1, heads, P, head_dim). Serving several
-prompts in one batch adds a third element, a boolean (batch, P) mask of the prefix columns each example may attend
-to (shorter prompts are zero-padded and their padded columns hidden: they get exactly zero attention weight).
+A prefix is `dict[layer_index, (key, value)]`, each of shape (batch or 1, heads, P, head_dim); P may differ by
+layer. Serving several prompts in one batch adds a third element, a boolean (batch, P) mask of the prefix columns
+each example may attend to (shorter prompts are zero-padded and their padded columns hidden: they get exactly zero
+attention weight), or None. A fourth element, a `Gate`, makes the prefix depend on the layer's input (adaptive
+prefixes, APT): gate(hidden (B, L, hidden), token_mask (B, L) bool | None) -> weights (B, P), and the layer attends
+over [w * prefix_key; keys] and [w * prefix_value; values]. The gate is applied by a forward pre-hook on each
+attention module (the only place the layer's input hidden states and its mask are both at hand); without a gate the
+hook does nothing.
 """
 
 from __future__ import annotations
 
 import inspect
 import types
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +47,8 @@ ATTENTION_KEY = "ptv2_prefix_sdpa"
 EAGER_ATTENTION_KEY = "ptv2_prefix_eager"
 
 Prefix = dict[int, tuple[torch.Tensor, torch.Tensor]]
+# (layer input (B, L, hidden), real-token mask (B, L) bool or None when every token is real) -> weights (B, P)
+Gate = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -98,7 +106,8 @@ def _prefix_sdpa_attention(
     _written_out_attention). Without a prefix and not eager: the stock SDPA call, unchanged."""
     layer_prefix = prefix_key_values.get(module.layer_idx) if prefix_key_values else None
     if layer_prefix is not None:
-        prefix_key, prefix_value, *prefix_mask = layer_prefix
+        prefix_key, prefix_value, *rest = layer_prefix
+        prefix_mask = [rest[0]] if rest and rest[0] is not None else []
         batch_size, prefix_length = key.shape[0], prefix_key.shape[2]
         key_length = key.shape[2]
         if attention_mask is None and getattr(module, "is_causal", False) and query.shape[2] > 1:
@@ -124,6 +133,41 @@ def _prefix_sdpa_attention(
             key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
         return _written_out_attention(query, key, value, attention_mask, kw.get("dropout", 0.0), kw.get("scaling"))
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kw)
+
+
+def _gated(layer_prefix: tuple, hidden_states: torch.Tensor, token_mask: torch.Tensor | None) -> tuple:
+    """A layer's prefix entry with its gate applied: (key * w, value * w[, visible]) with w = gate(hidden, mask)
+    (B, P); an entry without a gate comes back as it is."""
+    if len(layer_prefix) < 4 or layer_prefix[3] is None:
+        return layer_prefix
+    key, value, visible, gate = layer_prefix
+    weights = gate(hidden_states, token_mask)[:, None, :, None]  # (B, 1, P, 1): one weight per prefix column
+    gated = (key * weights.to(key.dtype), value * weights.to(value.dtype))
+    return gated if visible is None else (*gated, visible)
+
+
+def _real_tokens(attention_mask: torch.Tensor | None, batch_size: int) -> torch.Tensor | None:
+    """The (B, L) real-token mask inside a mask the attention interface receives: its last query row, which a
+    bidirectional mask gives every real key and a causal one every real key up to the last position (all of them);
+    additive masks hold 0 where visible. None: no padding anywhere in the batch."""
+    if attention_mask is None:
+        return None
+    row = attention_mask[:, 0, -1, :]
+    row = row if row.dtype == torch.bool else row == 0
+    return row.expand(batch_size, -1)
+
+
+def _gate_hook(module, args, kwargs):
+    """Forward pre-hook of an attention module: if this layer's prefix carries a gate, hand the module a prefix whose
+    entry for this layer is already weighted by the gate on this call's input hidden states (the layer's input:
+    post-LN families' previous layer output, pre-LN ones' normed copy of it). Other layers' entries are untouched."""
+    prefix = kwargs.get("prefix_key_values")
+    entry = prefix.get(module.layer_idx) if prefix else None
+    if entry is None or len(entry) < 4 or entry[3] is None:
+        return None
+    hidden = args[0] if args else kwargs["hidden_states"]
+    mask = _real_tokens(kwargs.get("attention_mask"), hidden.shape[0])
+    return args, {**kwargs, "prefix_key_values": {**prefix, module.layer_idx: _gated(entry, hidden, mask)}}
 
 
 def _prefix_eager_attention(module, query, key, value, attention_mask, **kw):
@@ -199,6 +243,8 @@ def _deberta_prefix_attention(self, hidden_states, attention_mask, output_attent
     layer_prefix = prefix.get(self.prefix_layer_index) if prefix else None
     if layer_prefix is None or kwargs.get("query_states") is not None:
         return self.stock_forward(hidden_states, attention_mask, output_attentions, **kwargs)
+    # DeBERTa's mask is the outer product of the padding mask; row 0 ([CLS], always real) is the padding mask
+    layer_prefix = _gated(layer_prefix, hidden_states, attention_mask[:, 0, 0, :].bool())
 
     heads = self.num_attention_heads
     query = self.transpose_for_scores(self.query_proj(hidden_states), heads)  # (B*H, L, D)
@@ -223,7 +269,7 @@ def _deberta_prefix_attention(self, hidden_states, attention_mask, output_attent
     scores = scores.view(batch_size, heads, length, prefix_length + length)
 
     mask = attention_mask.bool()  # (B, 1, L, L)
-    if len(layer_prefix) > 2:  # per-example prompts (serving): hide each example's padded prefix columns
+    if len(layer_prefix) > 2 and layer_prefix[2] is not None:  # per-example prompts: hide padded prefix columns
         mask = _with_prefix_mask(mask.expand(batch_size, *mask.shape[1:]), layer_prefix[2], length, length)
     else:
         mask = torch.cat([mask.new_ones(*mask.shape[:-1], prefix_length), mask], dim=-1)
@@ -240,6 +286,11 @@ def prepare_encoder(encoder: torch.nn.Module) -> None:
     if family.injection == "attention_interface":
         if encoder.config._attn_implementation not in (ATTENTION_KEY, EAGER_ATTENTION_KEY):
             encoder.set_attn_implementation(ATTENTION_KEY)
+        for module in encoder.modules():
+            # the modules that call the attention interface are the ones that know their layer index
+            if hasattr(module, "layer_idx") and not getattr(module, "ptv2_gate_hook", False):
+                module.register_forward_pre_hook(_gate_hook, with_kwargs=True)
+                module.ptv2_gate_hook = True
         return
     slot = _PrefixSlot()
     encoder.prefix_slot = slot

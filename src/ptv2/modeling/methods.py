@@ -6,6 +6,7 @@ of its own; a new method is a new row here plus, when it needs a new kind of pro
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ptv2.errors import unknown
@@ -27,6 +28,13 @@ class Method:
     # PEFT builds the trained part on the frozen backbone (modeling/peft_methods.py): "lora" (low-rank updates of the
     # attention projections) | "prefix" (PEFT's own prefix tuning, the independent implementation beside ptv2's)
     peft: str | None = None
+    # A "prefix" method's module class, returned by a function so that the config layer stays free of torch;
+    # None: prompts.PrefixEncoder. Built as cls(layers, heads, head_dim, hidden_size, length, projection=...,
+    # projection_dim=..., dropout=...)
+    prefix_module: Callable[[], type] | None = None
+    # Can train an LM head for generation (task.type=generation): False when the prompt reads the whole sequence,
+    # which token-by-token decoding never has
+    generation: bool = True
 
     @property
     def has_prompt(self) -> bool:
@@ -39,6 +47,12 @@ class Method:
         return self.prompt == "input"
 
 
+def _apt() -> type:
+    from ptv2.modeling.apt import AdaptivePrefixEncoder  # Adaptive Prefix Tuning (Zhang et al., 2023)
+
+    return AdaptivePrefixEncoder
+
+
 METHODS: dict[str, Method] = {
     method.name: method
     for method in (
@@ -48,7 +62,9 @@ METHODS: dict[str, Method] = {
         Method("finetune", frozen=False),  # the whole backbone trains: the baseline
         Method("linear_probe", frozen=True, mixes_in_batch=True, trains_backbone_heads=True),  # heads only
         Method("lora", frozen=True, peft="lora"),  # Hu et al.: the attention weights change, so no batch mixing
-        Method("peft_prefix", frozen=True, peft="prefix"),  # PEFT's prefix tuning: the prefix enters as a cache
+        # PEFT's prefix tuning: the prefix enters as a cache (generation is refused in config, with that reason)
+        Method("peft_prefix", frozen=True, peft="prefix"),
+        Method("apt", frozen=True, prompt="prefix", mixes_in_batch=True, prefix_module=_apt, generation=False),  # APT
     )
 }
 BASELINE = "finetune"  # what bench divides by
@@ -64,3 +80,18 @@ def method(name: str) -> Method:
 def mixable() -> list[str]:
     """Methods whose checkpoints share one backbone in a batch."""
     return [name for name, row in METHODS.items() if row.mixes_in_batch]
+
+
+def parse_layers(spec) -> tuple[str, int | list[int]]:
+    """`prompt.layers` read once for every module: ("all", 0), ("top", K), ("bottom", K) or ("list", [i, ...]);
+    ValueError for anything else (bounds are the config check's: they need the backbone)."""
+    if isinstance(spec, str):
+        side, _, count = spec.partition(":")
+        if spec == "all":
+            return "all", 0
+        if side in ("top", "bottom") and count.isdigit():
+            return side, int(count)
+        raise ValueError(spec)
+    if isinstance(spec, (int, bool)) or not all(isinstance(layer, int) for layer in spec):
+        raise ValueError(spec)
+    return "list", sorted(spec)

@@ -7,20 +7,19 @@ from torch import nn
 
 from ptv2.modeling.heads import LanguageModelHead, VerbalizerHead
 from ptv2.modeling.injection import encoder_shape, family_of, generate_greedy, run_encoder, shifted_position_ids
-from ptv2.modeling.methods import method
+from ptv2.modeling.methods import method, parse_layers
 from ptv2.modeling.peft_methods import add_lora, add_peft_prefix
 from ptv2.modeling.prompts import InputPrompt, PrefixEncoder, official_init_
 
 
 def prompt_layers(spec, num_layers: int) -> list[int]:
-    """Layer indices from `prompt.layers`: "all", "top:K", "bottom:K" or an explicit list (validated in config)."""
-    if isinstance(spec, str):
-        if spec == "all":
-            return list(range(num_layers))
-        side, count = spec.split(":")
-        count = int(count)
-        return list(range(num_layers - count, num_layers)) if side == "top" else list(range(count))
-    return sorted(int(layer) for layer in spec)
+    """Layer indices from `prompt.layers` (validated in config)."""
+    side, count = parse_layers(spec)
+    if side == "all":
+        return list(range(num_layers))
+    if side == "list":
+        return count
+    return list(range(num_layers - count, num_layers)) if side == "top" else list(range(count))
 
 
 class PromptModel(nn.Module):
@@ -48,7 +47,8 @@ class PromptModel(nn.Module):
 
         self.prompt: nn.Module | None = None
         if chosen.prompt == "prefix":
-            self.prompt = PrefixEncoder(
+            prefix_module = chosen.prefix_module() if chosen.prefix_module else PrefixEncoder
+            self.prompt = prefix_module(
                 layers=prompt_layers(prompt_cfg.layers, num_layers),
                 heads=num_heads,
                 head_dim=head_dim,

@@ -9,42 +9,64 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from ptv2.modeling.injection import Prefix, position_ids, run_encoder
+from ptv2.modeling.injection import Gate, Prefix, position_ids, run_encoder
 from ptv2.modeling.model import PromptModel
 from ptv2.modeling.prompts import PrefixEncoder
 
 
 def pack_prefixes(prefixes: list[Prefix | None]) -> Prefix | None:
-    """One prefix for K blocks of rows: {layer: (key, value[, visible])} with key/value (K*B, heads, P_max, head_dim)
-    holding block k's own prefix (zero-padded), visible (K*B, P_max) True on its real columns only. The mask is left
-    out when every block has the same length on the same layers (nothing to hide). None when no block has one."""
+    """One prefix for K blocks of rows: {layer: (key, value[, visible[, gate]])} with key/value (K*B, heads, P_max,
+    head_dim) holding block k's own prefix (zero-padded), visible (K*B, P_max) True on its real columns only, and,
+    when some block's prefix is gated (APT), one gate giving each block its own job's weights (see mixed_gate). The
+    mask is left out when every block has the same lengths on the same layers (nothing to hide). P_max is per layer
+    (per-layer prompt lengths). None when no block has a prefix."""
     present = [p for p in prefixes if p]
     if not present:
         return None
     sample = next(iter(present[0].values()))[0]
     count = sample.shape[0]  # rows per block
-    lengths = [next(iter(p.values()))[0].shape[2] if p else 0 for p in prefixes]
     layers = sorted({layer for p in present for layer in p})
-    longest = max(lengths)
-    if len(present) == len(prefixes) and len(set(lengths)) == 1 and all(sorted(p) == layers for p in present):
-        return {layer: tuple(torch.cat([p[layer][i] for p in prefixes]) for i in (0, 1)) for layer in layers}
+    same = len(present) == len(prefixes) and all(sorted(p) == layers for p in present)
+    same = same and all(len({p[layer][0].shape[2] for p in present}) == 1 for layer in layers)
     _, heads, _, head_dim = sample.shape
     packed = {}
     for layer in layers:
-        keys, values, visible = [], [], []
-        for prefix, length in zip(prefixes, lengths, strict=True):
+        longest = max(p[layer][0].shape[2] for p in present if layer in p)
+        keys, values, visible, gates = [], [], [], []
+        for k, prefix in enumerate(prefixes):
+            block = slice(k * count, (k + 1) * count)
             if prefix and layer in prefix:
-                key, value = prefix[layer]
-                keys.append(F.pad(key, (0, 0, 0, longest - length)))
-                values.append(F.pad(value, (0, 0, 0, longest - length)))
+                key, value, *rest = prefix[layer]
+                length = key.shape[2]
+                keys.append(F.pad(key, (0, 0, 0, longest - length)) if length < longest else key)
+                values.append(F.pad(value, (0, 0, 0, longest - length)) if length < longest else value)
                 shown = torch.arange(longest, device=sample.device) < length
+                if len(rest) > 1 and rest[1] is not None:
+                    gates.append((rest[1], block, length))
             else:  # this job has no prompt on this layer: its rows see no prefix column here
                 keys.append(sample.new_zeros(count, heads, longest, head_dim))
                 values.append(sample.new_zeros(count, heads, longest, head_dim))
                 shown = torch.zeros(longest, dtype=torch.bool, device=sample.device)
             visible.append(shown.expand(count, longest))
-        packed[layer] = (torch.cat(keys), torch.cat(values), torch.cat(visible))
+        entry = (torch.cat(keys), torch.cat(values), None if same else torch.cat(visible))
+        if gates:
+            entry = (*entry, mixed_gate(gates, longest))
+        packed[layer] = entry if len(entry) > 3 or entry[2] is not None else entry[:2]
     return packed
+
+
+def mixed_gate(parts: list[tuple[Gate, slice | torch.Tensor, int]], longest: int) -> Gate:
+    """One gate for rows that carry different prompts: parts are (gate, rows, P) of each gated prompt; its rows
+    (a slice or index tensor) get that gate's (rows, P) weights on their first P columns, every other weight is 1
+    (ungated prompts, and padded columns, which the visible mask hides anyway)."""
+
+    def gate(hidden: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
+        weights = torch.ones(hidden.shape[0], longest, device=hidden.device)
+        for own, rows, length in parts:
+            weights[rows, :length] = own(hidden[rows], None if real is None else real[rows]).to(weights.dtype)
+        return weights
+
+    return gate
 
 
 def packed_hidden(encoder, models: list[PromptModel], batch: dict) -> list[torch.Tensor]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ptv2.errors import UserError
 from ptv2.modeling.injection import Prefix
 
 
@@ -33,6 +34,11 @@ class PrefixEncoder(nn.Module):
     With `projection="mlp"` a two-layer MLP (the paper's reparameterization) maps `length` embeddings of width
     `hidden_size` to all layers' key/values; otherwise the key/values are the parameters themselves. PromptModel
     initialises the parameters as the official models got them (see `official_init_`).
+
+    `length` may be a list, one length per layer of `layers` (per-layer prompt lengths): then each layer has its
+    own rows, sum(lengths) in all, each row holding one layer's key and value (2 x heads x head_dim; with the MLP,
+    the MLP's output for that layer), and layer i gets (batch_size, heads, lengths[i], head_dim). A list of equal
+    lengths is the single length (the same parameters, checkpoints and computation).
     """
 
     def __init__(
@@ -47,15 +53,19 @@ class PrefixEncoder(nn.Module):
         dropout: float = 0.0,
     ):
         super().__init__()
-        self.layers, self.heads, self.head_dim, self.length = list(layers), heads, head_dim, length
+        self.layers, self.heads, self.head_dim = list(layers), heads, head_dim
+        self.lengths = per_layer_lengths(length, len(self.layers))
+        # One number when every layer has the same length (the layout P-Tuning v2 checkpoints have); else None.
+        self.length = self.lengths[0] if len(set(self.lengths)) == 1 else None
         width = len(self.layers) * 2 * heads * head_dim
+        rows = self.length or sum(self.lengths)
         if projection == "mlp":
-            self.embedding = nn.Embedding(length, hidden_size)
+            self.embedding = nn.Embedding(rows, hidden_size)
             self.projection = nn.Sequential(
                 nn.Linear(hidden_size, projection_dim), nn.Tanh(), nn.Linear(projection_dim, width)
             )
         else:
-            self.embedding = nn.Embedding(length, width)
+            self.embedding = nn.Embedding(rows, width if self.length else 2 * heads * head_dim)
             self.projection = None
         self.dropout = nn.Dropout(dropout)
         # A folded prefix (the MLP's output, stored for inference) replaces embedding + MLP when present.
@@ -69,6 +79,8 @@ class PrefixEncoder(nn.Module):
         return self.projection(prefix) if self.projection is not None else prefix
 
     def forward(self, batch_size: int) -> Prefix:
+        if self.length is None:
+            return self._per_layer_forward(batch_size)
         prefix = self.key_values()
         device = prefix.device.type
         if torch.is_autocast_enabled(device):
@@ -84,10 +96,41 @@ class PrefixEncoder(nn.Module):
         parts = prefix.permute(2, 0, 3, 1, 4).unbind(0)
         return {layer: (parts[2 * i], parts[2 * i + 1]) for i, layer in enumerate(self.layers)}
 
+    def _per_layer_forward(self, batch_size: int) -> Prefix:
+        """forward() for per-layer lengths: layer i reads its own rows of key_values()."""
+        prefix = self.key_values()  # (sum(lengths), 2 * heads * head_dim) or, with the MLP, (..., layers * that)
+        device = prefix.device.type
+        if torch.is_autocast_enabled(device):
+            prefix = prefix.to(torch.get_autocast_dtype(device))
+        if prefix.shape[1] != 2 * self.heads * self.head_dim:
+            # the MLP maps every row to all layers' key/values: each row keeps its own layer's part
+            owner = torch.repeat_interleave(torch.arange(len(self.layers)), torch.tensor(self.lengths))
+            prefix = prefix.view(prefix.shape[0], len(self.layers), -1)[torch.arange(prefix.shape[0]), owner]
+        prefix = prefix.expand(batch_size, -1, -1)
+        prefix = self.dropout(prefix) if self.training and self.dropout.p > 0 else prefix
+        out = {}
+        for layer, part in zip(self.layers, prefix.split(self.lengths, dim=1), strict=True):
+            key, value = part.view(batch_size, part.shape[1], 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            out[layer] = (key, value)
+        return out
+
     @torch.no_grad()
     def fold(self) -> torch.Tensor:
         """The reparameterized prefix computed once (what inference needs; no MLP required)."""
         return self.key_values().detach().clone()
+
+
+def per_layer_lengths(length, layers: int) -> list[int]:
+    """[P_i] for each of `layers` prompted layers from prompt.length: one number (every layer) or a list."""
+    if isinstance(length, int):
+        return [length] * layers
+    lengths = [int(value) for value in length]
+    if len(lengths) != layers:
+        raise UserError(
+            f"prompt.length has {len(lengths)} lengths for {layers} prompted layers; give one per layer of "
+            "prompt.layers, or one number"
+        )
+    return lengths
 
 
 class InputPrompt(nn.Module):

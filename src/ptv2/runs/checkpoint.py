@@ -14,6 +14,8 @@ from __future__ import annotations
 import hashlib
 import importlib.resources
 import json
+import os
+import pwd
 import re
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from ptv2 import __version__
+from ptv2.config import COMMAND, PATH, RunConfig, keys_with
 from ptv2.errors import UserError
 from ptv2.io import atomic_write
 
@@ -32,7 +35,7 @@ FILENAME = "prompt.safetensors"
 FOLDED_KEY = "prompt.folded"
 METADATA_KEYS = ("backbone", "backbone_hash", "task", "method", "labels", "config")
 # Paths on the machine that trained a checkpoint: never taken from it (the command that loads it gives its own).
-PATH_KEYS = {"trainer.cache_dir": None, "trainer.resume": False, "prompt.init_from": None, "task.data_dir": None}
+PATH_KEYS = keys_with(PATH)
 TASK_PATH_KEYS = ("data_dir", "files")  # per task and multi-task member: the files are found in the given data_dir
 HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?")  # owner/name, no path syntax
 
@@ -66,9 +69,28 @@ def resolve(path: str | Path) -> Path:
     path = Path(path).expanduser()
     if path.is_dir():
         path = path / FILENAME
+    if path.parent.is_dir() and not os.access(path.parent, os.R_OK | os.X_OK):
+        raise UserError(f"cannot read the folder {path.parent} (permission denied): {_whose(path.parent)}")
     if not path.is_file():
         raise UserError(f"no checkpoint at {path}: pass a {FILENAME} file or the run directory that holds one")
+    if not os.access(path, os.R_OK):
+        raise UserError(
+            f"cannot read {path} (permission denied): ptv2 writes checkpoints readable by their owner only (0600); "
+            f"{_whose(path)}"
+        )
     return path
+
+
+def _whose(path: Path) -> str:
+    """What to do about a file or folder this user may not read: name its owner."""
+    owner = path.stat().st_uid
+    if owner == os.getuid():
+        return f"it is yours: chmod u+r {path}"
+    try:
+        name = pwd.getpwuid(owner).pw_name
+    except KeyError:
+        name = f"uid {owner}"
+    return f"it belongs to {name}: ask them to share it (chmod a+r) or to copy it for you"
 
 
 def read_metadata(path: str | Path) -> dict:
@@ -124,9 +146,10 @@ def stored_config(path: str | Path) -> DictConfig:
         raise UserError(f"{path}: the stored run config is unreadable ({str(error).splitlines()[0]})") from None
     if OmegaConf.to_container(saved, resolve=True) != raw:
         raise UserError(f"{path}: the stored run config holds text that cannot be kept literally; re-create it")
-    for key, cleared in PATH_KEYS.items():
+    defaults = OmegaConf.structured(RunConfig)
+    for key in PATH_KEYS:
         if OmegaConf.select(saved, key) is not None:
-            OmegaConf.update(saved, key, cleared, force_add=True)
+            OmegaConf.update(saved, key, OmegaConf.select(defaults, key), force_add=True)
     tasks = [saved.task, *(saved.task.get("members") or {}).values()] if saved.get("task") is not None else []
     for task in tasks:
         for key in TASK_PATH_KEYS:
@@ -136,6 +159,7 @@ def stored_config(path: str | Path) -> DictConfig:
         if hub and (not HUB_ID.fullmatch(hub) or ".." in hub):
             raise UserError(f"{path}: task.hub.path={hub!r} is not a hub dataset id (owner/name); refused")
     _check_names(saved, path)
+    _check_stored_values(saved, path)
     location = str(OmegaConf.select(saved, "backbone.name_or_path", default="") or "")
     if location and (not HUB_ID.fullmatch(location) or ".." in location):
         OmegaConf.update(saved, "backbone.name_or_path", _packaged_backbone(str(saved.backbone.get("name"))))
@@ -159,6 +183,18 @@ def _check_names(saved: DictConfig, path: Path) -> None:
                 check_name(key, value)
     except UserError as error:
         raise UserError(f"{path}: {error}; refused") from None
+
+
+def _check_stored_values(saved: DictConfig, path: Path) -> None:
+    """Every stored value checked (config.check_values) before a command seeds, loads a backbone or builds a model
+    from it: a crafted prompt length would allocate until the machine gives out, a seed past numpy's range or a
+    head that does not fit the task type would fail deep inside."""
+    from ptv2.config import check_values
+
+    try:
+        check_values(saved)
+    except UserError as error:
+        raise UserError(f"{path}: the stored run config is refused: {error}") from None
 
 
 def require_backbone(saved: DictConfig, path: str | Path) -> None:
@@ -208,7 +244,7 @@ def load(path: str | Path, model, strict_heads: bool = True, use_folded: bool = 
 
 
 # ----------------------------------------------------------------------------------------------- eval / predict
-OWN_KEYS = ("ckpt", "split", "input", "output_dir")  # this command's own keys, not the run's
+OWN_KEYS = keys_with(COMMAND)  # this command's own keys, not the run's
 # Groups that change neither the model nor its inputs: a group option passed out of habit (logger=none,
 # trainer=smoke) is taken from this command's config. The trainer's seed stays the checkpoint's: it rebuilds a
 # random-init backbone (backbone.random_init) exactly as in training.

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from ptv2.config import flat_keys
+from ptv2.config import FREE, flat_keys, has_role, keys_with
 from ptv2.errors import UserError
 from ptv2.io import atomic_write
 from ptv2.runs import checkpoint
@@ -38,7 +38,7 @@ STATE_DIR = "state"
 STATE_FILE = "training_state.pt"
 NEXT_FILE = "training_state.next.pt"  # a group save under way (save_group)
 # Keys that may differ between the interrupted run and its continuation: they do not change what is computed.
-FREE_KEYS = ("trainer.resume", "trainer.overwrite", "trainer.save_every_steps", "trainer.progress", "logger.")
+FREE_KEYS = keys_with(FREE)
 STATE_KEYS = {"trainable", "best_state", "optimizer", "scheduler", "rng", "config", "progress"}
 PROGRESS_KEYS = {"epoch", "batches_done", "step", "losses", "history", "best", "best_value", "best_epoch"}
 
@@ -167,12 +167,28 @@ def settle_group(run_dirs: list[Path]) -> None:
             pending.unlink()
 
 
+RESUME_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False, "": False}
+
+
 def source(cfg, run_dir: Path) -> Path | None:
-    """The run directory to resume from, or None for a fresh run."""
+    """The run directory to resume from, or None for a fresh run. trainer.resume: true (this run's folder), false,
+    auto (this run's folder when it holds a training state, else a fresh start: what a requeued Slurm job needs), or
+    the folder of the run to continue; anything else (a number, a list) is refused with one line."""
     resume = cfg.trainer.get("resume")
-    if resume is None or resume is False or str(resume).lower() in ("false", "no", "0", ""):
-        return None
-    return Path(run_dir) if resume is True or str(resume).lower() in ("true", "yes", "1") else Path(resume).expanduser()
+    if resume is None or isinstance(resume, bool):
+        return Path(run_dir) if resume else None
+    if isinstance(resume, int) and resume in (0, 1):  # `trainer.resume=1` reaches us as an int
+        return Path(run_dir) if resume else None
+    if not isinstance(resume, str):
+        raise UserError(
+            f"trainer.resume={resume!r} is not valid; use true, false, auto or the folder of the run to continue"
+        )
+    word = resume.strip().lower()
+    if word in RESUME_WORDS:
+        return Path(run_dir) if RESUME_WORDS[word] else None
+    if word == "auto":
+        return Path(run_dir) if (Path(run_dir) / STATE_DIR / STATE_FILE).exists() else None
+    return Path(resume).expanduser()
 
 
 def read(path: Path, mmap: bool = False) -> dict:
@@ -191,11 +207,70 @@ def read(path: Path, mmap: bool = False) -> dict:
         if not (isinstance(state, dict) and STATE_KEYS <= state.keys()):
             raise ValueError("missing entries")
         state["config"], state["progress"] = json.loads(state["config"]), json.loads(state["progress"])
-        if not PROGRESS_KEYS <= state["progress"].keys():
-            raise ValueError("missing progress entries")
+        if not isinstance(state["config"], dict):
+            raise ValueError("its config is not a mapping")
+        _check_progress(state["progress"])
+        _check_rng(state["rng"])
+        for key in ("trainable", "best_state"):
+            tensors = state[key]
+            if not (tensors is None and key == "best_state") and not (
+                isinstance(tensors, dict) and all(isinstance(t, torch.Tensor) for t in tensors.values())
+            ):
+                raise ValueError(f"its {key} is not a set of named tensors")
     except (ValueError, TypeError, AttributeError) as error:
         raise UserError(f"trainer.resume: {path} is not a ptv2 training state ({error})") from None
     return state
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# What each entry of the saved progress must be (Progress's fields), checked before the loop takes them back.
+PROGRESS_TYPES = {
+    "epoch": (_is_count, "a count"),
+    "batches_done": (_is_count, "a count"),
+    "step": (_is_count, "a count"),
+    "losses": (lambda v: isinstance(v, list) and all(_is_number(x) for x in v), "a list of numbers"),
+    "history": (lambda v: isinstance(v, list) and all(isinstance(x, dict) for x in v), "a list of records"),
+    "best": (lambda v: v is None or isinstance(v, dict), "null or a mapping"),
+    "best_value": (_is_number, "a number"),
+    "best_epoch": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= -1, "an epoch number"),
+}
+assert PROGRESS_TYPES.keys() == PROGRESS_KEYS
+
+
+def _check_progress(progress) -> None:
+    """The saved loop progress holds exactly Progress's entries, each of its type; else ValueError naming one."""
+    if not isinstance(progress, dict):
+        raise ValueError("its progress is not a mapping")
+    missing, unexpected = PROGRESS_KEYS - progress.keys(), progress.keys() - PROGRESS_KEYS
+    if missing or unexpected:
+        raise ValueError(f"progress entries missing: {sorted(missing)}, unexpected: {sorted(unexpected)}")
+    for key, (valid, what) in PROGRESS_TYPES.items():
+        if not valid(progress[key]):
+            raise ValueError(f"progress.{key}={str(progress[key])[:60]!r} is not {what}")
+
+
+def _check_rng(rng) -> None:
+    """The RNG states have the shapes set_rng_states takes apart (python, numpy, torch)."""
+    ok = (
+        isinstance(rng, dict)
+        and isinstance(rng.get("python"), (list, tuple))
+        and len(rng["python"]) == 3
+        and isinstance(rng["python"][1], (list, tuple))
+        and isinstance(rng.get("numpy"), (list, tuple))
+        and len(rng["numpy"]) == 5
+        and isinstance(rng["numpy"][1], torch.Tensor)
+        and isinstance(rng.get("torch"), torch.Tensor)
+        and rng["torch"].dtype == torch.uint8
+    )
+    if not ok:
+        raise ValueError("its random number generator states are malformed")
 
 
 def state_path(cfg, run_dir: Path) -> Path | None:
@@ -218,7 +293,7 @@ def config_changes(saved: dict, cfg, labels_known: bool = True) -> list[str]:
         key
         for key in old.keys() | now.keys()
         if old.get(key) != now.get(key)
-        and not key.startswith(FREE_KEYS)
+        and not has_role(key, FREE_KEYS)
         and not (not labels_known and key.rpartition(".")[2] == "labels" and now.get(key) == [])
     )
 
@@ -227,7 +302,7 @@ def _refuse_changes(saved: dict, cfg, labels_known: bool) -> None:
     changed = config_changes(saved, cfg, labels_known)
     if changed:
         old, now = flat_keys(saved), flat_keys(OmegaConf.to_container(cfg, resolve=True))
-        shown = ", ".join(f"{k}={old.get(k)!r}->{now.get(k)!r}" for k in changed[:3])
+        shown = ", ".join(f"{k}={repr(old.get(k))[:80]}->{repr(now.get(k))[:80]}" for k in changed[:3])
         raise UserError(f"trainer.resume: the config differs from the interrupted run's ({shown}); resume unchanged")
 
 
@@ -259,7 +334,7 @@ def restore(cfg, run_dir: Path, model, optimizer, scheduler) -> Resumed | None:
                 own[name].copy_(tensor)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-    except (KeyError, RuntimeError, ValueError, TypeError) as error:
+    except (KeyError, RuntimeError, ValueError, TypeError, AttributeError) as error:
         raise UserError(
             f"trainer.resume: {path} does not fit this model ({type(error).__name__}: {str(error)[:120]})"
         ) from None

@@ -9,8 +9,10 @@ writes it), refuses a folder that already holds a finished run unless `trainer.r
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
+import pwd
 import secrets
 import shutil
 import socket
@@ -21,6 +23,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from ptv2.errors import UserError
+from ptv2.io import atomic_write
 from ptv2.runs import resume as state
 
 LOCK_FILE = ".ptv2.lock"
@@ -28,11 +31,46 @@ LOCK_FILE = ".ptv2.lock"
 RUN_OUTPUTS = ("results.json", "prompt.safetensors", state.STATE_DIR, "eval.json", "predict.json", "bench.json")
 # What `ptv2 train trainer.overwrite=true` removes before it starts, so a crash never leaves the old run's results
 # beside the new run's config.
-TRAIN_OUTPUTS = ("results.json", "prompt.safetensors", state.STATE_DIR, "FAILED")
+TRAIN_OUTPUTS = ("results.json", "prompt.safetensors", state.STATE_DIR, "FAILED", "history.json")
 
 
 class RunDirInUse(UserError):
     """The run directory holds another run (finished or still writing): refused, nothing written."""
+
+
+class AlreadyFinished(UserError):
+    """A resume (trainer.resume=true/auto) aimed at a run that already finished: nothing to do, nothing written."""
+
+
+# Subfolders ptv2 writes into: a link planted there (or at the top of the run folder) would carry writes elsewhere.
+WRITTEN_SUBFOLDERS = (".hydra", state.STATE_DIR)
+
+
+def link_problem(run_dir: Path) -> str | None:
+    """Why ptv2 may not write into `run_dir` because of a symbolic link, or None. A run folder received from someone
+    else may hold links (config.yaml -> ~/.bashrc); ptv2 never writes through one: a link at the top of the folder,
+    in .hydra/ or in state/ is refused, as is a run folder that is itself a dangling link."""
+    run_dir = Path(run_dir)
+    if run_dir.is_symlink() and not run_dir.exists():
+        return (
+            f"the run directory {run_dir} is a symbolic link to {os.readlink(run_dir)}, which does not exist; "
+            "remove the link or pass hydra.run.dir=DIR with a real folder"
+        )
+    if not run_dir.is_dir():
+        return None
+    folders = [run_dir, *(run_dir / name for name in WRITTEN_SUBFOLDERS if (run_dir / name).is_dir())]
+    for folder in folders:
+        try:
+            links = sorted(entry.name for entry in folder.iterdir() if entry.is_symlink())
+        except OSError:
+            continue  # unreadable: the lock or the write that needs it says so
+        if links:
+            where = Path(folder.name) / links[0] if folder != run_dir else Path(links[0])
+            return (
+                f"{run_dir} holds a symbolic link ({where} -> {os.readlink(folder / links[0])}) where ptv2 writes; "
+                "ptv2 never writes through links in a run folder: remove it (or copy the run with cp -rL) and retry"
+            )
+    return None
 
 
 def unique_now() -> str:
@@ -48,14 +86,17 @@ def finished_outputs(folder: Path) -> list[str]:
 
 class RunLock:
     """An exclusive flock on <run dir>/.ptv2.lock for as long as a run writes the folder; the kernel drops it when
-    the process ends in any way (SIGKILL included), so a crashed run never leaves a stale lock."""
+    the process ends in any way (SIGKILL included), so a crashed run never leaves a stale lock. The holder's name
+    is written into the file only by claim(), once the folder is known to be this run's."""
 
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / LOCK_FILE
         try:
-            self.handle = open(self.path, "a+")
+            # O_NOFOLLOW: a link planted as the lock file is refused, never opened (and never created through).
+            descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         except OSError as error:
-            raise UserError(f"cannot write into the run directory {run_dir} ({error.strerror})") from None
+            raise UserError(self._open_failure(run_dir, error)) from None
+        self.handle = os.fdopen(descriptor, "r+")
         try:
             fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -66,6 +107,28 @@ class RunLock:
                 f"{run_dir} is being written by another ptv2 run ({holder}); wait for it to end or choose another "
                 "hydra.run.dir"
             ) from None
+
+    def _open_failure(self, run_dir: Path, error: OSError) -> str:
+        """One line naming why the lock file cannot be opened: a link, a folder, another user's file, no access."""
+        if error.errno == errno.ELOOP:
+            return f"{self.path} is a symbolic link; ptv2 never writes through links in a run folder: remove it"
+        if self.path.is_dir():
+            return f"{self.path} is a folder, not ptv2's lock file: remove it (rmdir {self.path}) and retry"
+        if error.errno in (errno.EACCES, errno.EPERM) and self.path.exists():
+            owner = self.path.stat().st_uid
+            if owner != os.getuid():
+                try:
+                    name = pwd.getpwuid(owner).pw_name
+                except KeyError:
+                    name = f"uid {owner}"
+                return (
+                    f"{self.path} belongs to another user ({name}): the run folder is theirs; choose another "
+                    "hydra.run.dir"
+                )
+        return f"cannot write into the run directory {run_dir} ({error.strerror}); choose another hydra.run.dir"
+
+    def claim(self) -> None:
+        """Write the holder (pid and host) into the lock file, for a second run's refusal to name."""
         self.handle.seek(0)
         self.handle.truncate()
         self.handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
@@ -77,10 +140,22 @@ class RunLock:
             self.handle.close()
 
 
-def check_reuse(cfg: DictConfig, run_dir: Path, command: str) -> None:
+def refuse_finished_resume(cfg: DictConfig, run_dir: Path, command: str) -> None:
+    """A `ptv2 train` that would resume a run which already finished (its results.json is written last) ends with
+    AlreadyFinished: there is nothing to continue, and continuing would rewrite its results' timings. The resume is
+    checked first, so a changed config is refused as a changed config rather than called finished."""
+    run_dir = Path(run_dir)
+    if command == "train" and state.source(cfg, run_dir) == run_dir and (run_dir / "results.json").exists():
+        state.check(cfg, run_dir)
+        raise AlreadyFinished(f"{run_dir} holds a finished run (results.json): nothing to resume, nothing written")
+
+
+def check_reuse(cfg: DictConfig, run_dir: Path, command: str, read_only: bool = False) -> None:
     """Refuse to write a run into a folder that holds another one, unless it continues (train with trainer.resume)
     or replaces it (trainer.overwrite=true); a resume is checked (state present, readable, same config) here,
-    before anything is written."""
+    before anything is written. read_only: the checks alone (a process that does not own the run folder, as the
+    non-main processes of a multi-process launch: the main one removes what trainer.overwrite replaces)."""
+    refuse_finished_resume(cfg, run_dir, command)
     resuming = command == "train" and state.source(cfg, run_dir) is not None
     if resuming:
         state.check(cfg, run_dir)
@@ -88,7 +163,7 @@ def check_reuse(cfg: DictConfig, run_dir: Path, command: str) -> None:
     if not found or (resuming and state.source(cfg, run_dir) == Path(run_dir)):
         return
     if cfg.trainer.get("overwrite"):
-        if command == "train":
+        if command == "train" and not read_only:
             for name in TRAIN_OUTPUTS:
                 target = Path(run_dir) / name
                 shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
@@ -102,36 +177,56 @@ def check_reuse(cfg: DictConfig, run_dir: Path, command: str) -> None:
 
 def write_config(cfg: DictConfig, run_dir: Path) -> None:
     """config.yaml (resolved) and Hydra's record in .hydra/ (config.yaml, hydra.yaml, overrides.yaml), as Hydra
-    would have written them before the job; written only once the folder is known to be this run's."""
+    would have written them before the job; written only once the folder is known to be this run's. Every file is
+    written atomically (a link in its place is replaced, never followed)."""
+    problem = link_problem(run_dir)
+    if problem:
+        raise UserError(problem)
     resolved = OmegaConf.to_yaml(cfg, resolve=True)
     hydra_dir = Path(run_dir) / ".hydra"
     hydra_cfg = HydraConfig.get()
+    records = {
+        hydra_dir / "config.yaml": OmegaConf.to_yaml(cfg),
+        hydra_dir / "hydra.yaml": OmegaConf.to_yaml(OmegaConf.create({"hydra": hydra_cfg})),
+        hydra_dir / "overrides.yaml": OmegaConf.to_yaml(OmegaConf.create(list(hydra_cfg.overrides.task))),
+        Path(run_dir) / "config.yaml": resolved,
+    }
     try:
         hydra_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(cfg, hydra_dir / "config.yaml")
-        OmegaConf.save(OmegaConf.create({"hydra": hydra_cfg}), hydra_dir / "hydra.yaml")
-        OmegaConf.save(OmegaConf.create(list(hydra_cfg.overrides.task)), hydra_dir / "overrides.yaml")
-        (Path(run_dir) / "config.yaml").write_text(resolved)
-    except OSError as error:  # a full disk, a read-only folder
+    except OSError as error:  # a read-only folder, a file named .hydra
         raise UserError(f"cannot write the run's config into {run_dir} ({error.strerror or error})") from None
+    for path, text in records.items():
+        atomic_write(path, lambda temporary, text=text: temporary.write_text(text))
 
 
 def mark_failed(cfg: DictConfig, run_dir: Path) -> None:
     """The FAILED marker of a failed sweep job (read by `ptv2 table`), with the job's config and Hydra record when it
-    failed before writing them (a value refused at start-up), so the table can name its overrides."""
+    failed before writing them (a value refused at start-up), so the table can name its overrides. A folder holding
+    links gets no record (write_config refuses it); the marker replaces a link of its name, never follows it."""
     if not (Path(run_dir) / ".hydra" / "overrides.yaml").exists():
         try:
             write_config(cfg, run_dir)
-        except Exception:  # an unresolvable config: the marker alone still says the job failed
+        except Exception:  # an unresolvable config, a link: the marker alone still says the job failed
             pass
-    (Path(run_dir) / "FAILED").write_text("see the job's log\n")
+    try:
+        atomic_write(Path(run_dir) / "FAILED", lambda temporary: temporary.write_text("see the job's log\n"))
+    except UserError:  # a read-only or full folder: the failed list printed at the end still names the job
+        pass
 
 
 def open_run_dir(cfg: DictConfig, run_dir: Path, command: str) -> RunLock:
-    """Lock the run directory, check it may be written, write the config; the caller releases the lock."""
+    """Lock the run directory, check it may be written, write the config; the caller releases the lock.
+
+    Checked before anything is written: no link where ptv2 writes, no finished run resumed (AlreadyFinished: the
+    folder stays byte-identical, the lock file included)."""
+    problem = link_problem(run_dir)
+    if problem:
+        raise UserError(problem)
+    refuse_finished_resume(cfg, run_dir, command)
     lock = RunLock(run_dir)
     try:
         check_reuse(cfg, run_dir, command)
+        lock.claim()
         write_config(cfg, run_dir)
     except BaseException:
         lock.release()
