@@ -171,7 +171,7 @@ def test_the_check_tables_name_real_settings():
         (["task=ner_multi", "task.members.conll03.max_length=2"], "task.members.conll03.max_length=2 is out of range"),
         (["trainer.save_every_steps=0"], "trainer.save_every_steps=0 is out of range; use null or an integer >= 1"),
         (["backbone.dropout=1.0"], "backbone.dropout=1.0 is out of range; use null or a number in [0, 1)"),
-        (["bench.methods=[ptv2,lora]"], "bench.methods: lora is unknown"),
+        (["bench.methods=[ptv2,ia3]"], "bench.methods: ia3 is unknown"),
         (["logger.init_timeout=0"], "logger.init_timeout=0.0 is out of range; use a number > 0"),
         (["backbone.name=a/b"], "backbone.name='a/b' is not a valid name"),
     ],

@@ -207,6 +207,8 @@ COMMANDS = {
         "bench",
         "time train steps, eval throughput and peak memory per prompt method",
     ),
+    "export": ("ptv2.commands.export:main", None, "write a trained prompt as a PEFT adapter (RUN --to peft OUT)"),
+    "import": ("ptv2.commands.export:import_main", None, "a PEFT prefix adapter as a checkpoint (DIR --from peft OUT)"),
     "table": (
         "ptv2.commands.table:main",
         None,

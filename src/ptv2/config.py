@@ -73,13 +73,15 @@ class BackboneConfig:
 
 @dataclass
 class PromptConfig:
-    method: str = "ptv2"  # modeling.methods.METHODS: ptv2 | prompt_tuning | ptuning_v1 | finetune | linear_probe
+    # modeling.methods.METHODS: ptv2 | prompt_tuning | ptuning_v1 | finetune | linear_probe | apt | lora | peft_prefix
+    method: str = "ptv2"
     # number of prompt vectors (per layer for the deep prompts); a deep prompt also takes a list, one length per
     # prompted layer (bottom to top), e.g. [4, 8, 16]
     length: Any = tagged(16, PER_JOB)
     projection: str = tagged("none", PER_JOB)  # ptv2 reparameterization: none | mlp
     projection_dim: int = tagged(512, PER_JOB)  # hidden width of the reparameterization MLP
-    dropout: float = tagged(0.1, PER_JOB)  # on the prompt vectors only, independent of the backbone's dropout
+    # on the prompt vectors (lora: on LoRA's input) only, independent of the backbone's dropout
+    dropout: float = tagged(0.1, PER_JOB)
     layers: Any = tagged("all", PER_JOB)  # ptv2 depth: all | top:K | bottom:K | [i, j, ...]
     shift_positions: bool = tagged(False, PER_JOB)  # number tokens P..P+L-1 as the official cache-based code did
     encoder: str = "lstm"  # ptuning_v1 prompt encoder: lstm | mlp
@@ -87,6 +89,10 @@ class PromptConfig:
     init_std: Optional[float] = tagged(None, PER_JOB)
     # run dir or checkpoint whose prompt (and matching heads) start training
     init_from: Optional[str] = tagged(None, PATH, PER_JOB)
+    r: int = 8  # lora: rank of the low-rank update B A
+    alpha: float = 16.0  # lora: the update is scaled by alpha / r
+    # lora: module name suffixes to adapt; None: the backbone family's default (injection.FAMILIES lora_targets)
+    target_modules: Optional[list[str]] = None
 
 
 @dataclass
@@ -309,6 +315,8 @@ RANGES = {
     "prompt.projection_dim": COUNT,
     "prompt.dropout": PROBABILITY,
     "prompt.init_std": Range(0, low_open=True, optional=True),
+    "prompt.r": COUNT,
+    "prompt.alpha": POSITIVE,
     "task.max_length": Range(8, integer=True),  # room for the special tokens and some text
     "task.head_dropout": PROBABILITY,
     "optimizer.lr": Range(0),  # 0 freezes the trained parameters (a check, a continuation at equal weights)
@@ -567,8 +575,12 @@ def validate(cfg, backbone_config) -> None:
             "(set prompt.shift_positions=false)"
         )
     task = cfg.task
-    # Input prompts occupy positions like tokens; the official-style shift moves every token by P.
-    shift = prompt.length if (chosen.prompt == "prefix" and prompt.shift_positions) else 0
+    if chosen.peft:
+        _check_peft_method(cfg, backbone_config)
+    # Input prompts occupy positions like tokens; the official-style shift moves every token by P, and PEFT's
+    # prefix (a key/value cache) always does.
+    shifted = (chosen.prompt == "prefix" and prompt.shift_positions) or chosen.peft == "prefix"
+    shift = prompt.length if shifted else 0
     extra = prompt.length if chosen.input_prompt else 0
     needed = positions_used(backbone_config, task.max_length + extra, shift)
     available = backbone_config.max_position_embeddings
@@ -576,8 +588,22 @@ def validate(cfg, backbone_config) -> None:
         raise UserError(
             f"prompt length {prompt.length} + task.max_length {task.max_length} needs {needed} positions but the "
             f"backbone has {available}; lower task.max_length or prompt.length"
-            + (" or set prompt.shift_positions=false" if shift else "")
+            + (" or set prompt.shift_positions=false" if shift and chosen.prompt == "prefix" else "")
         )
+
+
+def _check_peft_method(cfg, backbone_config) -> None:
+    """A PEFT-built method (lora, peft_prefix): PEFT installed, and (peft_prefix) a configuration PEFT's prefix
+    tuning runs on transformers 5 (peft_methods.peft_prefix_refusal says which and why)."""
+    from ptv2.modeling.peft_methods import peft_prefix_refusal, require_peft
+
+    chosen = method(cfg.prompt.method)
+    require_peft(chosen.name)
+    if chosen.peft == "prefix":
+        heads = {task.get("head", "linear") for _, task in task_members(cfg.task)}
+        problem = peft_prefix_refusal(cfg.prompt, cfg.backbone, heads, backbone_config)
+        if problem:
+            raise UserError(f"prompt.method=peft_prefix: {problem}")
 
 
 # --------------------------------------------------------------------------------------------- keys and launchers

@@ -60,24 +60,29 @@ class Family:
     # tokens inside attention; any length the config's rope allows)
     positions: str
     causal: bool = False  # a decoder: heads read the last real token, token positions are counted from the mask
+    # prompt.method=lora's default prompt.target_modules: the attention projections LoRA adapts (module name
+    # suffixes). Encoders: query and value, as in the LoRA paper; decoders: q, k, v and o, the common choice there.
+    lora_targets: tuple[str, ...] = ("query", "value")
 
 
+DECODER_LORA = ("q_proj", "k_proj", "v_proj", "o_proj")
 FAMILIES = {
     "bert": Family("attention_interface", "absolute"),
     "electra": Family("attention_interface", "absolute"),
     "roberta": Family("attention_interface", "padding_offset"),
     "xlm-roberta": Family("attention_interface", "padding_offset"),
     "camembert": Family("attention_interface", "padding_offset"),
-    "deberta-v2": Family("deberta", "relative"),
+    "deberta-v2": Family("deberta", "relative", lora_targets=("query_proj", "value_proj")),
     # Decoders: the attention-interface path; GPT-2 has learned absolute positions, the others rotary ones.
-    "gpt2": Family("attention_interface", "absolute", causal=True),
-    "llama": Family("attention_interface", "rotary", causal=True),
-    "mistral": Family("attention_interface", "rotary", causal=True),
-    "qwen2": Family("attention_interface", "rotary", causal=True),
-    "qwen3": Family("attention_interface", "rotary", causal=True),
-    "gemma": Family("attention_interface", "rotary", causal=True),
-    "glm": Family("attention_interface", "rotary", causal=True),
-    "glm4": Family("attention_interface", "rotary", causal=True),
+    # GPT-2 projects q, k, v with one fused layer (attn.c_attn); "attn." keeps the MLP's c_proj out.
+    "gpt2": Family("attention_interface", "absolute", causal=True, lora_targets=("attn.c_attn", "attn.c_proj")),
+    "llama": Family("attention_interface", "rotary", causal=True, lora_targets=DECODER_LORA),
+    "mistral": Family("attention_interface", "rotary", causal=True, lora_targets=DECODER_LORA),
+    "qwen2": Family("attention_interface", "rotary", causal=True, lora_targets=DECODER_LORA),
+    "qwen3": Family("attention_interface", "rotary", causal=True, lora_targets=DECODER_LORA),
+    "gemma": Family("attention_interface", "rotary", causal=True, lora_targets=DECODER_LORA),
+    "glm": Family("attention_interface", "rotary", causal=True, lora_targets=DECODER_LORA),
+    "glm4": Family("attention_interface", "rotary", causal=True, lora_targets=DECODER_LORA),
 }
 
 

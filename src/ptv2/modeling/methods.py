@@ -25,6 +25,9 @@ class Method:
     # untouched (serving mixes them; each row gets its own prefix)
     mixes_in_batch: bool = False
     trains_backbone_heads: bool = False  # a verbalizer's MLM head trains although the backbone is frozen
+    # PEFT builds the trained part on the frozen backbone (modeling/peft_methods.py): "lora" (low-rank updates of the
+    # attention projections) | "prefix" (PEFT's own prefix tuning, the independent implementation beside ptv2's)
+    peft: str | None = None
     # A "prefix" method's module class, returned by a function so that the config layer stays free of torch;
     # None: prompts.PrefixEncoder. Built as cls(layers, heads, head_dim, hidden_size, length, projection=...,
     # projection_dim=..., dropout=...)
@@ -35,8 +38,8 @@ class Method:
 
     @property
     def has_prompt(self) -> bool:
-        """The method builds a prompt, so prompt.length must be at least 1."""
-        return self.prompt is not None
+        """The method builds a prompt (its own or PEFT's prefix), so prompt.length must be at least 1."""
+        return self.prompt is not None or self.peft == "prefix"
 
     @property
     def input_prompt(self) -> bool:
@@ -58,6 +61,9 @@ METHODS: dict[str, Method] = {
         Method("ptuning_v1", frozen=True, prompt="input", input_encoder=None),  # P-tuning v1 (prompt encoder)
         Method("finetune", frozen=False),  # the whole backbone trains: the baseline
         Method("linear_probe", frozen=True, mixes_in_batch=True, trains_backbone_heads=True),  # heads only
+        Method("lora", frozen=True, peft="lora"),  # Hu et al.: the attention weights change, so no batch mixing
+        # PEFT's prefix tuning: the prefix enters as a cache (generation is refused in config, with that reason)
+        Method("peft_prefix", frozen=True, peft="prefix"),
         Method("apt", frozen=True, prompt="prefix", mixes_in_batch=True, prefix_module=_apt, generation=False),  # APT
     )
 }

@@ -8,6 +8,7 @@ from torch import nn
 from ptv2.modeling.heads import LanguageModelHead, VerbalizerHead
 from ptv2.modeling.injection import encoder_shape, family_of, generate_greedy, run_encoder, shifted_position_ids
 from ptv2.modeling.methods import method, parse_layers
+from ptv2.modeling.peft_methods import add_lora, add_peft_prefix
 from ptv2.modeling.prompts import InputPrompt, PrefixEncoder, official_init_
 
 
@@ -65,6 +66,12 @@ class PromptModel(nn.Module):
         if self.prompt is not None:
             official_init_(self.prompt, config.initializer_range, embedding_std=prompt_cfg.get("init_std"))
         self.encoder.requires_grad_(not self.frozen)
+        # PEFT's methods add their trained part after the freeze, so it is the only part of the encoder that trains.
+        # peft_prefix makes `encoder` PEFT's wrapper (its forward passes the prefix as a cache); lora adapts in place.
+        if chosen.peft == "lora":
+            self.encoder = add_lora(self.encoder, prompt_cfg)
+        elif chosen.peft == "prefix":
+            self.encoder = add_peft_prefix(self.encoder, prompt_cfg)
         self._set_backbone_head_trainability()
 
     @staticmethod
