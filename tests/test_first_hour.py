@@ -42,3 +42,33 @@ def test_hub_endpoint_follows_hf_endpoint(monkeypatch, env, expected):
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     assert hub.endpoint() == expected
+
+
+def test_run_folder_checks_name_the_state_folder_resume_writes():
+    from ptv2.runs import resume, rundir
+
+    assert rundir.STATE_DIR == resume.STATE_DIR
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [("trainer.epoch=1", "did you mean trainer.epochs?"), ("trainer.epochs=-1", "trainer.epochs=-1 is out of range")],
+)
+def test_a_config_mistake_is_reported_before_torch_is_imported(tmp_path, override, expected):
+    """The error path of a bad key or value loads neither torch nor transformers (they cost seconds per start)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from ptv2 import cli\n"
+        "try:\n"
+        f"    code = cli.main(['train', 'backbone=tiny', '{override}', 'hydra.run.dir={tmp_path / 'run'}'])\n"
+        "except SystemExit as exit:\n"
+        "    code = exit.code\n"
+        "assert code == 2, code\n"
+        "print(sorted(name for name in ('torch', 'transformers') if name in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"
+    assert expected in result.stderr

@@ -378,9 +378,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     target, config_name, _ = COMMANDS[command]
     module_name, function_name = target.split(":")
-    function = getattr(importlib.import_module(module_name), function_name)
     if config_name is None:
-        return function(argv[1:])
+        return getattr(importlib.import_module(module_name), function_name)(argv[1:])
+
+    def function(cfg: DictConfig, run_dir: Path):
+        # Imported once the config composed: a mistake in it is reported before torch and transformers load.
+        return getattr(importlib.import_module(module_name), function_name)(cfg, run_dir)
+
     args = flags_first(argv[1:])
     problem = unwritable_run_dir(args) or linked_run_dir(args) or launcher_knobs(args)
     if problem:
