@@ -72,3 +72,50 @@ def test_a_config_mistake_is_reported_before_torch_is_imported(tmp_path, overrid
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "[]"
     assert expected in result.stderr
+
+
+def test_epoch_line_prints_counts_as_integers():
+    from ptv2.runs.summary import epoch_line
+
+    record = {"epoch": 2, "step": 78.0, "train_loss": 0.69314, "dev/accuracy": 0.5}
+    assert epoch_line(record) == "epoch 2: step=78, train_loss=0.6931, dev/accuracy=0.5000"
+
+
+def test_run_line_names_split_unit_test_at_best_and_folder():
+    from ptv2.runs.summary import run_line
+
+    tagging = {"name": "conll03", "type": "tagging", "test_split": "test"}
+    results = {"select_metric": "f1", "best_value": 0.9, "best_epoch": 3, "test_at_best": {"f1": 0.85}}
+    assert run_line(tagging, results, "/runs/a") == (
+        "conll03: best dev f1=0.9000 at epoch 3; test f1=0.8500 at that epoch (fraction); results in /runs/a"
+    )
+    squad = {"name": "squad", "type": "span"}
+    results = {"select_metric": "f1", "best_value": 88.5, "best_epoch": 1}
+    assert run_line(squad, results, "/runs/b") == "squad: best dev f1=88.5000 at epoch 1 (percent); results in /runs/b"
+
+
+def test_sweep_line_names_the_table_command():
+    from ptv2.runs.summary import sweep_line
+
+    assert sweep_line("/s", 3, 1) == "ptv2: sweep: 2 of 3 job(s) finished, 1 failed; runs in /s; table: ptv2 table /s"
+
+
+def test_a_bad_value_in_any_sweep_job_is_refused_before_the_first_starts(tmp_path):
+    from conftest import RTE, ptv2
+
+    sweep = tmp_path / "sweep"
+    args = ["train", "-m", "backbone=tiny", "trainer=smoke", "logger=none", f"task.data_dir={RTE}"]
+    result = ptv2(*args, "prompt.length=1,0", f"hydra.sweep.dir={sweep}", check=False)
+    assert result.returncode == 2
+    assert "sweep job 1 (" in result.stderr and "prompt.length=0 is out of range" in result.stderr
+    assert result.stderr.rstrip().endswith("no job was started") and not sweep.exists()
+
+
+def test_a_finished_sweep_ends_with_one_line_and_the_table_command(tmp_path):
+    from conftest import RTE, ptv2
+
+    sweep = tmp_path / "sweep"
+    args = ["train", "-m", "backbone=tiny", "trainer=smoke", "logger=none", f"task.data_dir={RTE}"]
+    result = ptv2(*args, "prompt.length=1,2", f"hydra.sweep.dir={sweep}")
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == f"ptv2: sweep: 2 of 2 job(s) finished; runs in {sweep}; table: ptv2 table {sweep}"
