@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from test_config import compose_train
 
@@ -119,3 +121,53 @@ def test_a_finished_sweep_ends_with_one_line_and_the_table_command(tmp_path):
     result = ptv2(*args, "prompt.length=1,2", f"hydra.sweep.dir={sweep}")
     last = result.stderr.strip().splitlines()[-1]
     assert last == f"ptv2: sweep: 2 of 2 job(s) finished; runs in {sweep}; table: ptv2 table {sweep}"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from conftest import RTE, ptv2
+
+    run = tmp_path_factory.mktemp("first-hour") / "run"
+    ptv2("train", "backbone=tiny", "trainer=smoke", "logger=none", f"task.data_dir={RTE}", f"hydra.run.dir={run}")
+    return run
+
+
+def test_eval_takes_the_run_folder_positionally_and_prints_where_eval_json_went(trained, tmp_path):
+    from conftest import RTE, ptv2
+
+    by_key, by_position = tmp_path / "key", tmp_path / "position"
+    ptv2("eval", f"ckpt={trained}", "split=dev", f"task.data_dir={RTE}", f"hydra.run.dir={by_key}")
+    result = ptv2("eval", str(trained), "split=dev", f"task.data_dir={RTE}", f"hydra.run.dir={by_position}")
+    assert f"eval.json written to {by_position / 'eval.json'}" in result.stdout
+    assert "rte dev: {" in result.stdout and "(fraction)" in result.stdout
+    read = [json.loads((folder / "eval.json").read_text()) for folder in (by_key, by_position)]
+    assert read[0]["metrics"] == read[1]["metrics"] and read[1]["checkpoint"].startswith(str(trained))
+
+
+def test_eval_with_a_folder_and_ckpt_is_one_line(trained, tmp_path):
+    from conftest import ptv2
+
+    result = ptv2("eval", str(trained), f"ckpt={trained}", f"hydra.run.dir={tmp_path / 'e'}", check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"ptv2: error: {trained} and ckpt= both name the checkpoint; give one of them"
+
+
+def test_eval_without_data_names_the_folder_it_trained_on(trained, tmp_path):
+    from conftest import RTE, ptv2
+
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    result = ptv2("eval", str(trained), "split=dev", f"hydra.run.dir={tmp_path / 'e'}", env=env, check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().endswith(
+        f"the checkpoint was trained on task.data_dir={RTE} (never taken from a checkpoint): pass it again"
+    )
+
+
+@pytest.mark.parametrize("style", [["DIR"], ["dir=DIR"], ["dir=DIR", "out=OUT"]])
+def test_table_takes_its_folder_positionally_or_as_dir(trained, tmp_path, style, capsys):
+    from ptv2.commands import table
+
+    argv = [arg.replace("DIR", str(trained.parent)).replace("OUT", str(tmp_path)) for arg in style]
+    assert table.main([*argv, "--plot", "none"]) == 0
+    out = tmp_path if "out=OUT" in style else trained.parent
+    assert f"-> {out / 'table.md'}" in capsys.readouterr().out
