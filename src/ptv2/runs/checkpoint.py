@@ -135,6 +135,19 @@ def _packaged_backbone(name: str) -> str | None:
     return str(OmegaConf.load(str(entry)).name_or_path)
 
 
+def trained_data_hint(path: str | Path) -> str:
+    """The end of a data error of eval/predict without task.data_dir: the folder the checkpoint was trained on, to
+    pass again (stored_config never takes a checkpoint's paths), or "" when it trained on the hub copy."""
+    try:
+        raw = json.loads(read_metadata(resolve(path))["config"])
+        data_dir = raw["task"].get("data_dir")
+    except Exception:  # an unreadable config is reported by stored_config
+        return ""
+    if not isinstance(data_dir, str) or not data_dir:
+        return ""
+    return f"; the checkpoint was trained on task.data_dir={data_dir} (never taken from a checkpoint): pass it again"
+
+
 def stored_config(path: str | Path) -> DictConfig:
     """The run config a checkpoint carries, read as data: parsed JSON with every `${...}` kept as text, the keys
     that are paths on the training machine (PATH_KEYS; each task's data_dir and files) cleared, a backbone that
