@@ -51,7 +51,10 @@ def train_error(tmp_path: Path, *args: str, env: dict | None = None) -> str:
             "In 'train': Could not find 'task/nope'; available options in 'task': boolq, cb, conll03, conll04, ",
         ),
         ("backbone=nope", "available options in 'backbone': bert-base-uncased, bert-large-cased,"),
-        ("prompt=nope", "available options in 'prompt': finetune, linear_probe, prompt_tuning, ptuning_v1, ptv2;"),
+        (
+            "prompt=nope",
+            "available options in 'prompt': apt, finetune, linear_probe, lora, peft_prefix, prompt_tuning,",
+        ),
         ("trainer.epoch=3", "Could not override 'trainer.epoch' (Key 'epoch' not in 'TrainerConfig')"),
         ("trainer.epochs=abc", "(Value 'abc' of type 'str' could not be converted to Integer)"),
         ("trainer.epochs=[1", "no viable alternative at input '[1'"),
