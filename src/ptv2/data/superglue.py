@@ -50,7 +50,7 @@ import numpy as np
 from ptv2.data.files import field, hub_rows, label_id, local_split, read_jsonl
 from ptv2.errors import UserError
 from ptv2.io import write_jsonl
-from ptv2.metrics.superglue import record_predictions
+from ptv2.metrics.superglue import record_predictions, superglue_metrics
 
 TASKS = ("boolq", "cb", "copa", "multirc", "record", "rte", "wic", "wsc")
 SPLITS = ("train", "dev", "test")
@@ -469,7 +469,20 @@ def _zero_one(value: Any, where: str) -> int:
     return int(value)
 
 
-# ------------------------------------------------------------------------------------------------------ submission
+# ------------------------------------------------------------------------------------ metrics and leaderboard files
+
+
+def metrics(task, split, scores) -> dict[str, float]:
+    """The task type's metrics for SuperGLUE tasks: the official ones (see ptv2.metrics.superglue)."""
+    return superglue_metrics(task.name, split.examples, scores)
+
+
+def write_predictions(task, split, scores, out_dir) -> list:
+    """The task type's prediction files for SuperGLUE tasks: the leaderboard file (e.g. RTE.jsonl)."""
+    path = out_dir / SUBMISSION_NAMES[task.name]
+    labels = None if task.name == "copa" else list(task.labels)
+    write_submission(task.name, split.examples, scores, path, labels=labels)
+    return [path]
 
 
 def write_submission(task_name: str, examples: list[dict], scores, path, labels: list[str] | None = None) -> None:
