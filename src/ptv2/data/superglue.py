@@ -25,7 +25,7 @@ Sources, which give the same examples and label ids:
 - local files (task.data_dir set): the official SuperGLUE distribution, train.jsonl / val.jsonl / test.jsonl
   (test without labels); labels as the official files have them (strings, booleans, COPA 0/1, MultiRC 0/1).
 - hub rows (task.data_dir unset). Recommended: path `aps/super_glue` (the `super_glue` card, parquet on its main
-  branch since "Convert dataset to Parquet (#16)"), revision 3de24cf8022e94f4ee4b9d55a6f539891524d646, name = the
+  branch since "Convert dataset to Parquet (#16)"), at the revision each conf/task YAML pins (`hub:`), name = the
   task name (`wsc`, not `wsc.fixed`: `wsc` is the official file as is, which the official code used; `wsc.fixed`
   rewrites a few span texts). Splits train / validation / test. Columns per config (`idx` int unless said):
     boolq   question, passage, idx, label (0 False, 1 True)
@@ -55,9 +55,6 @@ from ptv2.metrics.superglue import record_predictions, superglue_metrics
 TASKS = ("boolq", "cb", "copa", "multirc", "record", "rte", "wic", "wsc")
 SPLITS = ("train", "dev", "test")
 
-# (path, revision) of the recommended parquet-backed hub copy; the config name is the task name.
-HUB = ("aps/super_glue", "3de24cf8022e94f4ee4b9d55a6f539891524d646")
-
 # Label names as task configs should list them (the hub's class order). Loading maps labels by name, so another
 # order also reads right; but MultiRC/ReCoRD must be [false, true] (metrics read the "true" logit at index 1) and
 # `write_submission` assumes these orders unless given `labels`. COPA has no label names: the label is the choice.
@@ -70,19 +67,6 @@ LABELS = {
     "rte": ["entailment", "not_entailment"],
     "wic": ["false", "true"],
     "wsc": ["false", "true"],
-}
-
-# Dev metric that picks the best epoch: the official code's `test_key` ("f1" for MultiRC/ReCoRD, else accuracy;
-# for CB that is accuracy, not the leaderboard's mean of accuracy and macro-F1).
-SELECT_METRIC = {
-    "boolq": "accuracy",
-    "cb": "accuracy",
-    "copa": "accuracy",
-    "multirc": "f1a",
-    "record": "f1",
-    "rte": "accuracy",
-    "wic": "accuracy",
-    "wsc": "accuracy",
 }
 
 SUBMISSION_NAMES = {
