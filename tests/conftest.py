@@ -150,6 +150,15 @@ def assert_only_prompt_and_head_get_gradients(model) -> None:
             assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
 
 
+def task_yaml(name: str):
+    """conf/task/<name>.yaml as written (not composed): the one source of a task's hub copy, metric and labels."""
+    import importlib.resources
+
+    from omegaconf import OmegaConf
+
+    return OmegaConf.load(importlib.resources.files("ptv2.conf").joinpath("task", f"{name}.yaml"))
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     """The packaged tiny BERT tokenizer (character level: "acme" -> a ##c ##m ##e), loaded as a run loads it."""

@@ -99,7 +99,10 @@ BAD_VALUES = [
     ("optimizer.betas=[-0.1,0.9]", "optimizer.betas=[-0.1, 0.9] is out of range; use two numbers in [0, 1)"),
     ("task.max_length=1", "task.max_length=1 is out of range; use an integer >= 8"),
     ("backbone.dtype=int8", "backbone.dtype=int8 is unknown; choose one of float32, bfloat16, float16"),
-    ("task.reader=foo", "task.reader=foo is unknown; choose one of instructions, squad, superglue, tagging"),
+    (
+        "task.reader=foo",
+        "task.reader=foo is unknown; choose one of instructions, squad, superglue, tagging, text_pairs",
+    ),
     ("trainer.limit_train=0", "trainer.limit_train=0 is out of range; use null or an integer >= 1"),
     ("trainer.limit_eval=-30", "trainer.limit_eval=-30 is out of range; use null or an integer >= 1"),
     ("trainer.max_steps=-5", "trainer.max_steps=-5 is out of range; use null or an integer >= 1"),

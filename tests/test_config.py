@@ -127,7 +127,7 @@ def test_optimizer_name_chooses_the_optimizer(name, kind):
         ("scheduler.name=cosine", "scheduler.name=cosine is unknown; choose one of linear, exponential, constant"),
         (
             "task.reader=superglu",
-            "task.reader=superglu is unknown; choose one of instructions, squad, superglue, tagging",
+            "task.reader=superglu is unknown; choose one of instructions, squad, superglue, tagging, text_pairs",
         ),
     ],
 )

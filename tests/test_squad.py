@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import task_yaml
 from omegaconf import OmegaConf
 
 from ptv2.data import files, squad
@@ -30,7 +31,7 @@ def task_config(name="squad", data_dir=FIXTURES, version="v1.1"):
             "name": name,
             "data_dir": str(data_dir) if data_dir else None,
             "files": {"train": f"train-{version}.json", "dev": f"dev-{version}.json"},
-            "hub": {"path": "rajpurkar/squad", "name": "plain_text", "revision": squad.HUB["squad"][2]},
+            "hub": {"path": "rajpurkar/squad", "name": "plain_text", "revision": task_yaml("squad").hub.revision},
             "hub_splits": {"train": "train", "dev": "validation"},
             "options": {"version_2": version == "v2.0"},  # SQuAD 1.1 training questions all have an answer
         }
@@ -179,7 +180,7 @@ def test_hub_rows_are_checked_like_local_ones(monkeypatch):
 
     monkeypatch.setattr(files, "load_hub_split", fake_hub)
     assert squad.load(task_config(data_dir=None), "dev") == [row]
-    assert calls == [("rajpurkar/squad", "plain_text", squad.HUB["squad"][2], "validation")]
+    assert calls == [("rajpurkar/squad", "plain_text", task_yaml("squad").hub.revision, "validation")]
 
     monkeypatch.setattr(files, "load_hub_split", lambda *args: [{**row, "answers": {"text": ["x"]}}])
     with pytest.raises(UserError, match="row 0.*answer_start"):

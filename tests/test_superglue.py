@@ -11,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SUPERGLUE_FOLDERS
+from conftest import SUPERGLUE_FOLDERS, task_yaml
 from omegaconf import OmegaConf
 
-from ptv2.data import files, superglue
-from ptv2.data.superglue import HUB, LABELS, SUBMISSION_NAMES, hub_examples, load, write_submission
+from ptv2.data import files
+from ptv2.data.superglue import LABELS, SUBMISSION_NAMES, hub_examples, load, write_submission
 from ptv2.errors import UserError
 from ptv2.metrics.squad import normalize_answer
 from ptv2.metrics.superglue import macro_f1, superglue_metrics
@@ -31,7 +31,7 @@ def config(name: str, data_dir: str | None = "fixtures", template: str | None = 
             "name": name,
             "data_dir": str(FIXTURES / FOLDERS[name]) if data_dir == "fixtures" else data_dir,
             "files": {"train": "train.jsonl", "dev": "val.jsonl", "test": "test.jsonl"},
-            "hub": {"path": HUB[0], "name": name, "revision": HUB[1]},
+            "hub": dict(task_yaml(name).hub),
             "hub_splits": {"train": "train", "dev": "validation", "test": "test"},
             "labels": LABELS[name],
             "options": {"template": template} if template else {},
@@ -563,4 +563,4 @@ def test_select_metric_is_a_returned_key():
         examples = load(config(name), "dev")
         classes = 3 if name == "cb" else 2
         scores = _logits([0] * len(examples), classes)
-        assert superglue.SELECT_METRIC[name] in superglue_metrics(name, examples, scores)
+        assert task_yaml(name).metric in superglue_metrics(name, examples, scores)

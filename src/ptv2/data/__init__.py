@@ -53,6 +53,16 @@ def reader(name: str):
     return importlib.import_module(f"{__name__}.{name}")
 
 
+def reader_hook(task, job: str):
+    """The function `job` (`metrics` or `write_predictions`) of the task's reader, or None when the reader leaves
+    that job to the task type. A reader owns what is specific to its datasets (official metrics, leaderboard files),
+    so the generic task types never ask which dataset they serve."""
+    name = task.get("reader")
+    if name not in readers():
+        return None
+    return getattr(reader(name), job, None)
+
+
 def load_examples(task, split: str) -> list[dict]:
     reader_module = reader(task.reader)
     try:

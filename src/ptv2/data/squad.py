@@ -9,9 +9,9 @@ Sources:
 - local official json (`task.data_dir`, found by name or named by `task.files`): train-v1.1.json / dev-v1.1.json,
   train-v2.0.json / dev-v2.0.json (`is_impossible` and `plausible_answers` are read past: the golds are `answers`);
 - the Hugging Face hub, parquet-backed:
-  squad    -> path `rajpurkar/squad`,    name `plain_text`, revision 7b6d24c440a36b6815f21b70d25016731768db1f
-  squad_v2 -> path `rajpurkar/squad_v2`, name `squad_v2`,   revision 3ffb306f725f7d2ce8394bc1873b24868140c412
-  (splits `train` and `validation`).
+  squad    -> path `rajpurkar/squad`,    name `plain_text`
+  squad_v2 -> path `rajpurkar/squad_v2`, name `squad_v2`
+  (splits `train` and `validation`), each at the revision its conf/task YAML pins (`hub:`).
 
 Tokenisation follows the usual recipe for BERT/RoBERTa extractive QA: question and context as a pair, only the
 context truncated, long contexts cut into overlapping windows (`stride` tokens shared between neighbours).
@@ -31,12 +31,6 @@ from ptv2.data.files import field, hub_rows, local_split, read_json
 from ptv2.errors import UserError
 
 log = logging.getLogger("ptv2")
-
-# (path, name, revision) of the parquet-backed hub copies, for task configs.
-HUB = {
-    "squad": ("rajpurkar/squad", "plain_text", "7b6d24c440a36b6815f21b70d25016731768db1f"),
-    "squad_v2": ("rajpurkar/squad_v2", "squad_v2", "3ffb306f725f7d2ce8394bc1873b24868140c412"),
-}
 
 
 # --------------------------------------------------------------------------------------------------------- reading

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ptv2.data import Split
+from ptv2.data import Split, reader_hook
 from ptv2.io import write_jsonl
 from ptv2.modeling.heads import ClassificationHead
 
@@ -91,27 +91,22 @@ def outputs(logits: torch.Tensor, batch: dict) -> torch.Tensor:
 
 
 def metrics(task, split: Split, outputs: list[np.ndarray]) -> dict[str, float]:
-    """Accuracy, or the SuperGLUE task's official metrics when the task comes from the SuperGLUE reader."""
+    """Accuracy, or the metrics the task's reader declares (`metrics(task, split, scores)`, e.g. SuperGLUE's)."""
     scores = np.stack(outputs)  # (examples, labels)
-    if task.reader == "superglue":
-        from ptv2.metrics.superglue import superglue_metrics
-
-        return superglue_metrics(task.name, split.examples, scores)
+    if own := reader_hook(task, "metrics"):
+        return own(task, split, scores)
     labels = np.array([example["label"] for example in split.examples])
     return {"accuracy": float((scores.argmax(-1) == labels).mean())}
 
 
 def write_predictions(task, split: Split, outputs: list[np.ndarray], out_dir) -> list[Path]:
-    """Prediction file(s) of one split: the SuperGLUE leaderboard file for SuperGLUE tasks (e.g. RTE.jsonl),
-    otherwise <task>-<split>.jsonl with one {"idx", "label": label name} line per example."""
+    """Prediction file(s) of one split: the reader's own files when it declares `write_predictions` (SuperGLUE: the
+    leaderboard file, e.g. RTE.jsonl), otherwise <task>-<split>.jsonl with one {"idx", "label": label name} line per
+    example."""
     scores = np.stack(outputs)  # (examples, labels)
     out_dir = Path(out_dir)
-    if task.reader == "superglue":
-        from ptv2.data import superglue
-
-        path = out_dir / superglue.SUBMISSION_NAMES[task.name]
-        superglue.write_submission(task.name, split.examples, scores, path, labels=list(task.labels))
-        return [path]
+    if own := reader_hook(task, "write_predictions"):
+        return own(task, split, scores, out_dir)
     labels = list(task.labels)
     lines = [
         {"idx": example.get("idx", i), "label": labels[int(predicted)]}

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ptv2.data import Split
+from ptv2.data import Split, reader_hook
 from ptv2.errors import UserError
 from ptv2.io import write_jsonl
 from ptv2.modeling.heads import MultipleChoiceHead
@@ -66,16 +66,13 @@ def collate(features: list[dict], tokenizer) -> dict[str, torch.Tensor]:
 
 
 def write_predictions(task, split: Split, outputs: list[np.ndarray], out_dir) -> list[Path]:
-    """Prediction file(s) of one split: COPA.jsonl ({"idx", "label": choice 0|1}) for SuperGLUE COPA, otherwise
-    <task>-<split>.jsonl with one {"idx", "label": the chosen index} line per example."""
+    """Prediction file(s) of one split: the reader's own files when it declares `write_predictions` (SuperGLUE COPA:
+    COPA.jsonl, {"idx", "label": choice 0|1}), otherwise <task>-<split>.jsonl with one {"idx", "label": the chosen
+    index} line per example."""
     scores = np.stack(outputs)  # (examples, choices)
     out_dir = Path(out_dir)
-    if task.reader == "superglue":
-        from ptv2.data import superglue
-
-        path = out_dir / superglue.SUBMISSION_NAMES[task.name]
-        superglue.write_submission(task.name, split.examples, scores, path)
-        return [path]
+    if own := reader_hook(task, "write_predictions"):
+        return own(task, split, scores, out_dir)
     lines = [
         {"idx": example.get("idx", i), "label": int(choice)}
         for i, (example, choice) in enumerate(zip(split.examples, scores.argmax(-1), strict=True))
