@@ -150,8 +150,19 @@ def assert_only_prompt_and_head_get_gradients(model) -> None:
             assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
 
 
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """The packaged tiny BERT tokenizer (character level: "acme" -> a ##c ##m ##e), loaded as a run loads it."""
+    from omegaconf import OmegaConf
+
+    from ptv2.modeling import backbone
+
+    return backbone.load_tokenizer(OmegaConf.create({"name_or_path": str(TINY_BERT), "revision": None}))
+
+
 @pytest.fixture
 def shared_data() -> Path:
+    """The real data folder (PTV2_SHARED_DATA, else shared/data beside the checkout); the test skips without it."""
     if not SHARED.is_dir():
         pytest.skip(f"real data folder {SHARED} is absent")
     return SHARED

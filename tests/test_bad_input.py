@@ -51,7 +51,10 @@ def train_error(tmp_path: Path, *args: str, env: dict | None = None) -> str:
             "In 'train': Could not find 'task/nope'; available options in 'task': boolq, cb, conll03, conll04, ",
         ),
         ("backbone=nope", "available options in 'backbone': bert-base-uncased, bert-large-cased,"),
-        ("prompt=nope", "available options in 'prompt': finetune, linear_probe, prompt_tuning, ptuning_v1, ptv2;"),
+        (
+            "prompt=nope",
+            "available options in 'prompt': apt, finetune, linear_probe, lora, peft_prefix, prompt_tuning,",
+        ),
         ("trainer.epoch=3", "Could not override 'trainer.epoch' (Key 'epoch' not in 'TrainerConfig')"),
         ("trainer.epochs=abc", "(Value 'abc' of type 'str' could not be converted to Integer)"),
         ("trainer.epochs=[1", "no viable alternative at input '[1'"),
@@ -60,8 +63,9 @@ def train_error(tmp_path: Path, *args: str, env: dict | None = None) -> str:
 def test_config_mistakes_get_one_line_like_every_user_error(override, expected, tmp_path):
     result = run("train", *BASE, f"task.data_dir={RTE}", override, f"hydra.run.dir={tmp_path / 'run'}")
     assert expected in one_line_error(result)
-    hint = "did you mean trainer.epochs?" if override == "trainer.epoch=3" else "`ptv2 train --help` lists the options"
-    assert one_line_error(result).endswith(hint)
+    assert one_line_error(result).endswith("; `ptv2 train --help` lists the options")
+    if override == "trainer.epoch=3":
+        assert "did you mean trainer.epochs?" in one_line_error(result)
     assert not (tmp_path / "run").exists()  # fails before the run directory is made
 
 
@@ -166,7 +170,30 @@ def test_offline_without_cached_hub_data_says_to_pass_data_dir(tmp_path):
     offline = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     message = train_error(tmp_path, env=offline)
     assert "could not load aps/super_glue/rte split 'train' from the Hugging Face hub" in message
-    assert message.endswith("without the hub, pass local files with task.data_dir=DIR")
+    assert "(HF_HUB_OFFLINE is set and the hub cache has no copy)" in message
+    assert "task.data_dir=DIR" in message and "backbone=minilm" in message
+    assert "set HF_HUB_OFFLINE=1" not in message  # already set: advice that would change nothing
+
+
+def test_an_unreachable_hub_is_probed_once_and_fails_fast_naming_the_fixes(tmp_path, monkeypatch):
+    """No HF_HUB_OFFLINE, and a hub address nobody listens on: one probe, then the clients read only their cache."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    from ptv2 import hub
+
+    monkeypatch.setattr(hub, "_state", {})  # the switch to cache-only is put back for the other tests
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", huggingface_hub.constants.HF_HUB_OFFLINE)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", datasets.config.HF_HUB_OFFLINE)
+    env = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf")}
+    message = train_error(tmp_path, env=env)
+    assert "(the Hugging Face hub is unreachable and the hub cache has no copy)" in message
+    assert "task.data_dir=DIR" in message and "backbone=minilm" in message
+    assert "backbone.name_or_path=DIR" in message
+    assert hub._state == {"reachable": False, "switched": True}
+    message = train_error(tmp_path, f"task.data_dir={RTE}", "backbone.name_or_path=no-such/model", env=env)
+    assert "could not load the config of backbone 'no-such/model' (the Hugging Face hub is unreachable" in message
+    assert "backbone.name_or_path=DIR" in message and "backbone=minilm" in message
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_state(tmp_path):
@@ -213,7 +240,9 @@ def test_unreachable_wandb_falls_back_to_offline(tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     assert (run_dir / "results.json").exists()
-    assert list((run_dir / "wandb").glob("offline-run-*"))
+    (offline_run,) = (run_dir / "wandb").glob("offline-run-*")
+    assert "W&B server 127.0.0.1:9 did not answer: logging offline" in result.stdout
+    assert f"W&B offline run written to {offline_run}; upload it with: wandb sync {offline_run}" in result.stdout
 
 
 # ------------------------------------------------------------------ files and data that are odd, not malformed

@@ -127,9 +127,18 @@ def test_predict_writes_submission_and_serves_several_checkpoints(two_runs, tmp_
         lines = open(entry["files"][0]).read().splitlines()
         assert [json.loads(x)["label"] for x in lines] == [json.loads(x)["label"] for x in alone[run.name]]
 
+    # A user's file without the bookkeeping idx, the run folder given positionally: the labels as predicted on the
+    # official file, numbered in file order, and every label's probability beside them.
+    record = json.loads((RTE / "test.jsonl").read_text().splitlines()[0])
     raw = tmp_path / "mine.jsonl"
-    raw.write_text((RTE / "test.jsonl").read_text().splitlines()[0] + "\n")
+    raw.write_text(json.dumps({k: v for k, v in record.items() if k not in ("idx", "label")}) + "\n")
     one = tmp_path / "one"
-    ptv2("predict", f"ckpt={a}", f"input={raw}", f"hydra.run.dir={one}")
-    files = [p for p in one.iterdir() if p.suffix == ".jsonl"]
-    assert len(files) == 1 and json.loads(files[0].read_text())["label"] == json.loads(alone["a"][0])["label"]
+    result = ptv2("predict", str(a), f"input={raw}", f"hydra.run.dir={one}")
+    assert f"predict.json (what was written) in {one / 'predict.json'}" in result.stdout
+    submission = json.loads((one / "RTE.jsonl").read_text())
+    assert submission == {"idx": 0, "label": json.loads(alone["a"][0])["label"]}
+    scores = json.loads((one / "rte-scores.jsonl").read_text())
+    assert scores["record"] == 1 and scores["label"] == submission["label"]
+    assert set(scores["scores"]) == {"entailment", "not_entailment"}
+    assert sum(scores["scores"].values()) == pytest.approx(1.0, abs=1e-5)
+    assert max(scores["scores"], key=scores["scores"].get) == submission["label"]

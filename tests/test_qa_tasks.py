@@ -15,7 +15,6 @@ from omegaconf import OmegaConf
 
 from ptv2.data import Split, squad
 from ptv2.errors import UserError
-from ptv2.modeling import backbone
 from ptv2.tasks import span
 
 SQUAD = Path(__file__).parent / "fixtures" / "squad"
@@ -25,16 +24,6 @@ SMOKE = ["backbone=tiny", "trainer=smoke", "logger=none"]
 def task(version_2=False, max_length=384, stride=128, name="squad"):
     options = {"stride": stride, "n_best": 20, "max_answer_length": 30, "version_2": version_2}
     return OmegaConf.create({"name": name, "max_length": max_length, "options": options})
-
-
-@pytest.fixture(scope="module")
-def tiny_tokenizer():
-    """The tiny backbone's character-level BERT tokenizer: one token per character, so windows are many."""
-    return backbone.load_tokenizer(OmegaConf.create({"name_or_path": str(backbone_asset()), "revision": None}))
-
-
-def backbone_asset() -> Path:
-    return Path(span.__file__).parents[1] / "assets" / "tiny-bert"
 
 
 # ---------------------------------------------------------------------------------------------------- encoding

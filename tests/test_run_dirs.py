@@ -38,7 +38,7 @@ def finished(tmp_path):
 def test_a_fresh_run_into_a_finished_run_folder_is_refused_and_changes_nothing(finished):
     before = snapshot(finished)
     assert {"results.json", "prompt.safetensors", "config.yaml", ".hydra/overrides.yaml"} <= before.keys()
-    # The README's preemption command re-issued without trainer.resume, and with another config.
+    # The preemption command of docs/usage.md (Resuming), re-issued without trainer.resume, and with another config.
     message = one_line_error(run(*TRAIN, f"hydra.run.dir={finished}", "optimizer.lr=0.5"))
     assert message == (
         f"ptv2: error: {finished} already holds a run (results.json, prompt.safetensors, state); continue it with "
@@ -59,8 +59,10 @@ def test_a_refused_resume_leaves_config_and_hydra_record_as_they_were(finished):
 
 
 def test_resume_of_a_finished_run_and_overwrite_are_explicit(finished):
+    before = snapshot(finished)
     resumed = run(*TRAIN, f"hydra.run.dir={finished}", "trainer.resume=true")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "nothing to resume, nothing written" in resumed.stderr and snapshot(finished) == before
     old = json.loads((finished / "results.json").read_text())
     replaced = run(*TRAIN, f"hydra.run.dir={finished}", "trainer.overwrite=true", "optimizer.lr=0.5")
     assert replaced.returncode == 0, replaced.stderr[-2000:]

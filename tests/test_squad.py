@@ -22,11 +22,6 @@ from ptv2.metrics.squad import (
 )
 
 FIXTURES = Path(__file__).parent / "fixtures" / "squad"
-REPO = Path(__file__).resolve().parents[1]
-REAL_DEV = [
-    base / "data" / "squad_v1.1" / "dev-v1.1.json"
-    for base in (REPO / "shared", REPO.parent / "shared", Path("/work/shared"))
-]
 
 
 def task_config(name="squad", data_dir=FIXTURES, version="v1.1"):
@@ -192,9 +187,10 @@ def test_hub_rows_are_checked_like_local_ones(monkeypatch):
 
 
 @pytest.mark.realdata
-@pytest.mark.skipif(not any(p.is_file() for p in REAL_DEV), reason="shared SQuAD v1.1 dev file not present")
-def test_real_squad_v11_dev_file():
-    path = next(p for p in REAL_DEV if p.is_file())
+def test_real_squad_v11_dev_file(shared_data):
+    path = shared_data / "squad_v1.1" / "dev-v1.1.json"
+    if not path.is_file():
+        pytest.skip(f"{path} is absent")
     examples = squad.load(task_config(data_dir=path.parent), "dev")
     assert len(examples) == 10570
     assert all(e["answers"]["text"] for e in examples)

@@ -29,9 +29,12 @@ def read_csv(path: Path) -> list[dict]:
 
 def test_prompt_length_sweep_gives_table_csv_plot_and_lists_the_failed_job(tmp_path):
     sweep = tmp_path / "sweep"
-    # prompt.length=0 is refused at start-up: that job alone fails, the others are kept, ptv2 exits 1.
+    # A prompt of 20 with 500 tokens needs more positions than the backbone has: refused when its job starts (the
+    # backbone's config is read then), that job alone fails, the others are kept, ptv2 exits 1. (A value out of range
+    # for every backbone, prompt.length=0, refuses the whole sweep before any job starts: test_first_hour.)
+    over = ["prompt.shift_positions=true", "task.max_length=500"]
     result = ptv2(
-        "train", "-m", *SMOKE, "logger=none", "prompt.length=0,2,4,8", f"hydra.sweep.dir={sweep}", check=False
+        "train", "-m", *SMOKE, "logger=none", *over, "prompt.length=20,2,4,8", f"hydra.sweep.dir={sweep}", check=False
     )
     assert result.returncode == 1 and (sweep / "0" / "FAILED").exists()
 
@@ -62,7 +65,7 @@ def test_prompt_length_sweep_gives_table_csv_plot_and_lists_the_failed_job(tmp_p
     markdown = (out / "table.md").read_text()
     assert "best dev epoch" in markdown and "| task | split | metric | prompt.length | ptv2 / tiny |" in markdown
     failures = markdown.split("## Failures (1)")[1]
-    assert "`0`" in failures and "prompt.length=0" in failures and "is out of range" in failures
+    assert "`0`" in failures and "prompt.length=20" in failures and "needs 520 positions" in failures
 
 
 def fake_run(

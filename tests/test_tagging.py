@@ -23,7 +23,6 @@ from ptv2.errors import UserError
 from ptv2.metrics.tagging import tagging_metrics
 
 FIXTURES = Path(__file__).parent / "fixtures" / "tagging"
-REPO = Path(__file__).resolve().parents[1]
 
 
 def make_task(**fields):
@@ -330,18 +329,11 @@ def test_metrics_empty_and_mismatched_inputs():
 # ---------------------------------------------------------------- real data
 
 
-def _shared_conll2003() -> Path | None:
-    for root in (REPO / "shared", REPO.parent / "shared"):
-        if (root / "data" / "conll2003").is_dir():
-            return root / "data" / "conll2003"
-    return None
-
-
 @pytest.mark.realdata
-def test_real_conll2003_dev():
-    folder = _shared_conll2003()
-    if folder is None:
-        pytest.skip("shared/data/conll2003 is absent")
+def test_real_conll2003_dev(shared_data):
+    folder = shared_data / "conll2003"
+    if not folder.is_dir():
+        pytest.skip(f"{folder} is absent")
     task = make_task(name="conll03", format="conll", data_dir=str(folder), files={"dev": "dev.txt"})
     examples = load(task, "dev")
     assert len(examples) == 3250

@@ -20,7 +20,6 @@ from ptv2.data import Split
 from ptv2.tasks import tagging
 
 TAGGING = Path(__file__).parent / "fixtures" / "tagging"
-TINY_TOKENIZER = Path(__file__).resolve().parents[1] / "src" / "ptv2" / "assets" / "tiny-bert"
 X = -100  # ignored label / not a first sub-word
 LABELS = ["O", "B-LOC", "B-ORG", "B-PER", "I-PER"]
 
@@ -51,11 +50,6 @@ def perfect_outputs(split: Split) -> list[np.ndarray]:
         row[: len(labels)] = np.maximum(labels, 0)
         rows.append(row)
     return rows
-
-
-@pytest.fixture(scope="module")
-def tiny_tokenizer():
-    return AutoTokenizer.from_pretrained(TINY_TOKENIZER)  # character level: "acme" -> a ##c ##m ##e
 
 
 # ---------------------------------------------------------------- encode

@@ -27,11 +27,12 @@ from omegaconf.errors import OmegaConfBaseException
 from ptv2 import __version__, config
 from ptv2.config import check_added_keys, check_launcher, check_values, unknown_key_hint
 from ptv2.errors import UserError, short_line
-from ptv2.runs import rundir
+from ptv2.runs import rundir, summary
 
 log = logging.getLogger("ptv2")
 CONFIG_PATH = "pkg://ptv2.conf"
 failed_jobs: list[str] = []
+sweep_jobs: dict[str, int] = {}  # sweep folder -> jobs started in it (the line that ends a multirun)
 job_error: Exception | None = None  # an error raised inside a job reaches main as it is (not a config mistake)
 # Run folders named on the command line that existed before this start, with the names they held: a refused start
 # leaves them as they were.
@@ -69,7 +70,8 @@ def _job(function, cfg: DictConfig, command: str):
             print(f"ptv2: error: {short_line(error)}", file=sys.stderr)
             if lock is not None:
                 lock.release()
-            discard_unused_run_dir(run_dir)
+            if not isinstance(error, rundir.RunDirInUse):  # another run's folder (maybe being written): untouched
+                discard_unused_run_dir(run_dir)
             sys.exit(2)
         record_failure(error, cfg, run_dir, hydra_cfg.job.num)
     except Exception as error:
@@ -133,6 +135,9 @@ def open_job(cfg: DictConfig, run_dir: Path, command: str) -> rundir.RunLock | N
     check_values(cfg)
     if HydraConfig.initialized():
         hydra_cfg = HydraConfig.get()
+        if hydra_cfg.mode == RunMode.MULTIRUN:  # counted for the line that ends the sweep (packed jobs too)
+            sweep_dir = str(Path(hydra_cfg.sweep.dir).absolute())
+            sweep_jobs[sweep_dir] = sweep_jobs.get(sweep_dir, 0) + 1
         check_added_keys(list(hydra_cfg.overrides.task), set(hydra_cfg.runtime.choices))
         check_launcher(hydra_cfg.launcher)
     if not process_owns_run_dir():
@@ -241,7 +246,31 @@ INFO_TOPICS = ("all", "config", "defaults", "defaults-tree", "plugins", "searchp
 def flags_first(args: list[str]) -> list[str]:
     """Hydra's flags (with their values) before the overrides: Hydra's argparse stops reading overrides at the first
     flag, so `ptv2 train task=rte -m` or an override ptv2 appends after `--cfg job` (the official preset) would be
-    refused as "unrecognized arguments". The order of the overrides is kept (the last one of a key wins)."""
+    refused as "unrecognized arguments". The order of the overrides is kept (the last one of a key wins). A flag's
+    value is the next argument unless that is an override (it holds "=") or another flag."""
+    flags, overrides, last, index = [], [], [], 0
+    while index < len(args):
+        arg = args[index]
+        index += 1
+        if not arg.startswith("-"):  # overrides never do (`~key`, `+key=`, `key=-1`)
+            overrides.append(arg)
+            continue
+        following = args[index] if index < len(args) else None
+        if arg not in (*VALUE_FLAGS, "--info"):
+            flags.append(arg)
+        elif following is not None and "=" not in following and not following.startswith("-"):
+            if arg != "--info" or following in INFO_TOPICS:
+                flags += [arg, following]
+                index += 1
+            else:
+                last.append(arg)
+        else:  # no value given: last, so that argparse does not take an override for its value
+            last.append(arg)
+    return [*flags, *overrides, *last]
+
+
+def split_flags(args: list[str]) -> tuple[list[str], list[str]]:
+    """(Hydra's flags with their values, the overrides), each in the order given."""
     flags, overrides, rest = [], [], iter(args)
     for arg in rest:
         if arg.startswith("-"):  # overrides never do (`~key`, `+key=`, `key=-1`)
@@ -257,7 +286,7 @@ def flags_first(args: list[str]) -> list[str]:
                     flags.append(following)
         else:
             overrides.append(arg)
-    return [*flags, *overrides]
+    return flags, overrides
 
 
 def launcher_knobs(args: list[str]) -> str | None:
@@ -356,6 +385,64 @@ def config_error_line(error: Exception) -> str:
 LEXER_ERRORS = ("LexerNoViableAltException", "missing EQUAL", "token recognition error", "extraneous input")
 
 
+# Commands whose run folder may be named positionally, as `ckpt=`: `ptv2 eval RUN_DIR` = `ptv2 eval ckpt=RUN_DIR`.
+CHECKPOINT_COMMANDS = ("eval", "predict")
+SAFE_VALUE = re.compile(r"[\w./~-]+")
+
+
+def positional_checkpoints(args: list[str]) -> tuple[list[str], str | None]:
+    """The overrides with run folders/files given positionally turned into `ckpt=` (several: `ckpt=[A,B]`, which
+    predict serves on one backbone), or a reason to refuse: a positional and a `ckpt=` together. A value with
+    characters Hydra's override grammar does not take bare is quoted."""
+    flags, overrides = split_flags(args)
+    positional = [arg for arg in overrides if not arg.startswith(("+", "~")) and "=" not in arg]
+    if not positional:
+        return args, None
+    if any(arg.startswith("ckpt=") for arg in overrides):
+        return args, f"{positional[0]} and ckpt= both name the checkpoint; give one of them"
+    quoted = [
+        path if SAFE_VALUE.fullmatch(path) else "'" + path.replace("\\", "\\\\").replace("'", "\\'") + "'"
+        for path in positional
+    ]
+    value = quoted[0] if len(quoted) == 1 else f"[{','.join(quoted)}]"
+    return [*flags, f"ckpt={value}", *(arg for arg in overrides if arg not in positional)], None
+
+
+def sweep_value_problem(config_name: str, args: list[str]) -> str | None:
+    """Every job of a basic-sweeper multirun composed and its values checked before the first job starts: the first
+    bad one as a line naming the job's overrides, else None. Sweeps that another sweeper draws (Optuna) or that
+    compose only inside Hydra's run (interpolations of hydra:) are left to each job's own check."""
+    from hydra import compose, initialize_config_module
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = split_flags(args)[1]
+    if any(arg.lstrip("+").startswith("hydra/sweeper=") for arg in overrides):
+        return None
+    parser = OverridesParser.create()
+    try:
+        parsed = parser.parse_overrides(overrides)
+        fixed = [o.input_line for o in parsed if not o.is_sweep_override() and not o.key_or_group.startswith("hydra")]
+        GlobalHydra.instance().clear()
+        with initialize_config_module(config_module="ptv2.conf", version_base="1.3"):
+            base = compose(config_name=config_name, overrides=fixed, return_hydra_config=True)
+            params = base.hydra.sweeper.get("params") or {}
+            lines = [f"{key}={value}" for key, value in params.items()] + overrides
+            jobs = [job for batch in BasicSweeper.split_arguments(parser.parse_overrides(lines), None) for job in batch]
+            for number, job in enumerate(jobs):
+                settings = [arg for arg in job if not arg.lstrip("+").startswith("hydra")]
+                cfg = compose(config_name=config_name, overrides=settings)
+                try:
+                    check_values(cfg)
+                except UserError as error:
+                    return f"sweep job {number} ({' '.join(settings)}): {short_line(error)}; no job was started"
+    except (HydraException, OmegaConfBaseException, ValueError, KeyError):
+        return None  # reported as Hydra reports it, or by the job that meets it
+    finally:
+        GlobalHydra.instance().clear()
+    return None
+
+
 def usage() -> str:
     lines = [f"ptv2 {__version__}: P-Tuning v2 experiments", "", "usage: ptv2 <command> [overrides] [--help]", ""]
     lines += [f"  {name:<8}{text}" for name, (_, _, text) in COMMANDS.items()]
@@ -366,6 +453,7 @@ def usage() -> str:
 def main(argv: list[str] | None = None) -> int:
     global job_error
     job_error = None
+    sweep_jobs.clear()
     failed_jobs.clear()  # main may run several times in one process (the tests call it in-process)
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
@@ -380,11 +468,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     target, config_name, _ = COMMANDS[command]
     module_name, function_name = target.split(":")
-    function = getattr(importlib.import_module(module_name), function_name)
     if config_name is None:
-        return function(argv[1:])
-    args = flags_first(argv[1:])
-    problem = unwritable_run_dir(args) or linked_run_dir(args) or launcher_knobs(args)
+        return getattr(importlib.import_module(module_name), function_name)(argv[1:])
+
+    def function(cfg: DictConfig, run_dir: Path):
+        # Imported once the config composed: a mistake in it is reported before torch and transformers load.
+        return getattr(importlib.import_module(module_name), function_name)(cfg, run_dir)
+
+    args, problem = flags_first(argv[1:]), None
+    lacking = [arg for arg in args[-1:] if arg in VALUE_FLAGS]  # flags_first puts a flag without its value last
+    if lacking:
+        what = "job, hydra or all" if lacking[0] in ("-c", "--cfg") else "a value"
+        print(f"ptv2: error: {lacking[0]} needs {what} after it (e.g. --cfg job)", file=sys.stderr)
+        return 2
+    if command in CHECKPOINT_COMMANDS:
+        args, problem = positional_checkpoints(args)
+    problem = problem or unwritable_run_dir(args) or linked_run_dir(args) or launcher_knobs(args)
     if problem:
         print(f"ptv2: error: {problem}", file=sys.stderr)
         return 2
@@ -395,6 +494,8 @@ def main(argv: list[str] | None = None) -> int:
             note = "the official run's settings (explicit overrides win; preset=none turns it off)"
             print(f"ptv2: preset={preset}: {note}", file=sys.stderr)
     problem = rundir.sweep_dir_in_use(args)
+    if not problem and ("-m" in args or "--multirun" in args):
+        problem = sweep_value_problem(config_name, args)
     if problem:
         print(f"ptv2: error: {problem}", file=sys.stderr)
         return 2
@@ -410,10 +511,10 @@ def main(argv: list[str] | None = None) -> int:
     except (HydraException, OmegaConfBaseException) as error:
         if full_error or error is job_error:
             raise
-        line = config_error_line(error)
-        hint = "" if "did you mean" in line else f"; `ptv2 {command} --help` lists the options"
-        print(f"ptv2: error: {line}{hint}", file=sys.stderr)
+        print(f"ptv2: error: {config_error_line(error)}; `ptv2 {command} --help` lists the options", file=sys.stderr)
         return 2
+    for sweep_dir, jobs in sweep_jobs.items():
+        print(summary.sweep_line(sweep_dir, jobs, len(failed_jobs)), file=sys.stderr)
     if failed_jobs:
         print(f"ptv2: {len(failed_jobs)} job(s) failed: {'; '.join(failed_jobs)}", file=sys.stderr)
         return 1

@@ -416,7 +416,8 @@ def check_files(shown: str, task) -> None:
     for split, name in (task.get("files") or {}).items():
         if name is not None and (not isinstance(name, str) or "/" in name or name in ("", ".", "..")):
             path = Path(str(name)).expanduser()
-            fix = f"task.data_dir={path.parent} {shown}files.{split}={path.name}" if path.name else "a file name"
+            named = "/" in str(name) and path.name not in ("", ".", "..")
+            fix = f"task.data_dir={path.parent} {shown}files.{split}={path.name}" if named else "a file name"
             raise UserError(
                 f"{shown}files.{split}={name} is not a file name: task.files names files inside task.data_dir "
                 f"(now {task.get('data_dir')}); pass {fix}"
@@ -454,7 +455,6 @@ def check_values(cfg) -> None:
     """Every numeric and enumerated setting of a run config against RANGES, CHOICES and NAMES; the first bad one
     ends the run with one line naming the key, its value and what it admits. Keys a config lacks (an older
     checkpoint's) are skipped; a multi-task config is checked member by member."""
-    from ptv2.data import readers
     from ptv2.optim import OPTIMIZERS, SCHEDULERS
     from ptv2.tasks import TASK_TYPES
 
@@ -473,6 +473,8 @@ def check_values(cfg) -> None:
             if value not in allowed:
                 raise unknown(shown, value, allowed)
     for shown, value in _settings(cfg, "task.reader"):
+        from ptv2.data import readers  # imports torch and datasets: after the checks that need neither
+
         if value not in (known := readers()):
             raise unknown(shown, value, known)
     for key in NAMES:

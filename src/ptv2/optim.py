@@ -2,29 +2,53 @@
 
 from __future__ import annotations
 
-import torch
-from transformers import get_linear_schedule_with_warmup
+from typing import TYPE_CHECKING
 
 from ptv2.errors import unknown
 
+if TYPE_CHECKING:
+    import torch
+
+# torch and transformers are imported when an optimizer or schedule is built, not with this module: the config check
+# reads the tables' names before a start loads them, so a config mistake is reported in a fraction of a second.
+
+
+def _adamw(params, cfg):
+    import torch
+
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+
+
+def _sgd(params, cfg):
+    import torch
+
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def _linear(opt, cfg, total):
+    from transformers import get_linear_schedule_with_warmup
+
+    return get_linear_schedule_with_warmup(opt, int(cfg.warmup_ratio * total), total)
+
+
+def _exponential(opt, cfg, total):
+    import torch
+
+    return torch.optim.lr_scheduler.ExponentialLR(opt, gamma=cfg.gamma)
+
+
+def _constant(opt, cfg, total):
+    import torch
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+
+
 # name -> optimizer over the trainable parameters, built from the `optimizer` config group.
-OPTIMIZERS = {
-    "adamw": lambda params, cfg: torch.optim.AdamW(
-        params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay
-    ),
-    "sgd": lambda params, cfg: torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay),
-}
+OPTIMIZERS = {"adamw": _adamw, "sgd": _sgd}
 
 # name -> (scheduler from the `scheduler` config group and the run's total optimizer steps, unit): "step" schedulers
 # advance after every optimizer step, "epoch" ones after every epoch.
-SCHEDULERS = {
-    "linear": (
-        lambda opt, cfg, total: get_linear_schedule_with_warmup(opt, int(cfg.warmup_ratio * total), total),
-        "step",
-    ),
-    "exponential": (lambda opt, cfg, total: torch.optim.lr_scheduler.ExponentialLR(opt, gamma=cfg.gamma), "epoch"),
-    "constant": (lambda opt, cfg, total: torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0), "step"),
-}
+SCHEDULERS = {"linear": (_linear, "step"), "exponential": (_exponential, "epoch"), "constant": (_constant, "step")}
 
 
 def _lookup(table: dict, key: str, name: str):

@@ -1,4 +1,4 @@
-"""`ptv2 eval ckpt=...`: rebuild the model from a checkpoint's config and evaluate it on one split."""
+"""`ptv2 eval RUN_DIR` (or ckpt=RUN_DIR): rebuild the model from a checkpoint's config and evaluate it on one split."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 from ptv2.engine import build, evaluate_all
 from ptv2.errors import UserError
 from ptv2.io import write_json
-from ptv2.runs import checkpoint
+from ptv2.runs import checkpoint, summary
 from ptv2.runs.checkpoint import checkpoint_config
 
 log = logging.getLogger("ptv2")
@@ -25,7 +25,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     saved = checkpoint_config(cfg)
     split = cfg.split
     set_seed(saved.trainer.seed)  # a random-init backbone (backbone.random_init) is rebuilt as in training
-    tokenizer, members, _, model = build(saved, lambda task: [split])
+    try:
+        tokenizer, members, _, model = build(saved, lambda task: [split])
+    except UserError as error:
+        hint = checkpoint.trained_data_hint(cfg.ckpt) if not saved.task.get("data_dir") else ""
+        raise UserError(f"{error}{hint}" if "task.data_dir" in str(error) else str(error)) from None
     metadata = checkpoint.load(cfg.ckpt, model)
     accelerator = Accelerator(mixed_precision=saved.trainer.precision, cpu=saved.trainer.cpu)
     model = accelerator.prepare(model)
@@ -38,6 +42,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "examples": {m.name: len(m.splits[split].examples) for m in members},
         "metrics": metrics[members[0].name] if single else metrics,
     }
-    write_json(run_dir / "eval.json", results)
-    log.info("%s %s: %s", metadata["task"], split, json.dumps(results["metrics"]))
+    path = write_json(run_dir / "eval.json", results)
+    unit = summary.unit(saved.task.get("type")) if single else "per member"
+    log.info("%s %s: %s (%s)", metadata["task"], split, json.dumps(results["metrics"]), unit)
+    log.info("eval.json written to %s", path.absolute())
     return results

@@ -1,4 +1,4 @@
-"""`ptv2 predict ckpt=...`: predictions of one or several trained prompts on a split or on a file.
+"""`ptv2 predict RUN_DIR` (or ckpt=RUN_DIR): predictions of one or several trained prompts on a split or on a file.
 
 Several checkpoints (ckpt=[a,b,c]) are served on ONE frozen backbone (see serving.py); each writes its task's
 official prediction file when its task type has `write_predictions`, else a generic JSON-lines file.
@@ -76,6 +76,25 @@ def write_generic(member: Member, split: str, outputs: list[np.ndarray], folder:
     return [write_jsonl(folder / f"{member.name}-{split}.jsonl", lines)]
 
 
+def write_scores(member: Member, split: str, outputs: list[np.ndarray], folder: Path) -> list[Path]:
+    """<name>-scores.jsonl for a user's file (input=FILE): one line per input record, in file order, with the
+    predicted label and every label's probability (softmax of the head's scores). Only for one score vector per
+    record (classification, multiple choice); per-token and generated outputs have their own files."""
+    labels = list(member.task.labels)
+    examples = member.splits[split].examples
+    if len(outputs) != len(examples) or any(np.ndim(o) != 1 or len(o) != len(labels) for o in outputs):
+        return []
+    lines = []
+    for number, scores in enumerate(outputs, start=1):
+        scores = np.asarray(scores, dtype=np.float64)
+        probabilities = np.exp(scores - scores.max())
+        probabilities /= probabilities.sum()
+        best = int(probabilities.argmax())
+        shown = {label: round(float(p), 6) for label, p in zip(labels, probabilities, strict=True)}
+        lines.append({"record": number, "label": labels[best], "scores": shown})
+    return [write_jsonl(folder / f"{member.name}-scores.jsonl", lines)]
+
+
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     paths = checkpoint_paths(cfg.ckpt)
     configs = [checkpoint_config(OmegaConf.merge(cfg, {"ckpt": path})) for path in paths]
@@ -94,8 +113,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         for head_name, task in task_members(saved.task):
             served = model_name if len(task_members(saved.task)) == 1 else f"{model_name}/{head_name}"
             kind = task_type(task.type)
-            prepared = prepare_split(task, split, server.tokenizer, kind, saved.trainer.cache_dir)
+            try:
+                prepared = prepare_split(task, split, server.tokenizer, kind, saved.trainer.cache_dir)
+            except UserError as error:
+                hint = checkpoint.trained_data_hint(path) if not task.get("data_dir") else ""
+                raise UserError(f"{error}{hint}" if "task.data_dir" in str(error) else str(error)) from None
             member = Member(served, task, kind, {split: prepared})
+            log.info("%s: predicting %d examples of %s ...", served, len(prepared.examples), split)
             outputs = predict(model, member, split, server.tokenizer, accelerator, saved.trainer.eval_batch_size)
             target = folder / served if len(server.owner) > 1 else folder
             target.mkdir(parents=True, exist_ok=True)
@@ -103,6 +127,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                 files = kind.write_predictions(task, prepared, outputs, target)
             else:
                 files = write_generic(member, split, outputs, target)
+            if cfg.input:
+                files += write_scores(member, split, outputs, target)
             summary["served"].append(
                 {
                     "name": served,
@@ -115,5 +141,6 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             log.info(
                 "%s: %d predictions on %s -> %s", served, len(prepared.examples), split, ", ".join(map(str, files))
             )
-    write_json(folder / "predict.json", summary)
+    written = write_json(folder / "predict.json", summary)
+    log.info("predict.json (what was written) in %s", written.absolute())
     return summary

@@ -562,7 +562,7 @@ def make_plots(rows, columns, cells, descriptors, out: Path, choice: str) -> lis
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        print("ptv2 table: plots skipped: matplotlib is missing (pip install -e '.[sweeps]')", file=sys.stderr)
+        print("ptv2 table: plots skipped: matplotlib is missing (pip install 'ptv2[sweeps]')", file=sys.stderr)
         return []
     metrics = sorted({row[2] for row in rows})
     ylabel = f"{'/'.join(metrics)} (%)"
@@ -623,6 +623,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     # `logger=...` out of habit from `ptv2 train`: the table's own switch is --wandb.
     habits = {"logger=none": [], "logger=wandb": ["--wandb"]}
     argv = [flag for arg in argv for flag in habits.get(arg, [arg])]
+    # `dir=DIR` / `out=DIR` in the key=value style of the other commands mean the folder and --out.
+    argv = [
+        *(arg[len("dir=") :] for arg in argv if arg.startswith("dir=")),
+        *(flag for arg in argv for flag in (["--out", arg[len("out=") :]] if arg.startswith("out=") else [arg])
+          if not flag.startswith("dir=")),
+    ]  # fmt: skip
     overrides = [arg for arg in argv if "=" in arg and not arg.startswith("-") and not Path(arg).exists()]
     if overrides:
         parser.error(f"{overrides[0]} is a run setting; ptv2 table takes a folder and flags (--out, --plot, --wandb)")

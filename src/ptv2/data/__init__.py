@@ -3,7 +3,7 @@
 A reader is a module of this package named by `task.reader` with `load(task, split) -> list[dict]` that reads
 either the hub (`task.hub`) or local files (`task.data_dir`) into the task type's canonical examples, and
 `local_files(task) -> {format: {split: [file names]}}`: the names by which a data folder's files and their format
-are found (optionally `sniff_format(path)` for a file the user named; see io.local_split).
+are found (optionally `sniff_format(path)` for a file the user named; see files.local_split).
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def _not_utf8(task, split: str, error: UnicodeDecodeError) -> str:
 
 def with_local_file(task, split: str):
     """`task` with `format` and `files[split]` set to the file its data folder holds for `split` (found by the
-    reader's `local_files` names unless task.files / task.format say; see io.local_split), so the cache key covers
+    reader's `local_files` names unless task.files / task.format say; see files.local_split), so the cache key covers
     the file read; `task` itself without task.data_dir."""
     if not task.get("data_dir"):
         return task
@@ -243,9 +243,15 @@ def prepare_split(task, split: str, tokenizer, task_type, cache_root: str | None
     if limit:
         examples = examples[:limit]
     rows = datasets.Dataset.from_list(examples)
-    features = rows.map(
-        lambda batch: task_type.encode(batch, tokenizer, task), batched=True, remove_columns=rows.column_names
-    )
+    try:
+        features = rows.map(
+            lambda batch: task_type.encode(batch, tokenizer, task), batched=True, remove_columns=rows.column_names
+        )
+    except KeyError as error:  # the reader's examples lack a field the task type encodes: they do not fit
+        raise UserError(
+            f"task {task.name}: task.type={task.type} needs the field {error} that task.reader={task.reader} does not "
+            f"give (its examples hold {', '.join(rows.column_names)}); use the task type its config names"
+        ) from None
     text = encode_examples(examples)
     if decode_examples(text) != examples:  # tuples or non-string keys would come back changed: not cached, re-read
         log.warning("the %s examples of task %s do not round-trip through JSON; they are not cached", split, task.name)

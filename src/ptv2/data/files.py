@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ptv2 import hub
 from ptv2.errors import UserError, shown_list
 
 
@@ -168,17 +169,22 @@ def label_id(value: Any, labels: list[str], where: str) -> int:
     raise UserError(f"{where}: unknown label {value!r}; expected one of {shown_list(labels)}")
 
 
+LOCAL_DATA = (
+    "the task files with task.data_dir=DIR (and, for a hub backbone, a local model with backbone.name_or_path=DIR)"
+)
+
+
 def load_hub_split(path: str, name: str | None, revision: str | None, split: str) -> list[dict[str, Any]]:
     """Rows of one split of a hub dataset (parquet-backed), with an offline hint when it cannot be reached."""
     import datasets
 
+    hub.prepare()
     try:
         dataset = datasets.load_dataset(path, name, revision=revision, split=split)
     except Exception as error:  # the hub client raises many types for 'offline' or 'not found'
         raise UserError(
             f"could not load {path}{'/' + name if name else ''} split '{split}' from the Hugging Face hub "
-            f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
-            "without the hub, pass local files with task.data_dir=DIR"
+            f"({hub.reason(error)}); {hub.fixes(LOCAL_DATA)}"
         ) from None
     return list(dataset)
 

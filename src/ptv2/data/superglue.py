@@ -122,6 +122,10 @@ _COLUMNS = {
 }
 
 
+# Tasks whose official `idx` is one integer per record (MultiRC and ReCoRD nest theirs with the passage's parts).
+_FLAT_IDX = ("boolq", "cb", "copa", "rte", "wic", "wsc")
+
+
 # --------------------------------------------------------------------------------------------------------- loading
 
 
@@ -205,7 +209,8 @@ def _flatten_official(name: str, record: dict, where: str, labelled: bool) -> li
     row = dict(record)
     if name == "wsc":
         row.update(_object(record, "target", where))
-    row["idx"] = field(record, "idx", where)
+    if name not in _FLAT_IDX:  # the flat tasks' records may leave it out: _examples numbers them
+        row["idx"] = field(record, "idx", where)
     row["label"] = _label(record, where, labelled)
     return [(where, row)]
 
@@ -308,9 +313,13 @@ def _examples(name: str, flat: Iterable[tuple[str, dict]], labels: list[str], op
     """Pose every flat record as the task's canonical example(s)."""
     template = _template(name, options)
     examples = []
-    for where, row in flat:
+    for position, (where, row) in enumerate(flat):
         for column in _COLUMNS[name]:
             field(row, column, where)
+        if "idx" not in row and name in _FLAT_IDX:
+            # A user's own file (ptv2 predict input=FILE) need not carry the official bookkeeping id: its records
+            # are numbered in file order, the id the prediction file then gives back.
+            row = {**row, "idx": position}
         if name == "record":
             examples.extend(_record_examples(row, labels, where))
         elif name == "copa":

@@ -132,7 +132,7 @@ def label_set(examples: list[dict]) -> list[str]:
 
 def local_files(task: Any) -> dict[str, dict[str, list[str]]]:
     """The file names each format is found by in a data folder, {format: {split: [names]}}, preferred first (see
-    ptv2.data.io.local_split). A name listed twice reads the same either way (CoNLL03/CoNLL04 pack = columns)."""
+    ptv2.data.files.local_split). A name listed twice reads the same either way (CoNLL03/CoNLL04 pack = columns)."""
     name = _cfg(task, "name")
     pack = {split: [filename] for split, filename in PACK_FILES.get(name, {}).items()}
     if _is_srl(task):

@@ -15,6 +15,7 @@ from transformers import (
     PretrainedConfig,
 )
 
+from ptv2 import hub
 from ptv2.errors import UserError
 from ptv2.modeling import injection
 
@@ -22,11 +23,18 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def _not_loadable(what: str, cfg, error: Exception) -> UserError:
-    reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
     return UserError(
-        f"could not load the {what} of backbone '{cfg.name_or_path}' ({reason}); "
-        "offline, pass a local Hugging Face model folder with backbone.name_or_path=DIR"
+        f"could not load the {what} of backbone '{cfg.name_or_path}' ({hub.reason(error)}); "
+        f"{hub.fixes('a local Hugging Face model folder with backbone.name_or_path=DIR')}"
     )
+
+
+def _from_hub(location: str) -> bool:
+    """Whether `location` names a hub repository rather than a local folder; probes the hub before its first use."""
+    if Path(location).expanduser().is_dir():
+        return False
+    hub.prepare()
+    return True
 
 
 def load_config(cfg) -> PretrainedConfig:
@@ -34,6 +42,7 @@ def load_config(cfg) -> PretrainedConfig:
     location = str(cfg.name_or_path)
     if location.startswith(("/", ".", "~")) and not Path(location).expanduser().is_dir():
         raise UserError(f"backbone.name_or_path={location} is not a folder; pass a local Hugging Face model folder")
+    _from_hub(location)
     try:
         config = AutoConfig.from_pretrained(cfg.name_or_path, revision=cfg.revision)
     except (OSError, ValueError) as error:
@@ -43,7 +52,7 @@ def load_config(cfg) -> PretrainedConfig:
         # "glm", transformers' native GLM-4: without this check they would load as the wrong architecture.
         raise UserError(
             f"backbone {cfg.name_or_path} needs its own remote code (config.json has auto_map), which ptv2 does not "
-            "run; for the paper's GLM-xlarge/xxlarge use a native GLM such as backbone=glm-4-9b (see the README)"
+            "run; for the paper's GLM-xlarge/xxlarge use a native GLM such as backbone=glm-4-9b (see docs/backbones.md)"
         )
     injection.family_of(config)
     if cfg.dropout is not None:
@@ -59,6 +68,7 @@ def load_tokenizer(cfg):
     Decoder tokenizers often have no padding token: the end token pads (padding is masked out anyway). Batches are
     padded on the right (the task types' labels assume it); generation pads its prompts on the left itself."""
     location = cfg.get("tokenizer") or cfg.name_or_path
+    _from_hub(str(location))
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, revision=None if cfg.get("tokenizer") else cfg.revision)
     except (OSError, ValueError) as error:
@@ -77,6 +87,7 @@ def _load_model(auto_class, cfg, config: PretrainedConfig, what: str) -> torch.n
     if cfg.random_init:
         model = auto_class.from_config(config, **options)
     else:
+        _from_hub(str(cfg.name_or_path))
         try:
             model = auto_class.from_pretrained(cfg.name_or_path, config=config, revision=cfg.revision, **options)
         except (OSError, ValueError) as error:

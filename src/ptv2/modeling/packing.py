@@ -92,7 +92,7 @@ def default_jobs_per_forward(device: torch.device, jobs: int) -> int:
     """How many jobs' blocks share one backbone forward when the launcher does not say: all of them on a GPU, where
     one job's batch leaves most of the device idle and K x B rows cost little more time than B; one on a CPU, whose
     matmuls are already saturated by one batch, so larger ones only add memory (measured on MiniLM, K=4, batch 32:
-    1.13x the sequential time, 2.8x the memory; see README, "Packed sweeps"). The jobs still share the backbone's
+    1.13x the sequential time, 2.8x the memory; docs/sweeps.md, "Packed sweeps"). The jobs still share the backbone's
     weights, the data and each step's batch."""
     return jobs if device.type == "cuda" else 1
 

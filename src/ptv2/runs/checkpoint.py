@@ -66,6 +66,10 @@ def save(path: Path, model, cfg: DictConfig, labels: dict[str, list[str]]) -> No
 
 def resolve(path: str | Path) -> Path:
     """A checkpoint file, or the checkpoint inside a run directory."""
+    if not isinstance(path, (str, Path)) or not str(path):
+        raise UserError(
+            f"ckpt={path} is not a checkpoint: pass ckpt=RUN_DIR or a {FILENAME} file (a list only to ptv2 predict)"
+        )
     path = Path(path).expanduser()
     if path.is_dir():
         path = path / FILENAME
@@ -129,6 +133,19 @@ def _packaged_backbone(name: str) -> str | None:
         return None
     register()  # the resolvers its name_or_path uses (asset, package_path)
     return str(OmegaConf.load(str(entry)).name_or_path)
+
+
+def trained_data_hint(path: str | Path) -> str:
+    """The end of a data error of eval/predict without task.data_dir: the folder the checkpoint was trained on, to
+    pass again (stored_config never takes a checkpoint's paths), or "" when it trained on the hub copy."""
+    try:
+        raw = json.loads(read_metadata(resolve(path))["config"])
+        data_dir = raw["task"].get("data_dir")
+    except Exception:  # an unreadable config is reported by stored_config
+        return ""
+    if not isinstance(data_dir, str) or not data_dir:
+        return ""
+    return f"; the checkpoint was trained on task.data_dir={data_dir} (never taken from a checkpoint): pass it again"
 
 
 def stored_config(path: str | Path) -> DictConfig:

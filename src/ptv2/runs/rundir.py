@@ -24,14 +24,18 @@ from omegaconf import DictConfig, OmegaConf
 
 from ptv2.errors import UserError
 from ptv2.io import atomic_write
-from ptv2.runs import resume as state
+
+# The training state's subfolder (resume.STATE_DIR, test_first_hour checks they agree): named here so that checking a
+# run folder, which every start does before its config errors can show, imports no torch; resume is imported where
+# a resume is checked.
+STATE_DIR = "state"
 
 LOCK_FILE = ".ptv2.lock"
 # What a finished (or interrupted) run leaves: a folder holding one of these is not written into silently.
-RUN_OUTPUTS = ("results.json", "prompt.safetensors", state.STATE_DIR, "eval.json", "predict.json", "bench.json")
+RUN_OUTPUTS = ("results.json", "prompt.safetensors", STATE_DIR, "eval.json", "predict.json", "bench.json")
 # What `ptv2 train trainer.overwrite=true` removes before it starts, so a crash never leaves the old run's results
 # beside the new run's config.
-TRAIN_OUTPUTS = ("results.json", "prompt.safetensors", state.STATE_DIR, "FAILED", "history.json")
+TRAIN_OUTPUTS = ("results.json", "prompt.safetensors", STATE_DIR, "FAILED", "history.json")
 
 
 class RunDirInUse(UserError):
@@ -43,7 +47,7 @@ class AlreadyFinished(UserError):
 
 
 # Subfolders ptv2 writes into: a link planted there (or at the top of the run folder) would carry writes elsewhere.
-WRITTEN_SUBFOLDERS = (".hydra", state.STATE_DIR)
+WRITTEN_SUBFOLDERS = (".hydra", STATE_DIR)
 
 
 def link_problem(run_dir: Path) -> str | None:
@@ -144,6 +148,8 @@ def refuse_finished_resume(cfg: DictConfig, run_dir: Path, command: str) -> None
     """A `ptv2 train` that would resume a run which already finished (its results.json is written last) ends with
     AlreadyFinished: there is nothing to continue, and continuing would rewrite its results' timings. The resume is
     checked first, so a changed config is refused as a changed config rather than called finished."""
+    from ptv2.runs import resume as state
+
     run_dir = Path(run_dir)
     if command == "train" and state.source(cfg, run_dir) == run_dir and (run_dir / "results.json").exists():
         state.check(cfg, run_dir)
@@ -155,6 +161,8 @@ def check_reuse(cfg: DictConfig, run_dir: Path, command: str, read_only: bool = 
     or replaces it (trainer.overwrite=true); a resume is checked (state present, readable, same config) here,
     before anything is written. read_only: the checks alone (a process that does not own the run folder, as the
     non-main processes of a multi-process launch: the main one removes what trainer.overwrite replaces)."""
+    from ptv2.runs import resume as state
+
     refuse_finished_resume(cfg, run_dir, command)
     resuming = command == "train" and state.source(cfg, run_dir) is not None
     if resuming:
@@ -227,6 +235,9 @@ def open_run_dir(cfg: DictConfig, run_dir: Path, command: str) -> RunLock:
     try:
         check_reuse(cfg, run_dir, command)
         lock.claim()
+        # A sweep job that failed (a SIGTERM, an error) and now starts again: its old FAILED marker would make
+        # `ptv2 table` call the job a failure even once it finishes; a new failure writes a new one.
+        (Path(run_dir) / "FAILED").unlink(missing_ok=True)
         write_config(cfg, run_dir)
     except BaseException:
         lock.release()

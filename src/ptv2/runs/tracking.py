@@ -10,7 +10,9 @@ from __future__ import annotations
 import logging
 import netrc
 import os
+import socket
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from omegaconf import OmegaConf
 
@@ -24,6 +26,24 @@ def _has_api_key() -> bool:
         return netrc.netrc().authenticators("api.wandb.ai") is not None
     except (FileNotFoundError, netrc.NetrcParseError):
         return False
+
+
+# Config blocks that no tracked command reads (`ptv2 bench`'s settings, present in every composed config): left out of
+# a run's W&B config, where they would look like settings of the run.
+UNTRACKED_KEYS = ("bench",)
+PROBE_TIMEOUT_S = 3.0
+
+
+def server_unreachable(timeout: float = PROBE_TIMEOUT_S) -> str | None:
+    """The W&B server's address (WANDB_BASE_URL, else api.wandb.ai) when no TCP connection to it opens within
+    `timeout` seconds, else None: an online start would wait logger.init_timeout before falling back."""
+    url = urlsplit(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai")
+    address = (url.hostname or "api.wandb.ai", url.port or (80 if url.scheme == "http" else 443))
+    try:
+        socket.create_connection(address, timeout=timeout).close()
+    except OSError:
+        return f"{address[0]}:{address[1]}"
+    return None
 
 
 def run_name(cfg) -> str:
@@ -84,12 +104,17 @@ class Tracker:
             job_type=job_type or ("sweep-job" if sweeping else "train"),
             tags=list(settings.tags),
             config={
-                **OmegaConf.to_container(cfg, resolve=True),
+                **{k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in UNTRACKED_KEYS},
                 **{k: job[k] for k in ("overrides", "sweep_dir") if k in job},
             },
             dir=str(run_dir),
             reinit="create_new" if concurrent else "finish_previous",  # sweeps run several jobs in one process
         )
+        if mode == "online":
+            unreachable = server_unreachable(min(PROBE_TIMEOUT_S, float(settings.get("init_timeout", 60))))
+            if unreachable:
+                log.warning("W&B server %s did not answer: logging offline", unreachable)
+                mode = "offline"
         for attempt in dict.fromkeys([mode, "offline"]):
             try:
                 wandb_settings = wandb.Settings(init_timeout=settings.get("init_timeout", 60), silent=True)
@@ -113,5 +138,9 @@ class Tracker:
 
     def finish(self) -> None:
         if self.run is not None:
+            offline = self.run.settings.mode == "offline"
+            folder = Path(self.run.dir).parent  # wandb/offline-run-<time>-<id>, the folder `wandb sync` takes
             self.run.finish()
             self.run = None
+            if offline:
+                log.info("W&B offline run written to %s; upload it with: wandb sync %s", folder, folder)

@@ -1,0 +1,54 @@
+"""The lines that end a run and a sweep: what was measured, on which split, in which unit, and where it went.
+
+`epoch_line` and `run_line` are meant for the training loop (loop.py's epoch log and the line after results.json);
+`sweep_line` ends a multirun (cli.py). Numbers: counts (epoch, step) as integers, scores with four decimals in the
+task's own unit, which the line names: fractions, except the SQuAD-style span tasks whose official script reports
+percent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+PERCENT_TASK_TYPES = ("span",)  # the official SQuAD script reports exact_match and f1 in percent
+COUNT_KEYS = ("epoch", "step", "steps")
+
+
+def unit(task_type: str | None) -> str:
+    """'percent' for the task types whose metrics are percentages, else 'fraction'."""
+    return "percent" if task_type in PERCENT_TASK_TYPES else "fraction"
+
+
+def number(key: str, value) -> str:
+    """A record value as shown: counts as integers, other numbers with four decimals, the rest as they are."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if key.split("/")[-1] in COUNT_KEYS or isinstance(value, int):
+        return str(int(value))
+    return f"{value:.4f}"
+
+
+def epoch_line(record: Mapping) -> str:
+    """`epoch 3: step=78, train_loss=0.6931, ...` (loop.epoch_line with the counts as integers)."""
+    return f"epoch {record['epoch']}: " + ", ".join(f"{k}={number(k, v)}" for k, v in record.items() if k != "epoch")
+
+
+def run_line(task: Mapping, results: Mapping, run_dir: str | Path) -> str:
+    """One line after a run: the selection metric on the split that picked the best epoch, the test score at that
+    epoch where the task has a test split (the tagging protocol), the unit and the folder. `task` is the run's
+    task config, `results` its results.json record."""
+    metric = results["select_metric"]
+    metric = metric if isinstance(metric, str) else "mean of " + "/".join(sorted(set(metric.values())))
+    dev = task.get("eval_split") or "dev"
+    line = f"{task.get('name')}: best {dev} {metric}={results['best_value']:.4f} at epoch {results['best_epoch']}"
+    tested = results.get("test_at_best")
+    if tested is not None and isinstance(results["select_metric"], str):
+        line += f"; {task.get('test_split') or 'test'} {metric}={tested[metric]:.4f} at that epoch"
+    return f"{line} ({unit(task.get('type'))}); results in {run_dir}"
+
+
+def sweep_line(sweep_dir: str | Path, jobs: int, failed: int) -> str:
+    """One line after a multirun: how many jobs finished, where they are, and the command that tables them."""
+    done = f"{jobs - failed} of {jobs} job(s) finished" + (f", {failed} failed" if failed else "")
+    return f"ptv2: sweep: {done}; runs in {sweep_dir}; table: ptv2 table {sweep_dir}"

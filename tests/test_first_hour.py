@@ -1,0 +1,173 @@
+"""What a new user meets in the first hour: messages, where outputs go, summaries (issue 26)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_config import compose_train
+
+
+def test_wandb_config_leaves_out_the_bench_block(tmp_path, monkeypatch):
+    import wandb
+
+    from ptv2.runs import tracking
+
+    cfg = compose_train("backbone=tiny", "logger=wandb", "logger.mode=offline")
+    assert "bench" in cfg  # composed into every config, read only by `ptv2 bench`
+    seen = {}
+
+    def fake_init(**options):
+        seen.update(options)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(wandb, "init", fake_init)
+    tracking.Tracker(cfg, tmp_path)
+    assert "bench" not in seen["config"] and "trainer" in seen["config"]
+
+
+def test_wandb_server_probe_names_the_address(monkeypatch):
+    from ptv2.runs import tracking
+
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
+    assert tracking.server_unreachable(timeout=1) == "127.0.0.1:9"
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [({}, ("huggingface.co", 443)), ({"HF_ENDPOINT": "http://127.0.0.1:9"}, ("127.0.0.1", 9))],
+)
+def test_hub_endpoint_follows_hf_endpoint(monkeypatch, env, expected):
+    from ptv2 import hub
+
+    monkeypatch.delenv("HF_ENDPOINT", raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert hub.endpoint() == expected
+
+
+def test_run_folder_checks_name_the_state_folder_resume_writes():
+    from ptv2.runs import resume, rundir
+
+    assert rundir.STATE_DIR == resume.STATE_DIR
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [("trainer.epoch=1", "did you mean trainer.epochs?"), ("trainer.epochs=-1", "trainer.epochs=-1 is out of range")],
+)
+def test_a_config_mistake_is_reported_before_torch_is_imported(tmp_path, override, expected):
+    """The error path of a bad key or value loads neither torch nor transformers (they cost seconds per start)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from ptv2 import cli\n"
+        "try:\n"
+        f"    code = cli.main(['train', 'backbone=tiny', '{override}', 'hydra.run.dir={tmp_path / 'run'}'])\n"
+        "except SystemExit as exit:\n"
+        "    code = exit.code\n"
+        "assert code == 2, code\n"
+        "print(sorted(name for name in ('torch', 'transformers') if name in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"
+    assert expected in result.stderr
+
+
+def test_epoch_line_prints_counts_as_integers():
+    from ptv2.runs.summary import epoch_line
+
+    record = {"epoch": 2, "step": 78.0, "train_loss": 0.69314, "dev/accuracy": 0.5}
+    assert epoch_line(record) == "epoch 2: step=78, train_loss=0.6931, dev/accuracy=0.5000"
+
+
+def test_run_line_names_split_unit_test_at_best_and_folder():
+    from ptv2.runs.summary import run_line
+
+    tagging = {"name": "conll03", "type": "tagging", "test_split": "test"}
+    results = {"select_metric": "f1", "best_value": 0.9, "best_epoch": 3, "test_at_best": {"f1": 0.85}}
+    assert run_line(tagging, results, "/runs/a") == (
+        "conll03: best dev f1=0.9000 at epoch 3; test f1=0.8500 at that epoch (fraction); results in /runs/a"
+    )
+    squad = {"name": "squad", "type": "span"}
+    results = {"select_metric": "f1", "best_value": 88.5, "best_epoch": 1}
+    assert run_line(squad, results, "/runs/b") == "squad: best dev f1=88.5000 at epoch 1 (percent); results in /runs/b"
+
+
+def test_sweep_line_names_the_table_command():
+    from ptv2.runs.summary import sweep_line
+
+    assert sweep_line("/s", 3, 1) == "ptv2: sweep: 2 of 3 job(s) finished, 1 failed; runs in /s; table: ptv2 table /s"
+
+
+def test_a_bad_value_in_any_sweep_job_is_refused_before_the_first_starts(tmp_path):
+    from conftest import RTE, ptv2
+
+    sweep = tmp_path / "sweep"
+    args = ["train", "-m", "backbone=tiny", "trainer=smoke", "logger=none", f"task.data_dir={RTE}"]
+    result = ptv2(*args, "prompt.length=1,0", f"hydra.sweep.dir={sweep}", check=False)
+    assert result.returncode == 2
+    assert "sweep job 1 (" in result.stderr and "prompt.length=0 is out of range" in result.stderr
+    assert result.stderr.rstrip().endswith("no job was started") and not sweep.exists()
+
+
+def test_a_finished_sweep_ends_with_one_line_and_the_table_command(tmp_path):
+    from conftest import RTE, ptv2
+
+    sweep = tmp_path / "sweep"
+    args = ["train", "-m", "backbone=tiny", "trainer=smoke", "logger=none", f"task.data_dir={RTE}"]
+    result = ptv2(*args, "prompt.length=1,2", f"hydra.sweep.dir={sweep}")
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == f"ptv2: sweep: 2 of 2 job(s) finished; runs in {sweep}; table: ptv2 table {sweep}"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from conftest import RTE, ptv2
+
+    run = tmp_path_factory.mktemp("first-hour") / "run"
+    ptv2("train", "backbone=tiny", "trainer=smoke", "logger=none", f"task.data_dir={RTE}", f"hydra.run.dir={run}")
+    return run
+
+
+def test_eval_takes_the_run_folder_positionally_and_prints_where_eval_json_went(trained, tmp_path):
+    from conftest import RTE, ptv2
+
+    by_key, by_position = tmp_path / "key", tmp_path / "position"
+    ptv2("eval", f"ckpt={trained}", "split=dev", f"task.data_dir={RTE}", f"hydra.run.dir={by_key}")
+    result = ptv2("eval", str(trained), "split=dev", f"task.data_dir={RTE}", f"hydra.run.dir={by_position}")
+    assert f"eval.json written to {by_position / 'eval.json'}" in result.stdout
+    assert "rte dev: {" in result.stdout and "(fraction)" in result.stdout
+    read = [json.loads((folder / "eval.json").read_text()) for folder in (by_key, by_position)]
+    assert read[0]["metrics"] == read[1]["metrics"] and read[1]["checkpoint"].startswith(str(trained))
+
+
+def test_eval_with_a_folder_and_ckpt_is_one_line(trained, tmp_path):
+    from conftest import ptv2
+
+    result = ptv2("eval", str(trained), f"ckpt={trained}", f"hydra.run.dir={tmp_path / 'e'}", check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"ptv2: error: {trained} and ckpt= both name the checkpoint; give one of them"
+
+
+def test_eval_without_data_names_the_folder_it_trained_on(trained, tmp_path):
+    from conftest import RTE, ptv2
+
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    result = ptv2("eval", str(trained), "split=dev", f"hydra.run.dir={tmp_path / 'e'}", env=env, check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().endswith(
+        f"the checkpoint was trained on task.data_dir={RTE} (never taken from a checkpoint): pass it again"
+    )
+
+
+@pytest.mark.parametrize("style", [["DIR"], ["dir=DIR"], ["dir=DIR", "out=OUT"]])
+def test_table_takes_its_folder_positionally_or_as_dir(trained, tmp_path, style, capsys):
+    from ptv2.commands import table
+
+    argv = [arg.replace("DIR", str(trained.parent)).replace("OUT", str(tmp_path)) for arg in style]
+    assert table.main([*argv, "--plot", "none"]) == 0
+    out = tmp_path if "out=OUT" in style else trained.parent
+    assert f"-> {out / 'table.md'}" in capsys.readouterr().out
