@@ -344,3 +344,17 @@ def test_rotary_prefix_keys_rotated_by_p_give_peft_ptv2s_hidden_states(family):
     assert differences[0] <= 1e-5 and differences[1] > 1e-2
     # ptv2 import rotates them back.
     assert (rotated_keys(rotated_keys(prefix, config), config, inverse=True) - prefix).abs().max().item() <= 1e-5
+
+
+def test_lora_killed_and_resumed_ends_like_an_uninterrupted_run(tmp_path):
+    """The adapter goes through ptv2's training state like any prompt: SIGKILL mid-epoch 2, resume, same run (LoRA
+    dropout on, so the random state has to come back too)."""
+    from test_resume import assert_same_run, train
+
+    reference, killed_dir = tmp_path / "reference", tmp_path / "killed"
+    assert train("prompt=lora", f"hydra.run.dir={reference}").returncode == 0
+    assert train("prompt=lora", f"hydra.run.dir={killed_dir}", die_at=9).returncode == -9
+    resumed = train("prompt=lora", f"hydra.run.dir={killed_dir}", "trainer.resume=true")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert_same_run(killed_dir, reference)
+    assert any(".lora_A." in name for name in load_file(str(reference / "prompt.safetensors")))
