@@ -33,11 +33,11 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from ptv2 import engine
 from ptv2.config import validate
 from ptv2.errors import UserError
-from ptv2.io import write_json
+from ptv2.io import atomic_write, write_json
 from ptv2.modeling import backbone
 from ptv2.modeling.packing import default_jobs_per_forward
 from ptv2.optim import make_optimizer, make_scheduler
-from ptv2.runs import checkpoint
+from ptv2.runs import checkpoint, summary
 from ptv2.runs import resume as training_state
 from ptv2.runs.progress import epoch_progress
 from ptv2.runs.resume import Progress
@@ -178,7 +178,8 @@ class Group:
         # Again, now with the label names derived from the training data; only after the resume check, so a refused
         # resume leaves the folder's config as it was.
         if accelerator.is_main_process:
-            (job.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+            text = OmegaConf.to_yaml(cfg, resolve=True)
+            atomic_write(job.run_dir / "config.yaml", lambda temporary: temporary.write_text(text))  # a link replaced
         with job.scope():
             job.tracker = Tracker(cfg, job.run_dir, enabled=accelerator.is_main_process, concurrent=len(self.jobs) > 1)
         job.tracker.summary(job.counts)
@@ -335,7 +336,7 @@ class Group:
         for job, metrics in zip(ending, scores, strict=True):
             record, improved = epoch_record(job.progress, self.members, metrics, epoch, train_seconds, job.module)
             job.tracker.log(record, step=job.progress.step)
-            job.log(epoch_line(record))
+            job.log(summary.epoch_line(record))
             if self.accelerator.is_main_process:
                 # Every finished epoch, readable while the run goes on or after it is stopped (results.json is the
                 # record of a finished run only).
@@ -378,8 +379,7 @@ class Group:
                 write_json(job.run_dir / "results.json", results)
                 (job.run_dir / "FAILED").unlink(missing_ok=True)  # an earlier attempt's, now resumed to its end
             job.results = results
-            best = (job.cfg.task.metric, progress.best_value, progress.best_epoch, job.run_dir)
-            job.log("best %s=%.4f at epoch %d; results in %s", *best)
+            job.log(summary.run_line(job.cfg.task, results, job.run_dir))
 
 
 # ----------------------------------------------------------------------------------------------- records
@@ -402,10 +402,6 @@ def epoch_record(progress: Progress, members: list, metrics: dict, epoch: int, t
         progress.best, progress.best_value, progress.best_epoch = metrics, value, epoch + 1
         progress.best_state = {k: v.detach().clone() for k, v in model.prompt_state_dict().items()}
     return record, improved
-
-
-def epoch_line(record: dict) -> str:
-    return f"epoch {record['epoch']}: " + ", ".join(f"{k}={v:.4f}" for k, v in record.items() if k != "epoch")
 
 
 def results_of(cfg: DictConfig, members: list, progress: Progress, extra: dict, prep_seconds, test) -> dict:

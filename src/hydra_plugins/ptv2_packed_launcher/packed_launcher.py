@@ -41,7 +41,10 @@ class PackedLauncher(Launcher):
     hooks: tuple = ()
 
     def __init__(self, max_pack: int = 8, jobs_per_forward: Optional[int] = None) -> None:
-        for key, value in (("max_pack", max_pack), ("jobs_per_forward", jobs_per_forward or 1)):
+        for key, value in (
+            ("max_pack", max_pack),
+            ("jobs_per_forward", 1 if jobs_per_forward is None else jobs_per_forward),
+        ):
             if value < 1:
                 raise ValueError(f"hydra.launcher.{key}={value} is out of range; use an integer >= 1")
         self.max_pack, self.jobs_per_forward = max_pack, jobs_per_forward

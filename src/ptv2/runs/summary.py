@@ -30,7 +30,7 @@ def number(key: str, value) -> str:
 
 
 def epoch_line(record: Mapping) -> str:
-    """`epoch 3: step=78, train_loss=0.6931, ...` (loop.epoch_line with the counts as integers)."""
+    """`epoch 3: step=78, train_loss=0.6931, ...`: the epoch line of the training loop (counts as integers)."""
     return f"epoch {record['epoch']}: " + ", ".join(f"{k}={number(k, v)}" for k, v in record.items() if k != "epoch")
 
 
