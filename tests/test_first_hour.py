@@ -171,3 +171,14 @@ def test_table_takes_its_folder_positionally_or_as_dir(trained, tmp_path, style,
     assert table.main([*argv, "--plot", "none"]) == 0
     out = tmp_path if "out=OUT" in style else trained.parent
     assert f"-> {out / 'table.md'}" in capsys.readouterr().out
+
+
+def test_piped_eval_logs_carry_no_weight_loading_bar(tmp_path):
+    """transformers draws a "Loading weights" bar on stderr; piped into a log it is turned off (MiniLM: real weights)."""
+    from conftest import RTE, ptv2, ptv2_subprocess
+
+    run = tmp_path / "run"
+    ptv2("train", "backbone=minilm", "trainer=smoke", "logger=none", f"task.data_dir={RTE}", f"hydra.run.dir={run}")
+    result = ptv2_subprocess("eval", str(run), "split=dev", f"task.data_dir={RTE}", f"hydra.run.dir={tmp_path / 'e'}")
+    assert "eval.json written to" in result.stdout
+    assert "Loading weights" not in result.stderr + result.stdout
