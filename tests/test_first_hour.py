@@ -174,7 +174,7 @@ def test_table_takes_its_folder_positionally_or_as_dir(trained, tmp_path, style,
 
 
 def test_piped_eval_logs_carry_no_weight_loading_bar(tmp_path):
-    """transformers draws a "Loading weights" bar on stderr; piped into a log it is turned off (MiniLM: real weights)."""
+    """transformers draws a "Loading weights" bar on stderr; piped into a log it is off (MiniLM has real weights)."""
     from conftest import RTE, ptv2, ptv2_subprocess
 
     run = tmp_path / "run"
