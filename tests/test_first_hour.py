@@ -182,3 +182,29 @@ def test_piped_eval_logs_carry_no_weight_loading_bar(tmp_path):
     result = ptv2_subprocess("eval", str(run), "split=dev", f"task.data_dir={RTE}", f"hydra.run.dir={tmp_path / 'e'}")
     assert "eval.json written to" in result.stdout
     assert "Loading weights" not in result.stderr + result.stdout
+
+
+def test_make_demo_runs_the_ptv2_on_path_into_a_fresh_folder_each_time(tmp_path):
+    """Without the checkout's .venv (VENV= names none) the ptv2 the PATH gives runs; its folder is
+    outputs/demo/${unique_now:} (a time and a random suffix), so a second `make demo` does not meet the first."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    bin_dir, data = tmp_path / "bin", tmp_path / "shared" / "superglue" / "RTE"
+    bin_dir.mkdir()
+    data.mkdir(parents=True)
+    (data / "train.jsonl").write_text("{}\n")
+    fake = bin_dir / "ptv2"
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "calls"}\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    repo = Path(__file__).parents[1]
+    for _ in range(2):
+        command = ["make", "-s", "demo", f"VENV={tmp_path / 'no-venv'}", f"SHARED={tmp_path / 'shared'}"]
+        result = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert len(calls) == 2 and calls[0] == calls[1]
+    assert calls[0].startswith("train task=rte backbone=minilm task.data_dir=")
+    assert calls[0].endswith("hydra.run.dir=outputs/demo/${unique_now:}")
