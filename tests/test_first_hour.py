@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from test_config import compose_train
@@ -208,3 +209,57 @@ def test_make_demo_runs_the_ptv2_on_path_into_a_fresh_folder_each_time(tmp_path)
     assert len(calls) == 2 and calls[0] == calls[1]
     assert calls[0].startswith("train task=rte backbone=minilm task.data_dir=")
     assert calls[0].endswith("hydra.run.dir=outputs/demo/${unique_now:}")
+
+
+def test_plot_y_axis_spans_at_least_ten_points_around_noise():
+    from ptv2.commands.table import MIN_Y_SPAN, y_limits
+
+    noise = {"rte ptv2/tiny": [(1, 50.2, math.nan), (4, 51.3, math.nan), (16, 50.7, math.nan)]}
+    low, high = y_limits(noise)
+    assert high - low == pytest.approx(MIN_Y_SPAN) and low < 50.2 and high > 51.3
+    wide = {"a": [(1, 40.0, 2.0), (2, 80.0, 1.0)]}
+    low, high = y_limits(wide)
+    assert low < 38.0 and high > 81.0 and high - low < 50  # a real spread keeps its own range
+    top = {"a": [(1, 99.0, math.nan), (2, 99.5, math.nan)]}
+    assert y_limits(top) == pytest.approx((90.0, 100.0))  # never above 100 % where no point is
+
+
+def test_plot_title_names_split_and_n():
+    from types import SimpleNamespace
+
+    from ptv2.commands.table import plot_title
+
+    rows = [("rte", "dev", "accuracy", "4"), ("rte", "dev", "accuracy", "8")]
+    cells = {0: SimpleNamespace(scores=[1.0, 2.0, 3.0]), 1: SimpleNamespace(scores=[1.0, 2.0, 3.0])}
+    assert plot_title("length", rows, cells) == "score vs prompt length (dev split, n=3 run(s) per point)"
+    cells[1] = SimpleNamespace(scores=[1.0])
+    assert plot_title("depth", rows, cells).endswith("(dev split, n=1-3 run(s) per point)")
+
+
+def test_depth_plot_lines_are_shifted_apart_and_ticked_at_integer_k(tmp_path):
+    from ptv2.commands.table import MARKERS, dodge, draw
+
+    shifts = [dodge(i, 2, "depth") for i in range(2)]
+    assert shifts[0] < 0 < shifts[1] and abs(shifts[0]) < 0.5  # apart, yet nearer their K than the next K
+    same = [(1.0, 50.0, math.nan), (2.0, 50.0, math.nan), (3.0, 50.0, math.nan)]
+    series = {"rte ptv2/tiny ascending (bottom:K)": same, "rte ptv2/tiny descending (top:K)": same}
+    import matplotlib.pyplot as plt
+
+    captured = {}
+    original = plt.Figure.savefig
+
+    def keep(figure, *args, **kwargs):
+        axes = figure.axes[0]
+        captured["ticks"] = [float(t) for t in axes.get_xticks()]
+        lines = [line for line in axes.get_lines() if line.get_marker() in MARKERS]  # not the error bars' caps
+        captured["xs"] = [list(line.get_xdata()) for line in lines]
+        captured["markers"] = {line.get_marker() for line in lines}
+        return original(figure, *args, **kwargs)
+
+    plt.Figure.savefig = keep
+    try:
+        draw("depth", series, tmp_path, "accuracy (%)", "title")
+    finally:
+        plt.Figure.savefig = original
+    assert captured["ticks"] == [1.0, 2.0, 3.0]
+    assert captured["xs"][0] != captured["xs"][1] and len(captured["markers"]) == 2
