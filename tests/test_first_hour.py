@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 from test_config import compose_train
@@ -263,3 +264,16 @@ def test_depth_plot_lines_are_shifted_apart_and_ticked_at_integer_k(tmp_path):
         plt.Figure.savefig = original
     assert captured["ticks"] == [1.0, 2.0, 3.0]
     assert captured["xs"][0] != captured["xs"][1] and len(captured["markers"]) == 2
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "predict"])
+def test_help_says_what_every_group_chooses(command):
+    from conftest import ptv2
+
+    text = ptv2(command, "--help").stdout
+    described, options = text.split("== Options of each group ==")
+    described = described.split("== Configuration groups: what each chooses")[1]
+    groups = [line.split(":")[0] for line in options.split("== Config")[0].strip().splitlines()]
+    assert "task" in groups and "backbone" in groups
+    for group in groups:
+        assert re.search(rf"(^  {group} |; {group}: )", described, re.MULTILINE), f"no word on the {group} group"

@@ -467,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
     register()
     if command == "train":
         args, preset = with_official_preset(args)
-        if preset:
+        if preset and not any(arg in ("-h", "--help") for arg in args):
             note = "the official run's settings (explicit overrides win; preset=none turns it off)"
             print(f"ptv2: preset={preset}: {note}", file=sys.stderr)
     problem = rundir.sweep_dir_in_use(args)
