@@ -277,3 +277,23 @@ def test_help_says_what_every_group_chooses(command):
     assert "task" in groups and "backbone" in groups
     for group in groups:
         assert re.search(rf"(^  {group} |; {group}: )", described, re.MULTILINE), f"no word on the {group} group"
+
+
+def test_a_local_model_folder_without_weights_is_named_not_the_hub(tmp_path):
+    from pathlib import Path
+
+    from conftest import RTE, ptv2
+
+    folder = Path(__file__).parent / "fixtures" / "decoders" / "gpt2"  # config.json only
+    args = ["train", "backbone=tiny", f"backbone.name_or_path={folder}", "backbone.random_init=false"]
+    result = ptv2(
+        *args, "trainer=smoke", "logger=none", f"task.data_dir={RTE}", f"hydra.run.dir={tmp_path / 'r'}", check=False
+    )
+    assert result.returncode == 2
+    line = result.stderr.strip()
+    assert line.startswith(f"ptv2: error: could not load the weights of backbone '{folder}' (")
+    assert line.endswith(
+        "pass a complete Hugging Face model folder (config.json, tokenizer files, model.safetensors) "
+        "with backbone.name_or_path=DIR"
+    )
+    assert "hub" not in line
