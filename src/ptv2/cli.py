@@ -405,6 +405,8 @@ def sweep_value_problem(config_name: str, args: list[str]) -> str | None:
         GlobalHydra.instance().clear()
         with initialize_config_module(config_module="ptv2.conf", version_base="1.3"):
             base = compose(config_name=config_name, overrides=fixed, return_hydra_config=True)
+            if not str(base.hydra.sweeper.get("_target_", "")).endswith("BasicSweeper"):
+                return None  # Optuna and the like draw their values as they go
             params = base.hydra.sweeper.get("params") or {}
             lines = [f"{key}={value}" for key, value in params.items()] + overrides
             jobs = [job for batch in BasicSweeper.split_arguments(parser.parse_overrides(lines), None) for job in batch]
