@@ -297,3 +297,19 @@ def test_a_local_model_folder_without_weights_is_named_not_the_hub(tmp_path):
         "with backbone.name_or_path=DIR"
     )
     assert "hub" not in line
+
+
+def test_positional_run_folders_become_ckpt_and_parse_back_to_the_paths():
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from ptv2.cli import positional_checkpoints
+
+    assert positional_checkpoints(["--cfg", "job", "runs/a", "split=dev"]) == (
+        ["--cfg", "job", "ckpt=runs/a", "split=dev"],
+        None,
+    )
+    args, problem = positional_checkpoints(["runs/a", "runs/b"])
+    assert problem is None and args == ["ckpt=[runs/a,runs/b]"]
+    odd = "/tmp/my run's (1)"
+    (override,) = positional_checkpoints([odd])[0]
+    assert OverridesParser.create().parse_override(override).value() == odd
