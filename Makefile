@@ -5,7 +5,12 @@ BIN := $(VENV)/bin
 # Torch requirement for `make install`; CI pins the CPU wheel (TORCH=torch==2.13.0).
 TORCH ?= torch
 SHARED ?= ../shared/data
-MINILM_RUN := outputs/demo
+# The demo's commands: the checkout's .venv when there is one, else whatever python/ptv2 the PATH gives (an active
+# venv, conda, pipx); PTV2=... / PY=... choose others.
+PY ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+PTV2 ?= $(if $(wildcard $(BIN)/ptv2),$(BIN)/ptv2,ptv2)
+# A fresh folder per `make demo` (ptv2's start time + random suffix), so that it runs again; DEMO_DIR=... names one.
+DEMO_DIR ?= 'outputs/demo/$${unique_now:}'
 
 .PHONY: help install test test-all lint format demo bench bench-epoch clean reproduce-table
 
@@ -37,14 +42,15 @@ format:  ## apply ruff fixes and formatting
 # Without $(RTE_DIR) the demo reads the hub copy of RTE; without the hub either, it says where to get the files.
 RTE_DIR = $(SHARED)/superglue/RTE
 RTE_ZIP := https://dl.fbaipublicfiles.com/glue/superglue/data/v2/RTE.zip
-HUB_REACHABLE := $(BIN)/python -c "from huggingface_hub import HfApi; HfApi().dataset_info('aps/super_glue', timeout=10)"
+HUB_REACHABLE := $(PY) -c "from huggingface_hub import HfApi; HfApi().dataset_info('aps/super_glue', timeout=3)"
 
-demo:  ## P-Tuning v2 on real RTE with the packaged MiniLM, 1 epoch on the CPU (RTE from SHARED, else the hub)
-	@if [ -f $(RTE_DIR)/train.jsonl ]; then data=task.data_dir=$(RTE_DIR); \
+demo:  ## P-Tuning v2 on real RTE with the packaged MiniLM, 1 epoch on the CPU, into a fresh outputs/demo/<time>
+	@command -v $(PTV2) >/dev/null || { echo "make demo: no ptv2 in $(BIN) or on PATH: make install, or activate the venv that has ptv2" >&2; exit 2; }; \
+	if [ -f $(RTE_DIR)/train.jsonl ]; then data=task.data_dir=$(RTE_DIR); \
 	elif $(HUB_REACHABLE) >/dev/null 2>&1; then data=; echo "make demo: no $(RTE_DIR); reading RTE from the hub"; \
 	else echo "make demo: no $(RTE_DIR) and no Hugging Face hub: unzip $(RTE_ZIP) into DIR/superglue, then make demo SHARED=DIR" >&2; \
 		exit 2; fi; \
-	set -x; $(BIN)/ptv2 train task=rte backbone=minilm $$data trainer.epochs=1 logger=none hydra.run.dir=$(MINILM_RUN)
+	set -x; $(PTV2) train task=rte backbone=minilm $$data trainer.epochs=1 logger=none hydra.run.dir=$(DEMO_DIR)
 
 bench:  ## train-step time, eval throughput and peak memory per method (MiniLM, CPU); ARGS=... adds overrides
 	$(BIN)/ptv2 bench backbone=minilm $(ARGS)

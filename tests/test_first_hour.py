@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 
 import pytest
 from test_config import compose_train
@@ -171,3 +173,143 @@ def test_table_takes_its_folder_positionally_or_as_dir(trained, tmp_path, style,
     assert table.main([*argv, "--plot", "none"]) == 0
     out = tmp_path if "out=OUT" in style else trained.parent
     assert f"-> {out / 'table.md'}" in capsys.readouterr().out
+
+
+def test_piped_eval_logs_carry_no_weight_loading_bar(tmp_path):
+    """transformers draws a "Loading weights" bar on stderr; piped into a log it is off (MiniLM has real weights)."""
+    from conftest import RTE, ptv2, ptv2_subprocess
+
+    run = tmp_path / "run"
+    ptv2("train", "backbone=minilm", "trainer=smoke", "logger=none", f"task.data_dir={RTE}", f"hydra.run.dir={run}")
+    result = ptv2_subprocess("eval", str(run), "split=dev", f"task.data_dir={RTE}", f"hydra.run.dir={tmp_path / 'e'}")
+    assert "eval.json written to" in result.stdout
+    assert "Loading weights" not in result.stderr + result.stdout
+
+
+def test_make_demo_runs_the_ptv2_on_path_into_a_fresh_folder_each_time(tmp_path):
+    """Without the checkout's .venv (VENV= names none) the ptv2 the PATH gives runs; its folder is
+    outputs/demo/${unique_now:} (a time and a random suffix), so a second `make demo` does not meet the first."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    bin_dir, data = tmp_path / "bin", tmp_path / "shared" / "superglue" / "RTE"
+    bin_dir.mkdir()
+    data.mkdir(parents=True)
+    (data / "train.jsonl").write_text("{}\n")
+    fake = bin_dir / "ptv2"
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "calls"}\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    repo = Path(__file__).parents[1]
+    for _ in range(2):
+        command = ["make", "-s", "demo", f"VENV={tmp_path / 'no-venv'}", f"SHARED={tmp_path / 'shared'}"]
+        result = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert len(calls) == 2 and calls[0] == calls[1]
+    assert calls[0].startswith("train task=rte backbone=minilm task.data_dir=")
+    assert calls[0].endswith("hydra.run.dir=outputs/demo/${unique_now:}")
+
+
+def test_plot_y_axis_spans_at_least_ten_points_around_noise():
+    from ptv2.commands.table import MIN_Y_SPAN, y_limits
+
+    noise = {"rte ptv2/tiny": [(1, 50.2, math.nan), (4, 51.3, math.nan), (16, 50.7, math.nan)]}
+    low, high = y_limits(noise)
+    assert high - low == pytest.approx(MIN_Y_SPAN) and low < 50.2 and high > 51.3
+    wide = {"a": [(1, 40.0, 2.0), (2, 80.0, 1.0)]}
+    low, high = y_limits(wide)
+    assert low < 38.0 and high > 81.0 and high - low < 50  # a real spread keeps its own range
+    top = {"a": [(1, 99.0, math.nan), (2, 99.5, math.nan)]}
+    assert y_limits(top) == pytest.approx((90.0, 100.0))  # never above 100 % where no point is
+
+
+def test_plot_title_names_split_and_n():
+    from types import SimpleNamespace
+
+    from ptv2.commands.table import plot_title
+
+    rows = [("rte", "dev", "accuracy", "4"), ("rte", "dev", "accuracy", "8")]
+    cells = {0: SimpleNamespace(scores=[1.0, 2.0, 3.0]), 1: SimpleNamespace(scores=[1.0, 2.0, 3.0])}
+    assert plot_title("length", rows, cells) == "score vs prompt length (dev split, n=3 run(s) per point)"
+    cells[1] = SimpleNamespace(scores=[1.0])
+    assert plot_title("depth", rows, cells).endswith("(dev split, n=1-3 run(s) per point)")
+
+
+def test_depth_plot_lines_are_shifted_apart_and_ticked_at_integer_k(tmp_path):
+    from ptv2.commands.table import MARKERS, dodge, draw
+
+    shifts = [dodge(i, 2, "depth") for i in range(2)]
+    assert shifts[0] < 0 < shifts[1] and abs(shifts[0]) < 0.5  # apart, yet nearer their K than the next K
+    same = [(1.0, 50.0, math.nan), (2.0, 50.0, math.nan), (3.0, 50.0, math.nan)]
+    series = {"rte ptv2/tiny ascending (bottom:K)": same, "rte ptv2/tiny descending (top:K)": same}
+    import matplotlib.pyplot as plt
+
+    captured = {}
+    original = plt.Figure.savefig
+
+    def keep(figure, *args, **kwargs):
+        axes = figure.axes[0]
+        captured["ticks"] = [float(t) for t in axes.get_xticks()]
+        lines = [line for line in axes.get_lines() if line.get_marker() in MARKERS]  # not the error bars' caps
+        captured["xs"] = [list(line.get_xdata()) for line in lines]
+        captured["markers"] = {line.get_marker() for line in lines}
+        return original(figure, *args, **kwargs)
+
+    plt.Figure.savefig = keep
+    try:
+        draw("depth", series, tmp_path, "accuracy (%)", "title")
+    finally:
+        plt.Figure.savefig = original
+    assert captured["ticks"] == [1.0, 2.0, 3.0]
+    assert captured["xs"][0] != captured["xs"][1] and len(captured["markers"]) == 2
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "predict"])
+def test_help_says_what_every_group_chooses(command):
+    from conftest import ptv2
+
+    text = ptv2(command, "--help").stdout
+    described, options = text.split("== Options of each group ==")
+    described = described.split("== Configuration groups: what each chooses")[1]
+    groups = [line.split(":")[0] for line in options.split("== Config")[0].strip().splitlines()]
+    assert "task" in groups and "backbone" in groups
+    for group in groups:
+        assert re.search(rf"(^  {group} |; {group}: )", described, re.MULTILINE), f"no word on the {group} group"
+
+
+def test_a_local_model_folder_without_weights_is_named_not_the_hub(tmp_path):
+    from pathlib import Path
+
+    from conftest import RTE, ptv2
+
+    folder = Path(__file__).parent / "fixtures" / "decoders" / "gpt2"  # config.json only
+    args = ["train", "backbone=tiny", f"backbone.name_or_path={folder}", "backbone.random_init=false"]
+    result = ptv2(
+        *args, "trainer=smoke", "logger=none", f"task.data_dir={RTE}", f"hydra.run.dir={tmp_path / 'r'}", check=False
+    )
+    assert result.returncode == 2
+    line = result.stderr.strip()
+    assert line.startswith(f"ptv2: error: could not load the weights of backbone '{folder}' (")
+    assert line.endswith(
+        "pass a complete Hugging Face model folder (config.json, tokenizer files, model.safetensors) "
+        "with backbone.name_or_path=DIR"
+    )
+    assert "hub" not in line
+
+
+def test_positional_run_folders_become_ckpt_and_parse_back_to_the_paths():
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from ptv2.cli import positional_checkpoints
+
+    assert positional_checkpoints(["--cfg", "job", "runs/a", "split=dev"]) == (
+        ["--cfg", "job", "ckpt=runs/a", "split=dev"],
+        None,
+    )
+    args, problem = positional_checkpoints(["runs/a", "runs/b"])
+    assert problem is None and args == ["ckpt=[runs/a,runs/b]"]
+    odd = "/tmp/my run's (1)"
+    (override,) = positional_checkpoints([odd])[0]
+    assert OverridesParser.create().parse_override(override).value() == odd

@@ -426,6 +426,8 @@ def sweep_value_problem(config_name: str, args: list[str]) -> str | None:
         GlobalHydra.instance().clear()
         with initialize_config_module(config_module="ptv2.conf", version_base="1.3"):
             base = compose(config_name=config_name, overrides=fixed, return_hydra_config=True)
+            if not str(base.hydra.sweeper.get("_target_", "")).endswith("BasicSweeper"):
+                return None  # Optuna and the like draw their values as they go
             params = base.hydra.sweeper.get("params") or {}
             lines = [f"{key}={value}" for key, value in params.items()] + overrides
             jobs = [job for batch in BasicSweeper.split_arguments(parser.parse_overrides(lines), None) for job in batch]
@@ -473,6 +475,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def function(cfg: DictConfig, run_dir: Path):
         # Imported once the config composed: a mistake in it is reported before torch and transformers load.
+        from ptv2.runs.progress import quiet_library_bars
+
+        quiet_library_bars()  # eval and predict load weights without the training loop's import of it
         return getattr(importlib.import_module(module_name), function_name)(cfg, run_dir)
 
     args, problem = flags_first(argv[1:]), None
@@ -490,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     register()
     if command == "train":
         args, preset = with_official_preset(args)
-        if preset:
+        if preset and not any(arg in ("-h", "--help") for arg in args):
             note = "the official run's settings (explicit overrides win; preset=none turns it off)"
             print(f"ptv2: preset={preset}: {note}", file=sys.stderr)
     problem = rundir.sweep_dir_in_use(args)

@@ -81,9 +81,9 @@ def fixes(local: str) -> str:
 def reason(error: Exception) -> str:
     """Why a hub load failed, for the error line: the cause when the hub was not in reach, else the client's first
     line."""
-    if _state.get("switched"):
-        return "the Hugging Face hub is unreachable and the hub cache has no copy"
     if offline_requested():
         return "HF_HUB_OFFLINE is set and the hub cache has no copy"
+    if _state.get("switched"):
+        return "the Hugging Face hub is unreachable and the hub cache has no copy"
     text = str(error).strip()
     return f"{type(error).__name__}: {text.splitlines()[0][:200]}" if text else type(error).__name__

@@ -513,13 +513,54 @@ PLOTS = {
 AUTO_PLOTS = ("length", "depth", "methods")  # --plot auto; curves on request (--plot curves or a list)
 
 
-def draw(kind: str, series: dict, out: Path, ylabel: str) -> Path:
+# The y-axis of a line plot spans at least this many percentage points: a few points of noise between configs (runs at
+# chance on a small dev set) must not fill the whole height and read as a trend.
+MIN_Y_SPAN = 10.0
+MARKERS = "osD^v<>Pp*"  # one per line, so that lines on top of each other stay visible
+
+
+def y_limits(series: dict, min_span: float = MIN_Y_SPAN) -> tuple[float, float]:
+    """(bottom, top) of a line plot's y-axis: the points with their error bars and a margin, widened around their
+    middle to at least `min_span`, kept inside 0..100 where the points allow."""
+    lows = [mean - (0 if math.isnan(std) else std) for points in series.values() for _, mean, std in points]
+    highs = [mean + (0 if math.isnan(std) else std) for points in series.values() for _, mean, std in points]
+    low, high = min(lows), max(highs)
+    margin = 0.05 * (high - low)
+    low, high = low - margin, high + margin
+    if high - low < min_span:
+        middle = (low + high) / 2
+        low, high = middle - min_span / 2, middle + min_span / 2
+    if low < 0 <= min(lows):
+        low, high = 0.0, max(high - low, high)
+    if high > 100 >= max(highs):
+        low, high = min(low - (high - 100), low), 100.0
+    return low, high
+
+
+def plot_title(kind: str, rows, cells) -> str:
+    """The plot's title: what it shows, on which split(s), and how many runs each point averages (n)."""
+    splits = sorted({row[1] for row in rows})
+    counts = sorted({len(cell.scores) for cell in cells.values()})
+    n = f"n={counts[0]}" if len(counts) == 1 else f"n={counts[0]}-{counts[-1]}"
+    return f"{PLOTS[kind][1]} ({'/'.join(splits)} split, {n} run(s) per point)"
+
+
+def dodge(index: int, count: int, kind: str) -> float:
+    """A line's small sideways shift, so that lines with equal points do not hide each other: a factor on the log
+    x-axis of the length plot, an offset on the integer K of the depth plot."""
+    if count <= 1:
+        return 1.0 if kind == "length" else 0.0
+    step = (index - (count - 1) / 2) / count
+    return 2 ** (0.12 * step) if kind == "length" else 0.12 * step
+
+
+def draw(kind: str, series: dict, out: Path, ylabel: str, title: str | None = None) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    filename, title, xlabel = PLOTS[kind]
+    filename, _, xlabel = PLOTS[kind]
     figure, axes = plt.subplots(figsize=(7, 4.5))
     if kind == "methods":
         methods = sorted({p[0] for points in series.values() for p in points})
@@ -532,16 +573,20 @@ def draw(kind: str, series: dict, out: Path, ylabel: str) -> Path:
             axes.bar(xs, means, width, yerr=errors, label=label, capsize=3)
         axes.set_xticks([j + 0.4 - width / 2 for j in range(len(methods))], methods)
     else:
-        for label, points in series.items():
+        for i, (label, points) in enumerate(series.items()):
             xs, means, stds = zip(*points, strict=True)
+            shift = dodge(i, len(series), kind)
+            xs = [x * shift for x in xs] if kind == "length" else [x + shift for x in xs]
             errors = [0 if math.isnan(s) else s for s in stds]
-            axes.errorbar(xs, means, yerr=errors, marker="o", capsize=3, label=label)
+            marker = MARKERS[i % len(MARKERS)]
+            axes.errorbar(xs, means, yerr=errors, marker=marker, capsize=3, label=label, alpha=0.85, markersize=6)
+        ticks = sorted({p[0] for points in series.values() for p in points})
         if kind == "length":  # lengths grow geometrically; label the lengths themselves
             axes.set_xscale("log", base=2)
-            lengths = sorted({p[0] for points in series.values() for p in points})
-            axes.set_xticks(lengths, [f"{x:g}" for x in lengths])
-            axes.minorticks_off()
-    axes.set(title=title, xlabel=xlabel, ylabel=ylabel)
+        axes.set_xticks(ticks, [f"{x:g}" for x in ticks])  # the values run, integers (no 1.2, 1.4 for K)
+        axes.minorticks_off()
+        axes.set_ylim(*y_limits(series))
+    axes.set(title=title or PLOTS[kind][1], xlabel=xlabel, ylabel=ylabel)
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
     figure.tight_layout()
@@ -568,11 +613,12 @@ def make_plots(rows, columns, cells, descriptors, out: Path, choice: str) -> lis
     ylabel = f"{'/'.join(metrics)} (%)"
     plots = []
     for kind, series in wanted.items():
-        path = draw(kind, series, out, ylabel)
+        title = plot_title(kind, rows, cells)
+        path = draw(kind, series, out, ylabel, title)
         points = {
             label: [[x, mean, None if math.isnan(std) else std] for x, mean, std in p] for label, p in series.items()
         }
-        plots.append({"kind": kind, "file": str(path), "title": PLOTS[kind][1], "series": points})
+        plots.append({"kind": kind, "file": str(path), "title": title, "series": points})
     (out / "plots.json").write_text(json.dumps(plots, indent=2))
     return plots
 

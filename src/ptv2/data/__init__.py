@@ -289,6 +289,11 @@ class LengthGroupedBatches(torch.utils.data.Sampler):
 
     Features are shuffled, cut into windows of 50 batches, sorted by length inside each window, then the batches
     are shuffled again, so every epoch sees a different, reproducible order.
+
+    Not transformers' LengthGroupedSampler (get_length_grouped_indices), which draws the same kind of mega-batches
+    but is not equal: it shrinks the window below 50 batches on small sets (len // (4 * batch)), swaps the longest
+    feature into the first batch, and keeps the batches in window order instead of shuffling them; training orders
+    (and so the recorded runs and resumes) would change.
     """
 
     def __init__(self, lengths: list[int], batch_size: int, seed: int, group_by_length: bool = True):

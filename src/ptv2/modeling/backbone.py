@@ -23,6 +23,13 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def _not_loadable(what: str, cfg, error: Exception) -> UserError:
+    if Path(str(cfg.name_or_path)).expanduser().is_dir():  # a local folder: the hub has nothing to do with it
+        text = str(error).strip()
+        reason = text.splitlines()[0][:200] if text else type(error).__name__
+        return UserError(
+            f"could not load the {what} of backbone '{cfg.name_or_path}' ({reason}); pass a complete Hugging Face "
+            "model folder (config.json, tokenizer files, model.safetensors) with backbone.name_or_path=DIR"
+        )
     return UserError(
         f"could not load the {what} of backbone '{cfg.name_or_path}' ({hub.reason(error)}); "
         f"{hub.fixes('a local Hugging Face model folder with backbone.name_or_path=DIR')}"

@@ -10,12 +10,22 @@ import time
 from tqdm.auto import tqdm
 
 log = logging.getLogger("ptv2")
-if not sys.stderr.isatty():  # the libraries' own bars (loading weights, downloads) would redraw into the log too
+
+
+def quiet_library_bars() -> None:
+    """Off the terminal (SLURM, CI, `| tee log`), the libraries' own bars (transformers' weight loading, hub
+    downloads) would redraw into the log line by line: turned off. Every command calls this before it loads a
+    model (cli.main); training also at this module's import."""
+    if sys.stderr.isatty():
+        return
     from huggingface_hub.utils import disable_progress_bars
     from transformers.utils import logging as transformers_logging
 
     disable_progress_bars()
     transformers_logging.disable_progress_bar()
+
+
+quiet_library_bars()
 LINES_PER_EPOCH = 10  # a line each time another tenth of the epoch is done
 LINE_SECONDS = 300.0  # and at least one every 5 minutes on long epochs
 
