@@ -69,13 +69,15 @@ class Job:
     rng: dict | None = None
     error: Exception | None = None
     results: dict | None = None
+    tag: str = ""  # "job N: " in a packed group of several
 
     @property
     def running(self) -> bool:
         return self.error is None and self.results is None
 
     def log(self, message: str, *args) -> None:
-        log.info(message, *args, extra={"job": self.num})
+        """A line of this job's: in a packed group it names the job, as the group's lines share the console."""
+        log.info(f"{self.tag}{message}", *args, extra={"job": self.num})
 
 
 def fail(job: Job, error: Exception) -> None:
@@ -113,6 +115,8 @@ class Group:
         self.cfg = cfg = jobs[0].cfg  # every setting read from it is the group's (commands.packed.group_key)
         self.accelerator = Accelerator(mixed_precision=cfg.trainer.precision, cpu=cfg.trainer.cpu)
         self.per_forward = jobs_per_forward or default_jobs_per_forward(self.accelerator.device, len(jobs))
+        for job in jobs if len(jobs) > 1 else []:
+            job.tag = f"job {job.num}: "
 
     def running(self) -> list[Job]:
         return [job for job in self.jobs if job.running]
