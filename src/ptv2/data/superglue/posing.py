@@ -9,7 +9,7 @@ from typing import Any
 
 from ptv2.data.files import field, label_id
 from ptv2.data.superglue.sources import _idx_dict, _int, _str, _zero_one
-from ptv2.data.superglue.tables import _COLUMNS, TEMPLATES
+from ptv2.data.superglue.tables import _COLUMNS, _FLAT_IDX, TEMPLATES
 from ptv2.errors import UserError
 
 # ------------------------------------------------------------------------------------- flat records -> canonical
@@ -19,9 +19,13 @@ def _examples(name: str, flat: Iterable[tuple[str, dict]], labels: list[str], op
     """Pose every flat record as the task's canonical example(s)."""
     template = _template(name, options)
     examples = []
-    for where, row in flat:
+    for position, (where, row) in enumerate(flat):
         for column in _COLUMNS[name]:
             field(row, column, where)
+        if "idx" not in row and name in _FLAT_IDX:
+            # A user's own file (ptv2 predict input=FILE) need not carry the official bookkeeping id: its records
+            # are numbered in file order, the id the prediction file then gives back.
+            row = {**row, "idx": position}
         if name == "record":
             examples.extend(_record_examples(row, labels, where))
         elif name == "copa":

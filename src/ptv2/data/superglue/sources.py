@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ptv2.data.files import field
-from ptv2.data.superglue.tables import _HUB_CLASSES
+from ptv2.data.superglue.tables import _FLAT_IDX, _HUB_CLASSES
 from ptv2.errors import UserError
 
 # ------------------------------------------------------------------------------------------ sources -> flat records
@@ -24,7 +24,8 @@ def _flatten_official(name: str, record: dict, where: str, labelled: bool) -> li
     row = dict(record)
     if name == "wsc":
         row.update(_object(record, "target", where))
-    row["idx"] = field(record, "idx", where)
+    if name not in _FLAT_IDX:  # the flat tasks' records may leave it out: posing._examples numbers them
+        row["idx"] = field(record, "idx", where)
     row["label"] = _label(record, where, labelled)
     return [(where, row)]
 

@@ -56,6 +56,8 @@ _COLUMNS = {
     "wic": ("word", "sentence1", "sentence2"),
     "wsc": ("text", "span1_text", "span2_text", "span2_index"),
 }
+# Tasks whose official `idx` is one integer per record (MultiRC and ReCoRD nest theirs with the passage's parts).
+_FLAT_IDX = ("boolq", "cb", "copa", "rte", "wic", "wsc")
 
 
 # The official distribution's names (format jsonl), found in task.data_dir unless task.files.<split> names another.
