@@ -1,5 +1,8 @@
 """The `ptv2` command: `ptv2 <command> [Hydra overrides]`.
 
+One piece, as it is the only place that talks to the user before a command runs: the argument clean-up, the checks
+that must come before Hydra writes anything, and the translation of every error into one line.
+
 Commands that run experiments are Hydra applications over the config tree in conf/ (shipped as ptv2.conf), so
 every one of them takes overrides, `--help`, `--cfg job` and `-m/--multirun`.
 """

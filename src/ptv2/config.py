@@ -1,5 +1,8 @@
 """Structured configs: the schema behind conf/, registered with Hydra so wrong keys and types fail at start-up.
 
+One piece on purpose: every key, its default, its roles (`tagged`) and its allowed values are declared here
+once, so the schema and the checks of its values cannot drift apart.
+
 Value checks Hydra cannot express (a prompt length below 1, a layer the backbone lacks, positions past the
 backbone's table) live in `validate`, which needs the backbone's HF config.
 """

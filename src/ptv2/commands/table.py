@@ -1,5 +1,8 @@
 """`ptv2 table DIR`: collect the results.json of runs and sweeps under DIR into a results table and plots.
 
+One piece: collecting, the table, its details, the plots and the W&B upload all read the same cells (runs
+grouped by task, split, metric, method, backbone and the keys that vary), built once in `build_table`.
+
 Rows are tasks (one per split and metric), columns method x backbone. Runs that differ only in their seed are one
 config: the cell is their mean ± std (sample std) and n. When runs of the same task, method and backbone also
 differ in other config keys (a prompt-length sweep), those keys become row columns, so every config has its row.

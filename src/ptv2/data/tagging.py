@@ -1,5 +1,8 @@
 """Sequence-tagging readers (NER and SRL): every supported layout becomes word-level BIO examples.
 
+One module for every layout on purpose: the layouts differ only in how a file is cut into sentences and columns,
+and share the BIO conversion, the span checks and the file finding that follow.
+
 Canonical example: ``{"idx": int, "tokens": [str], "tags": [str] (BIO), "predicate": int}``; ``predicate`` is the
 0-based word index of the predicate for SRL (one example per sentence and predicate) and -1 for NER.
 
