@@ -51,8 +51,22 @@ def is_offline() -> bool:
 def prepare() -> None:
     """Call before a hub call: probes the hub once; if it does not answer, switches huggingface_hub, transformers
     and datasets to their local cache for the rest of the process, with one log line."""
-    if offline_requested() or _state.get("switched") or reachable():
+    if offline_requested():
+        _cache_only()  # the clients read the variable when imported, perhaps before it was set (in-process runs)
         return
+    if _state.get("switched") or reachable():
+        return
+    _cache_only()
+    _state["switched"] = True
+    host, port = endpoint()
+    log.warning(
+        "the Hugging Face hub (%s:%s) did not answer within %gs: reading only the local hub cache "
+        "(HF_HUB_OFFLINE=1 skips this probe)", host, port, PROBE_TIMEOUT_S,
+    )  # fmt: skip
+
+
+def _cache_only() -> None:
+    """huggingface_hub, transformers and datasets read only their local cache from now on in this process."""
     import huggingface_hub.constants
 
     huggingface_hub.constants.HF_HUB_OFFLINE = True  # read at call time by huggingface_hub and transformers
@@ -62,12 +76,6 @@ def prepare() -> None:
         datasets.config.HF_HUB_OFFLINE = True  # datasets copies the flag at import
     except ImportError:
         pass
-    _state["switched"] = True
-    host, port = endpoint()
-    log.warning(
-        "the Hugging Face hub (%s:%s) did not answer within %gs: reading only the local hub cache "
-        "(HF_HUB_OFFLINE=1 skips this probe)", host, port, PROBE_TIMEOUT_S,
-    )  # fmt: skip
 
 
 def fixes(local: str) -> str:

@@ -204,3 +204,15 @@ def hub_rows(task: Any, split: str, files: str, default_splits: dict[str, str] |
         )
     where = f"hub {hub['path']}{'/' + hub['name'] if hub.get('name') else ''} split {splits[split]}"
     return load_hub_split(hub["path"], hub.get("name"), hub.get("revision"), splits[split]), where
+
+
+# The JSON-lines readers' file names (instructions, text_pairs), found in task.data_dir unless task.files names one.
+JSONL_FILES = {"jsonl": {"train": ["train.jsonl"], "dev": ["dev.jsonl", "val.jsonl"], "test": ["test.jsonl"]}}
+
+
+def jsonl_records(task: Any, split: str) -> list[tuple[str, dict[str, Any]]]:
+    """(where, record) for every line of a split's JSON-lines file in task.data_dir (JSONL_FILES' names)."""
+    if not task.get("data_dir"):
+        raise UserError(f"task {task.name}: set task.data_dir=DIR, a folder with train.jsonl and dev.jsonl")
+    _, path = local_split(task, split, JSONL_FILES)
+    return [(f"{path}:{line}", record) for line, record in read_jsonl(path)]

@@ -7,25 +7,19 @@ Examples: {"idx", "prompt", "response"}; a test file may leave the response out 
 
 from __future__ import annotations
 
-from ptv2.data.files import field, local_split, read_jsonl
+from ptv2.data.files import JSONL_FILES, field, jsonl_records
 from ptv2.errors import UserError
-
-LOCAL_FILES = {"jsonl": {"train": ["train.jsonl"], "dev": ["dev.jsonl", "val.jsonl"], "test": ["test.jsonl"]}}
 
 
 def local_files(task) -> dict[str, dict[str, list[str]]]:
-    return LOCAL_FILES
+    return JSONL_FILES
 
 
 def load(task, split: str) -> list[dict]:
-    if not task.get("data_dir"):
-        raise UserError(f"task {task.name}: set task.data_dir=DIR, a folder with train.jsonl and dev.jsonl")
     options = task.get("options") or {}
     prompt_field, response_field = options.get("prompt_field", "prompt"), options.get("response_field", "response")
-    _, path = local_split(task, split, LOCAL_FILES)
     examples = []
-    for line, record in read_jsonl(path):
-        where = f"{path}:{line}"
+    for where, record in jsonl_records(task, split):
         prompt = field(record, prompt_field, where)
         response = record.get(response_field, "") if split == "test" else field(record, response_field, where)
         if not isinstance(prompt, str) or not isinstance(response, str):

@@ -9,27 +9,21 @@ index into task.labels); metrics and prediction files are the task type's own (a
 
 from __future__ import annotations
 
-from ptv2.data.files import field, label_id, local_split, read_jsonl
+from ptv2.data.files import JSONL_FILES, field, jsonl_records, label_id
 from ptv2.errors import UserError
-
-LOCAL_FILES = {"jsonl": {"train": ["train.jsonl"], "dev": ["dev.jsonl", "val.jsonl"], "test": ["test.jsonl"]}}
 
 
 def local_files(task) -> dict[str, dict[str, list[str]]]:
-    return LOCAL_FILES
+    return JSONL_FILES
 
 
 def load(task, split: str) -> list[dict]:
-    if not task.get("data_dir"):
-        raise UserError(f"task {task.name}: set task.data_dir=DIR, a folder with train.jsonl and dev.jsonl")
     options = task.get("options") or {}
     text_a, text_b = options.get("text_a_field", "text_a"), options.get("text_b_field", "text_b")
     label_field = options.get("label_field", "label")
     labels = [str(label) for label in task.labels]
-    _, path = local_split(task, split, LOCAL_FILES)
     examples = []
-    for line, record in read_jsonl(path):
-        where = f"{path}:{line}"
+    for where, record in jsonl_records(task, split):
         first, second = field(record, text_a, where), record.get(text_b, "") if text_b else ""
         if not isinstance(first, str) or not isinstance(second, str):
             raise UserError(f"{where}: '{text_a}' and '{text_b}' must be strings")
