@@ -267,8 +267,12 @@ class Group:
                 if active and every and any(job.progress.step % every == 0 for job in active if job.running):
                     self.save_states(epoch, done)
                 if active:
-                    recent = [np.mean(job.progress.losses[-20:]) for job in active if job.progress.losses]
-                    bar.set_postfix(loss=f"{np.mean(recent):.4f}" if recent else "-")
+                    # Each job's own recent loss (a packed group's jobs named by number), never a mean across jobs.
+                    recent = {job.num: np.mean(job.progress.losses[-20:]) for job in active if job.progress.losses}
+                    if len(self.jobs) == 1:
+                        bar.set_postfix(loss=f"{next(iter(recent.values())):.4f}" if recent else "-")
+                    else:
+                        bar.set_postfix(loss=" ".join(f"job{num}={value:.4f}" for num, value in recent.items()) or "-")
                     training_state.maybe_die(max(job.progress.step for job in active))
                 if stop.signal_name:
                     self.save_states(epoch, done)
