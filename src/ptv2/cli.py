@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ptv2 import __version__, config
+from ptv2.commands.job_hooks import HOOKS
 from ptv2.config import check_added_keys, check_launcher, check_values, unknown_key_hint
 from ptv2.errors import UserError, short_line
 from ptv2.runs import rundir, summary
@@ -180,7 +181,7 @@ def register() -> None:
     config.register()
     if not OmegaConf.has_resolver("unique_now"):
         OmegaConf.register_new_resolver("unique_now", rundir.unique_now, use_cache=True)
-    PackedLauncher.hooks = (open_job, record_failure, objective)
+    HOOKS.update(open_job=open_job, record_failure=record_failure, objective=objective)
     Plugins.instance().register(PackedLauncher)
 
 

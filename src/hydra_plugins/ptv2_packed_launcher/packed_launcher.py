@@ -36,10 +36,6 @@ ConfigStore.instance().store(group="hydra/launcher", name="packed_schema", node=
 
 
 class PackedLauncher(Launcher):
-    # (open_job, record_failure, objective): what ptv2's command line does for every job before it runs, when it
-    # fails, and with its result; set by ptv2.cli.register, which sits above this plugin (it never imports the cli).
-    hooks: tuple = ()
-
     def __init__(self, max_pack: int = 8, jobs_per_forward: Optional[int] = None) -> None:
         for key, value in (
             ("max_pack", max_pack),
@@ -113,7 +109,9 @@ class PackedLauncher(Launcher):
 
     def _run_packed(self, configs: list[DictConfig]) -> list[JobReturn]:
         """Hydra's job set-up for each job (folder, runtime config), then one training for the group."""
-        open_job, record_failure, objective = self.hooks
+        from ptv2.commands.job_hooks import HOOKS  # the cli's, set by ptv2.cli.register
+
+        open_job, record_failure, objective = HOOKS["open_job"], HOOKS["record_failure"], HOOKS["objective"]
         from ptv2.commands import packed
 
         def job(task_cfg: DictConfig):
