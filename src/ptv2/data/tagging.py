@@ -50,7 +50,7 @@ from typing import Any
 from ptv2.data.files import field, hub_rows, local_split, read_json, read_jsonl
 from ptv2.errors import UserError
 
-SRL_TASKS = ("conll05", "conll12")
+SRL_TASKS = ("conll05", "conll12")  # configs written before task.options.srl (is_srl)
 
 # File names inside each folder of the official P-tuning v2 data pack (format ptv2_pack).
 PACK_FILES = {
@@ -120,7 +120,7 @@ def load(task: Any, split: str) -> list[dict]:
     """Examples of one split of a tagging task, from local files (``task.data_dir``) or the hub."""
     if _cfg(task, "data_dir"):
         return _load_local(task, split)
-    if _is_srl(task):
+    if is_srl(task):
         raise UserError(f"task {_cfg(task, 'name')}: SRL data is read from local files only; pass task.data_dir=DIR")
     rows, where = hub_rows(task, split, "local files", DEFAULT_HUB_SPLITS)
     return convert_hub_rows(rows, _label_names(task, _cfg(task, "hub")["path"]), where=where)
@@ -138,7 +138,7 @@ def local_files(task: Any) -> dict[str, dict[str, list[str]]]:
     ptv2.data.files.local_split). A name listed twice reads the same either way (CoNLL03/CoNLL04 pack = columns)."""
     name = _cfg(task, "name")
     pack = {split: [filename] for split, filename in PACK_FILES.get(name, {}).items()}
-    if _is_srl(task):
+    if is_srl(task):
         return {"ptv2_pack": pack, "conll": SRL_COLUMN_FILES.get(name, {})}
     columns = {split: [*names, *CONLL03_ORIGINAL_FILES[split]] for split, names in NER_COLUMN_FILES.items()}
     json_files = {
@@ -160,7 +160,7 @@ def _load_local(task: Any, split: str) -> list[dict]:
     name = _cfg(task, "name")
     fmt, path = local_split(task, split, local_files(task), sniff_format)
     options = _cfg(task, "options", {})
-    if _is_srl(task):
+    if is_srl(task):
         if fmt == "ptv2_pack":
             return read_srl_pack(path)
         if fmt == "conll":
@@ -178,8 +178,13 @@ def _load_local(task: Any, split: str) -> list[dict]:
     raise UserError(f"task {name}: unknown format '{fmt}'; expected conll, ptv2_pack or json")
 
 
-def _is_srl(task: Any) -> bool:
-    return _cfg(task, "name") in SRL_TASKS
+def is_srl(task: Any) -> bool:
+    """The one place that says a tagging task is semantic role labelling (its readers, its predicate segment, its
+    metrics without V): `task.options.srl` as the task's YAML declares it; a config written before that option (an
+    older checkpoint's) by its name."""
+    options = _cfg(task, "options") or {}
+    declared = _cfg(options, "srl")
+    return bool(declared) if declared is not None else _cfg(task, "name") in SRL_TASKS
 
 
 def _label_names(task: Any, hub_path: str) -> list[str] | None:

@@ -33,7 +33,7 @@ import torch
 from tokenizers import pre_tokenizers
 
 from ptv2.data import Split
-from ptv2.data.tagging import label_set
+from ptv2.data.tagging import is_srl, label_set
 from ptv2.io import write_jsonl
 from ptv2.metrics.tagging import tagging_metrics
 from ptv2.modeling.heads import IGNORE_INDEX, TokenClassificationHead
@@ -58,11 +58,6 @@ def labels(examples: list[dict]) -> list[str]:
     return label_set(examples)
 
 
-def is_srl(predicates) -> bool:
-    """SRL data name a predicate word (index >= 0) in every example; NER data have -1."""
-    return any(predicate >= 0 for predicate in predicates)
-
-
 def word_tokenizer(tokenizer):
     """The tokenizer to apply to pre-split words: a byte-level BPE one (RoBERTa) gets a copy that adds the leading
     space every word has in running text; others are returned as they are. Copies are made once per tokenizer."""
@@ -84,7 +79,7 @@ def encode(batch: dict[str, list], tokenizer, task) -> dict[str, list]:
     """
     tokenizer = word_tokenizer(tokenizer)
     label_ids = {name: i for i, name in enumerate(task.labels)}
-    srl = is_srl(batch["predicate"])
+    srl = is_srl(task)
     predicates = [[words[p]] for words, p in zip(batch["tokens"], batch["predicate"], strict=True)] if srl else None
     features = tokenizer(
         batch["tokens"],
@@ -152,7 +147,7 @@ def metrics(task, split: Split, outputs: list[np.ndarray]) -> dict:
     """
     gold = [example["tags"] for example in split.examples]
     predicted = predicted_tags(task, split, outputs)
-    if not is_srl(example["predicate"] for example in split.examples):
+    if not is_srl(task):
         return tagging_metrics(gold, predicted)
     with_v = tagging_metrics(gold, predicted)
     scores = tagging_metrics(gold, predicted, exclude_types=SRL_EXCLUDED_TYPES)
@@ -162,7 +157,7 @@ def metrics(task, split: Split, outputs: list[np.ndarray]) -> dict:
 def write_predictions(task, split: Split, outputs: list[np.ndarray], out_dir: str | Path) -> list[Path]:
     """`<task>-<split>-predictions.jsonl`: one line per example, ``{"idx", "tokens", "tags"}`` with the predicted
     word-level BIO tags (SRL lines also carry ``predicate``, the word index of the predicate)."""
-    srl = is_srl(example["predicate"] for example in split.examples)
+    srl = is_srl(task)
     lines = [
         {
             "idx": example["idx"],
