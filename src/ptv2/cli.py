@@ -250,9 +250,17 @@ INFO_TOPICS = ("all", "config", "defaults", "defaults-tree", "plugins", "searchp
 def flags_first(args: list[str]) -> list[str]:
     """Hydra's flags (with their values) before the overrides: Hydra's argparse stops reading overrides at the first
     flag, so `ptv2 train task=rte -m` or an override ptv2 appends after `--cfg job` (the official preset) would be
-    refused as "unrecognized arguments". The order of the overrides is kept (the last one of a key wins). A flag's
-    value is the next argument unless that is an override (it holds "=") or another flag."""
-    flags, overrides, last, index = [], [], [], 0
+    refused as "unrecognized arguments". The order of the overrides is kept (the last one of a key wins); a flag
+    without its value goes last, so that argparse does not take an override for it."""
+    flags, overrides, lacking = split_flags(args)
+    return [*flags, *overrides, *lacking]
+
+
+def split_flags(args: list[str]) -> tuple[list[str], list[str], list[str]]:
+    """(Hydra's flags with their values, the overrides, the flags given without their value), each in the order
+    given. A flag's value is the next argument unless that is an override (it holds "=") or another flag; --info
+    takes only one of its topics."""
+    flags, overrides, lacking, index = [], [], [], 0
     while index < len(args):
         arg = args[index]
         index += 1
@@ -267,30 +275,10 @@ def flags_first(args: list[str]) -> list[str]:
                 flags += [arg, following]
                 index += 1
             else:
-                last.append(arg)
-        else:  # no value given: last, so that argparse does not take an override for its value
-            last.append(arg)
-    return [*flags, *overrides, *last]
-
-
-def split_flags(args: list[str]) -> tuple[list[str], list[str]]:
-    """(Hydra's flags with their values, the overrides), each in the order given."""
-    flags, overrides, rest = [], [], iter(args)
-    for arg in rest:
-        if arg.startswith("-"):  # overrides never do (`~key`, `+key=`, `key=-1`)
-            flags.append(arg)
-            wants = arg in VALUE_FLAGS or arg == "--info"
-            if wants:
-                following = next(rest, None)
-                if following is None:
-                    continue
-                if arg == "--info" and following not in INFO_TOPICS:
-                    overrides.append(following)
-                else:
-                    flags.append(following)
+                lacking.append(arg)
         else:
-            overrides.append(arg)
-    return flags, overrides
+            lacking.append(arg)
+    return flags, overrides, lacking
 
 
 def launcher_knobs(args: list[str]) -> str | None:
@@ -398,7 +386,7 @@ def positional_checkpoints(args: list[str]) -> tuple[list[str], str | None]:
     """The overrides with run folders/files given positionally turned into `ckpt=` (several: `ckpt=[A,B]`, which
     predict serves on one backbone), or a reason to refuse: a positional and a `ckpt=` together. A value with
     characters Hydra's override grammar does not take bare is quoted."""
-    flags, overrides = split_flags(args)
+    flags, overrides, lacking = split_flags(args)
     positional = [arg for arg in overrides if not arg.startswith(("+", "~")) and "=" not in arg]
     if not positional:
         return args, None
@@ -409,7 +397,7 @@ def positional_checkpoints(args: list[str]) -> tuple[list[str], str | None]:
         for path in positional
     ]
     value = quoted[0] if len(quoted) == 1 else f"[{','.join(quoted)}]"
-    return [*flags, f"ckpt={value}", *(arg for arg in overrides if arg not in positional)], None
+    return [*flags, f"ckpt={value}", *(arg for arg in overrides if arg not in positional), *lacking], None
 
 
 def sweep_value_problem(config_name: str, args: list[str]) -> str | None:

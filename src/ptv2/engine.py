@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import extract_model_from_parallel
 from omegaconf import DictConfig, open_dict
 from torch.utils.data import DataLoader
 
@@ -200,25 +201,20 @@ def eval_loader(member: Member, split: str, tokenizer, accelerator: Accelerator,
     return accelerator.prepare_data_loader(loader)
 
 
-def forward_group(models: list, batch: dict, head: str | None, loss: bool = False) -> list[torch.Tensor]:
+def forward_group(models: list, modules: list, batch: dict, head: str | None, loss: bool = False) -> list[torch.Tensor]:
     """Each model's head output for one batch (its loss when `loss`). One model runs its own forward; several models
     on one frozen encoder share ONE backbone forward of K x B rows, block k with model k's prompt and dropout
     (packing.packed_hidden). Rows never interact in an encoder, so each block is exactly its model's computation.
-    Models may be wrapped by accelerate (device placement, mixed precision, several processes)."""
+    models: as accelerate prepared them (device placement, mixed precision, several processes); modules: the
+    PromptModels inside them (extract_model_from_parallel, taken once by the caller: it walks the model)."""
     if len(models) == 1:
         output = models[0](batch, head=head)
-        return [unwrap(models[0]).head_for(head).loss(output, batch) if loss else output]
-    modules = [unwrap(model) for model in models]
+        return [modules[0].head_for(head).loss(output, batch) if loss else output]
     blocks = packed_hidden(modules[0].encoder, modules, batch)
     outputs = [module.head_for(head)(hidden, batch) for module, hidden in zip(modules, blocks, strict=True)]
     if loss:
         return [module.head_for(head).loss(output, batch) for module, output in zip(modules, outputs, strict=True)]
     return outputs
-
-
-def unwrap(model):
-    """The PromptModel inside what accelerate.prepare returned (DistributedDataParallel keeps it in .module)."""
-    return getattr(model, "module", model)
 
 
 @torch.inference_mode()
@@ -230,16 +226,17 @@ def predict_group(
     predict, for one model or a packed group."""
     for model in models:
         model.eval()
+    modules = [extract_model_from_parallel(model) for model in models]
     loader = eval_loader(member, split, tokenizer, accelerator, batch_size)
     ordered = [[None] * len(member.splits[split].features) for _ in models]
     for batch in loader:
         if hasattr(member.kind, "generate"):  # generation: greedy decoding, one model at a time
-            results = [member.kind.generate(unwrap(model), batch, member, tokenizer) for model in models]
+            results = [member.kind.generate(module, batch, member, tokenizer) for module in modules]
         else:
             results = []
-            for chunk in chunked(models, per_forward):
+            for chunk in chunked(list(range(len(models))), per_forward):
                 with accelerator.autocast():
-                    outputs = forward_group(chunk, batch, member.name)
+                    outputs = forward_group([models[i] for i in chunk], [modules[i] for i in chunk], batch, member.name)
                 results += [member.kind.outputs(output, batch) for output in outputs]
         for rows, result in zip(ordered, results, strict=True):
             index = batch["index"]
@@ -311,6 +308,7 @@ class TrainStep:
     ):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.max_grad_norm, self.accelerator = max_grad_norm, accelerator
+        self.module = extract_model_from_parallel(model)  # the PromptModel inside, taken once (it walks the model)
         self.trainable = [p for group in optimizer.param_groups for p in group["params"]]
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -345,7 +343,8 @@ def train_step(
     stepped: list[tuple[int, torch.Tensor]] = []
     for chunk in chunked(list(range(len(steps))), per_forward):
         with autocast():
-            losses = forward_group([steps[i].model for i in chunk], batch, head, loss=True)
+            chunk_steps = [steps[i] for i in chunk]
+            losses = forward_group([s.model for s in chunk_steps], [s.module for s in chunk_steps], batch, head, True)
         mark and mark("forward")
         finite = torch.isfinite(torch.stack([loss.detach() for loss in losses])).tolist()  # one sync per chunk
         good = [(i, loss) for i, loss, ok in zip(chunk, losses, finite, strict=True) if ok]

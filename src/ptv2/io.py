@@ -16,18 +16,20 @@ from typing import Any
 from ptv2.errors import UserError
 
 
-def write_json(path: str | Path, value: Any) -> Path:
-    """`value` as indented UTF-8 JSON."""
-    text = json.dumps(value, ensure_ascii=False, indent=2) + "\n"
+def write_text(path: str | Path, text: str) -> Path:
+    """`text` as a UTF-8 file, written atomically (a link in its place is replaced, never followed)."""
     atomic_write(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
     return Path(path)
+
+
+def write_json(path: str | Path, value: Any) -> Path:
+    """`value` as indented UTF-8 JSON."""
+    return write_text(path, json.dumps(value, ensure_ascii=False, indent=2) + "\n")
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
     """One JSON object per line, UTF-8."""
-    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    atomic_write(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
-    return Path(path)
+    return write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> None:

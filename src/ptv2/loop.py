@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from ptv2 import engine
 from ptv2.config import validate
 from ptv2.errors import UserError
-from ptv2.io import atomic_write, write_json
+from ptv2.io import write_json, write_text
 from ptv2.modeling import backbone
 from ptv2.modeling.packing import default_jobs_per_forward
 from ptv2.optim import make_optimizer, make_scheduler
@@ -161,6 +161,16 @@ class Group:
         self.labels = {m.name: list(m.task.labels) for m in self.members}
         return bool(self.running())
 
+    def settle_saves(self) -> None:
+        """Before any job reads its state: a group save that a kill cut short is finished or undone
+        (runs.resume.settle_group), so every resuming job starts from the same point."""
+        sources = []
+        for job in self.running():
+            with contextlib.suppress(UserError):  # a bad trainer.resume ends its job in set_up, with its own line
+                sources.append(training_state.source(job.cfg, job.run_dir))
+        if any(sources):
+            training_state.settle_group([source for source in sources if source])
+
     def set_up(self, job: Job) -> None:
         """The job's optimizer, scheduler, step and tracker; its saved state when it resumes; its config file."""
         cfg, accelerator = job.cfg, self.accelerator
@@ -182,8 +192,7 @@ class Group:
         # Again, now with the label names derived from the training data; only after the resume check, so a refused
         # resume leaves the folder's config as it was.
         if accelerator.is_main_process:
-            text = OmegaConf.to_yaml(cfg, resolve=True)
-            atomic_write(job.run_dir / "config.yaml", lambda temporary: temporary.write_text(text))  # a link replaced
+            write_text(job.run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         with job.scope():
             job.tracker = Tracker(cfg, job.run_dir, enabled=accelerator.is_main_process, concurrent=len(self.jobs) > 1)
         job.tracker.summary(job.counts)
@@ -212,6 +221,7 @@ class Group:
             return
         if len(self.jobs) > 1:
             log.info("%d job(s) per backbone forward (hydra.launcher.jobs_per_forward)", self.per_forward)
+        self.settle_saves()
         for job in self.running():
             try:
                 self.set_up(job)

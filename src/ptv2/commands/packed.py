@@ -28,7 +28,6 @@ from ptv2 import loop
 from ptv2.config import PER_JOB, flat_keys, has_role, keys_with, task_members
 from ptv2.loop import Job, fail
 from ptv2.modeling.methods import method, mixable
-from ptv2.runs import resume as training_state
 
 log = logging.getLogger("ptv2")
 
@@ -151,8 +150,6 @@ def train_group(jobs: list[Job], jobs_per_forward: int | None, open_job, report)
         try:
             if opened:
                 log.info("packed group of %d jobs: %s", len(opened), ", ".join(str(job.num) for job in opened))
-                if any(job.cfg.trainer.resume for job in opened):
-                    training_state.settle_group([job.run_dir for job in opened])
                 loop.train(opened, jobs_per_forward)
         except Exception as error:  # a failure of the whole group (data, backbone): every job still running fails
             for job in opened:

@@ -34,6 +34,7 @@ import yaml
 from ptv2.config import ALIAS, COMMAND, FREE, REPLICATE, flat_keys, has_role, keys_with
 from ptv2.errors import UserError
 from ptv2.modeling.methods import parse_layers
+from ptv2.runs.summary import in_percent
 
 REFERENCES = Path(__file__).parents[1] / "references.yaml"
 # Config keys that never make two runs different configs: the seed (seeds are aggregated), bookkeeping, logging,
@@ -94,9 +95,7 @@ def score_of(results: dict, config: dict) -> tuple[str, str, float]:
             value = statistics.fmean(tested[m][_metric_of(select, m)] for m in tested)
     else:
         split, value = task.get("eval_split") or "dev", results["best_value"]
-    # SQuAD metrics (span tasks) are percentages already; the others are fractions.
-    scale = 1.0 if task.get("type") == "span" else 100.0
-    return split, metric, float(value) * scale
+    return split, metric, in_percent(value, task.get("type"))  # SQuAD's metrics are percentages already
 
 
 class Unusable(ValueError):
@@ -327,9 +326,9 @@ def dev_per_epoch(run: Run) -> list[float] | None:
     metric = run.results.get("select_metric")
     if not isinstance(metric, str):
         return None
-    scale = 1.0 if run.config.get("task.type") == "span" else 100.0
+    task_type = run.config.get("task.type")
     try:
-        return [scale * float(record[f"dev/{metric}"]) for record in run.results.get("history") or []]
+        return [in_percent(record[f"dev/{metric}"], task_type) for record in run.results.get("history") or []]
     except (KeyError, TypeError, ValueError):
         return None
 
@@ -364,8 +363,7 @@ def details_lines(rows, columns, cells, descriptors) -> list[str]:
             if cell is None:
                 continue
             runs, first = cell.runs, cell.runs[0]
-            scale = 1.0 if first.config.get("task.type") == "span" else 100.0
-            dev = [scale * float(run.results["best_value"]) for run in runs]
+            dev = [in_percent(run.results["best_value"], first.config.get("task.type")) for run in runs]
             curves = [curve for curve in map(dev_per_epoch, runs) if curve]
             width = min(map(len, curves)) if len(curves) == len(runs) else 0
             curve = " / ".join(f"{statistics.fmean(c[i] for c in curves):.1f}" for i in range(width))

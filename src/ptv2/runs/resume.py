@@ -102,12 +102,6 @@ def _plain(value):
     raise TypeError(f"{type(value).__name__} in the training progress is not a plain value")
 
 
-def save(run_dir: Path, model, optimizer, scheduler, cfg, progress: Progress) -> Path:
-    """Write one run's state atomically (save_group for one)."""
-    save_group([(run_dir, model, optimizer, scheduler, cfg, progress)])
-    return Path(run_dir) / STATE_DIR / STATE_FILE
-
-
 def save_group(runs: list[tuple]) -> None:
     """Write the states of a group of runs [(run_dir, model, optimizer, scheduler, cfg, progress)] saved at the same
     point of the same batches, so that a kill at any moment leaves a point every one of them can resume from:

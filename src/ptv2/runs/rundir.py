@@ -23,7 +23,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from ptv2.errors import UserError
-from ptv2.io import atomic_write
+from ptv2.io import write_text
 
 # The training state's subfolder (resume.STATE_DIR, test_first_hour checks they agree): named here so that checking a
 # run folder, which every start does before its config errors can show, imports no torch; resume is imported where
@@ -204,7 +204,7 @@ def write_config(cfg: DictConfig, run_dir: Path) -> None:
     except OSError as error:  # a read-only folder, a file named .hydra
         raise UserError(f"cannot write the run's config into {run_dir} ({error.strerror or error})") from None
     for path, text in records.items():
-        atomic_write(path, lambda temporary, text=text: temporary.write_text(text))
+        write_text(path, text)
 
 
 def mark_failed(cfg: DictConfig, run_dir: Path) -> None:
@@ -217,7 +217,7 @@ def mark_failed(cfg: DictConfig, run_dir: Path) -> None:
         except Exception:  # an unresolvable config, a link: the marker alone still says the job failed
             pass
     try:
-        atomic_write(Path(run_dir) / "FAILED", lambda temporary: temporary.write_text("see the job's log\n"))
+        write_text(Path(run_dir) / "FAILED", "see the job's log\n")
     except UserError:  # a read-only or full folder: the failed list printed at the end still names the job
         pass
 

@@ -20,6 +20,11 @@ def unit(task_type: str | None) -> str:
     return "percent" if task_type in PERCENT_TASK_TYPES else "fraction"
 
 
+def in_percent(value: float, task_type: str | None) -> float:
+    """A score in percent, from the task's own unit (see `unit`)."""
+    return float(value) * (1.0 if unit(task_type) == "percent" else 100.0)
+
+
 def number(key: str, value) -> str:
     """A record value as shown: counts as integers, other numbers with four decimals, the rest as they are."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
