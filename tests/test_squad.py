@@ -12,6 +12,7 @@ from conftest import task_yaml
 from omegaconf import OmegaConf
 
 from ptv2.data import files, squad
+from ptv2.tasks import span
 from ptv2.errors import UserError
 from ptv2.metrics.squad import (
     exact_match,
@@ -268,14 +269,12 @@ def check_train_windows(tokenizer, features, max_length):
 )
 def test_train_windows_locate_the_answer(request, name):
     tokenizer = request.getfixturevalue(name)
-    features = squad.encode_train(columns(LONG), tokenizer, max_length=48, stride=16)
-    assert "offset_mapping" not in features and "overflow_to_sample_mapping" not in features
+    features = span.windows(columns(LONG), tokenizer, max_length=48, stride=16)
+    assert "overflow_to_sample_mapping" not in features
     check_train_windows(tokenizer, features, 48)
-    # the answer's positions map back to the exact characters through the eval offsets of the same windows
-    evaluation = squad.encode_eval(columns(LONG), tokenizer, max_length=48, stride=16)
-    assert evaluation["input_ids"] == features["input_ids"]
+    # the answer's positions map back to the exact characters through the offsets of the same windows
     for offsets, start, end in zip(
-        evaluation["offset_mapping"], features["start_positions"], features["end_positions"], strict=True
+        features["offset_mapping"], features["start_positions"], features["end_positions"], strict=True
     ):
         if start != 0:
             assert LONG_CONTEXT[offsets[start][0] : offsets[end][1]] == ANSWER
@@ -283,8 +282,16 @@ def test_train_windows_locate_the_answer(request, name):
 
 @pytest.mark.realdata
 def test_windows_overlap_by_stride_and_questions_are_stripped(bert_tokenizer):
-    evaluation = squad.encode_eval(columns(LONG), bert_tokenizer, max_length=48, stride=16)
-    assert set(evaluation) == {"input_ids", "token_type_ids", "attention_mask", "offset_mapping", "example_id"}
+    evaluation = span.windows(columns(LONG), bert_tokenizer, max_length=48, stride=16)
+    assert set(evaluation) == {
+        "input_ids",
+        "token_type_ids",
+        "attention_mask",
+        "offset_mapping",
+        "example_id",
+        "start_positions",
+        "end_positions",
+    }
     assert set(evaluation["example_id"]) == {"long"}
     spans = [[offset for offset in offsets if offset is not None] for offsets in evaluation["offset_mapping"]]
     for previous, following in zip(spans, spans[1:], strict=False):
@@ -299,11 +306,11 @@ def test_windows_overlap_by_stride_and_questions_are_stripped(bert_tokenizer):
 
 @pytest.mark.realdata
 def test_unanswerable_and_out_of_window_answers_point_at_cls(bert_tokenizer):
-    impossible = squad.encode_train(columns(IMPOSSIBLE), bert_tokenizer, max_length=48, stride=16)
-    windows = len(impossible["input_ids"])
-    assert windows > 2
-    assert impossible["start_positions"] == impossible["end_positions"] == [0] * windows
-    answerable = squad.encode_train(columns(LONG), bert_tokenizer, max_length=48, stride=16)
+    impossible = span.windows(columns(IMPOSSIBLE), bert_tokenizer, max_length=48, stride=16)
+    count = len(impossible["input_ids"])
+    assert count > 2
+    assert impossible["start_positions"] == impossible["end_positions"] == [0] * count
+    answerable = span.windows(columns(LONG), bert_tokenizer, max_length=48, stride=16)
     inside = [start for start in answerable["start_positions"] if start != 0]
     assert 1 <= len(inside) <= 2 < len(answerable["start_positions"])  # only windows holding the whole answer
 
@@ -314,32 +321,23 @@ def test_left_padding_puts_the_context_first(bert_tokenizer):
 
     tokenizer = copy.deepcopy(bert_tokenizer)
     tokenizer.padding_side = "left"
-    features = squad.encode_train(columns(LONG), tokenizer, max_length=48, stride=16, pad_to_max=True)
-    assert all(len(ids) == 48 for ids in features["input_ids"])
+    features = span.windows(columns(LONG), tokenizer, max_length=48, stride=16)
     check_train_windows(tokenizer, features, 48)
+    first = features["offset_mapping"][0]
+    assert first[1] == [0, len("Sentence")]  # the context follows the CLS token, the question comes after it
 
 
 @pytest.mark.realdata
-def test_pad_to_max_and_datasets_map(bert_tokenizer):
+def test_windows_as_a_datasets_map(bert_tokenizer):
     import datasets
 
-    padded = squad.encode_train(columns(LONG), bert_tokenizer, max_length=64, stride=16, pad_to_max=True)
-    assert all(len(ids) == 64 for ids in padded["input_ids"])
     raw = datasets.Dataset.from_list([LONG, IMPOSSIBLE])
-    train = raw.map(
-        squad.encode_train, batched=True, remove_columns=raw.column_names, fn_kwargs={"tokenizer": bert_tokenizer}
+    mapped = raw.map(
+        span.windows, batched=True, remove_columns=raw.column_names, fn_kwargs={"tokenizer": bert_tokenizer}
     )
-    assert set(train.column_names) == {
-        "input_ids",
-        "token_type_ids",
-        "attention_mask",
-        "start_positions",
-        "end_positions",
-    }
-    evaluation = raw.map(
-        squad.encode_eval, batched=True, remove_columns=raw.column_names, fn_kwargs={"tokenizer": bert_tokenizer}
-    )
-    assert evaluation[0]["offset_mapping"][0] is None and evaluation["example_id"] == ["long", "none"]
+    direct = span.windows(columns(LONG, IMPOSSIBLE), bert_tokenizer)
+    assert mapped.to_dict() == direct
+    assert mapped[0]["offset_mapping"][0] is None and mapped["example_id"] == ["long", "none"]
 
 
 # --------------------------------------------------------------------------------------------- post-processing
@@ -370,7 +368,7 @@ def test_best_span_across_windows_ignores_question_tokens():
     features = hand_features()
     starts = [logits(8, p1=50.0, p3=2.0), logits(8, p5=4.0)]  # p1 is a question token
     ends = [logits(8, p1=50.0, p4=2.0), logits(8, p6=4.0)]
-    predictions, null_odds = squad.postprocess([example("e", CONTEXT)], features, starts, ends)
+    predictions, null_odds = span.postprocess([example("e", CONTEXT)], features, starts, ends)
     assert predictions == {"e": "epsilon zeta"}  # window 2 (4 + 4) beats window 1 (2 + 2)
     assert null_odds == {}
 
@@ -379,14 +377,14 @@ def test_max_answer_length_and_padded_logits():
     features = hand_features()
     starts = [logits(8, p3=5.0), logits(8, p3=1.0)]
     ends = [logits(8, p6=5.0, p3=1.0), logits(8)]
-    assert squad.postprocess([example("e", CONTEXT)], features, starts, ends)[0] == {"e": "alpha beta gamma delta"}
-    short, _ = squad.postprocess([example("e", CONTEXT)], features, starts, ends, max_answer_length=2)
+    assert span.postprocess([example("e", CONTEXT)], features, starts, ends)[0] == {"e": "alpha beta gamma delta"}
+    short, _ = span.postprocess([example("e", CONTEXT)], features, starts, ends, max_answer_length=2)
     assert short == {"e": "alpha"}  # the 4-token span is too long; alpha..alpha (5 + 1) wins
     padded_starts = np.full((2, 12), -np.inf)
     padded_ends = np.full((2, 12), -np.inf)
     for row in range(2):
         padded_starts[row, :8], padded_ends[row, :8] = starts[row], ends[row]
-    padded, _ = squad.postprocess([example("e", CONTEXT)], features, padded_starts, padded_ends, max_answer_length=2)
+    padded, _ = span.postprocess([example("e", CONTEXT)], features, padded_starts, padded_ends, max_answer_length=2)
     assert padded == short
 
 
@@ -394,11 +392,11 @@ def test_v2_null_answer_uses_the_lowest_null_score():
     features = hand_features()
     starts = [logits(8, p0=9.0, p3=3.0), logits(8, p0=9.0)]
     ends = [logits(8, p0=9.0, p4=3.0), logits(8, p0=9.0)]
-    predictions, null_odds = squad.postprocess([example("e", CONTEXT)], features, starts, ends, version_2=True)
+    predictions, null_odds = span.postprocess([example("e", CONTEXT)], features, starts, ends, version_2=True)
     assert predictions == {"e": ""} and null_odds["e"] == pytest.approx(18.0 - 6.0)
     # one window unsure about "no answer" (null score -10): the example's null score is that minimum
     ends = [logits(8, p4=3.0), logits(8)]
-    predictions, null_odds = squad.postprocess(
+    predictions, null_odds = span.postprocess(
         [example("e", CONTEXT)], features, starts[:1] + [logits(8)], ends, version_2=True
     )
     assert predictions == {"e": "alpha beta"} and null_odds["e"] == pytest.approx(-10.0 - 6.0)
@@ -407,7 +405,7 @@ def test_v2_null_answer_uses_the_lowest_null_score():
 @pytest.mark.realdata
 def test_end_to_end_with_the_tokenizer(bert_tokenizer):
     examples = [LONG, IMPOSSIBLE]
-    features = squad.encode_eval(columns(*examples), bert_tokenizer, max_length=48, stride=16)
+    features = span.windows(columns(*examples), bert_tokenizer, max_length=48, stride=16)
     features = [dict(zip(features, values, strict=True)) for values in zip(*features.values(), strict=True)]
     answer_start = LONG_CONTEXT.index(ANSWER)
     starts, ends = [], []
@@ -423,7 +421,7 @@ def test_end_to_end_with_the_tokenizer(bert_tokenizer):
                     end[position] = 10.0
         starts.append(start)
         ends.append(end)
-    predictions, null_odds = squad.postprocess(examples, features, starts, ends, version_2=True)
+    predictions, null_odds = span.postprocess(examples, features, starts, ends, version_2=True)
     assert predictions == {"long": ANSWER, "none": ""}
     assert null_odds["long"] < 0 < null_odds["none"]
     scores = squad_metrics(examples, predictions, null_odds)
