@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import io
 import os
 import subprocess
@@ -148,6 +150,24 @@ def assert_only_prompt_and_head_get_gradients(model) -> None:
             assert not parameter.requires_grad and parameter.grad is None, name
         else:
             assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+
+
+def compose_config(*overrides: str, config_name: str = "train"):
+    """The config `ptv2 <config_name> OVERRIDES` composes (the schema and conf/'s resolvers registered as the command
+    line registers them), before any run-time check. Compositions are cached per test process (dozens of tests
+    compose the same options); each call gets its own copy."""
+    return copy.deepcopy(_composed(tuple(overrides), config_name))
+
+
+@functools.cache
+def _composed(overrides: tuple[str, ...], config_name: str):
+    from hydra import compose, initialize_config_module
+
+    from ptv2.cli import register
+
+    register()
+    with initialize_config_module(config_module="ptv2.conf", version_base="1.3"):
+        return compose(config_name=config_name, overrides=list(overrides))
 
 
 def task_yaml(name: str):

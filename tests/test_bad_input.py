@@ -253,9 +253,9 @@ FIXTURES = Path(__file__).parent / "fixtures"
 
 
 def task_config(*overrides: str):
-    from test_config import compose_train
+    from conftest import compose_config
 
-    return compose_train("backbone=tiny", *overrides).task
+    return compose_config("backbone=tiny", *overrides).task
 
 
 def load_error(*overrides: str) -> str:

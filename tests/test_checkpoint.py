@@ -7,11 +7,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import RTE, SMOKE, padded_batch, ptv2, tiny_encoder
+from conftest import RTE, SMOKE, compose_config, padded_batch, ptv2, tiny_encoder
 from omegaconf import OmegaConf
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from test_config import compose_train
 
 from ptv2 import __version__
 from ptv2.errors import UserError
@@ -171,7 +170,7 @@ def command_config(monkeypatch, command: str, *overrides: str):
     monkeypatch.setattr(
         checkpoint.HydraConfig, "get", lambda: SimpleNamespace(overrides=SimpleNamespace(task=overrides))
     )
-    return checkpoint.checkpoint_config(compose_train(*overrides, config_name=command))
+    return checkpoint.checkpoint_config(compose_config(*overrides, config_name=command))
 
 
 def test_habitual_options_are_harmless_and_model_changes_refused(run_dir, tmp_path, monkeypatch):

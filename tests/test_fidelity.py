@@ -13,8 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import TINY, padded_batch
-from hydra import compose, initialize_config_module
+from conftest import TINY, compose_config, padded_batch
 from transformers import AutoModel, BertConfig, DynamicCache, RobertaConfig, RobertaForMaskedLM
 
 import ptv2.config
@@ -30,12 +29,6 @@ PRESETS = {"bert": "rte-bert-large-cased", "roberta": "rte-roberta-large"}
 TOKENIZER = SimpleNamespace(name_or_path="tiny")  # what head_spec reads of a tokenizer for linear/pooler heads
 
 
-def composed(*overrides: str):
-    ptv2.config.register()
-    with initialize_config_module(config_module="ptv2.conf", version_base="1.3"):
-        return compose("train", overrides=list(overrides))
-
-
 def save_tiny_checkpoint(family: str, folder) -> None:
     """A tiny pretrained-style checkpoint. RoBERTa's is saved from the masked-LM model, so, like the real
     roberta-large, it carries no pooler weights; BERT's carries a pooler."""
@@ -49,7 +42,7 @@ def save_tiny_checkpoint(family: str, folder) -> None:
 
 def preset_model(family: str, folder, seed: int = 11) -> tuple[PromptModel, object]:
     """PromptModel from the preset's config, built by the functions `ptv2 train` uses."""
-    cfg = composed(f"preset={PRESETS[family]}", f"backbone.name_or_path={folder}")
+    cfg = compose_config(f"preset={PRESETS[family]}", f"backbone.name_or_path={folder}")
     config = backbone.load_config(cfg.backbone)
     ptv2.config.validate(cfg, config)
     torch.manual_seed(seed)
@@ -129,7 +122,7 @@ def test_preset_model_starts_as_the_official_model(family, tmp_path):
 
 def test_prompt_init_std_overrides_the_prefix_std(tmp_path):
     save_tiny_checkpoint("bert", tmp_path)
-    cfg = composed("preset=rte-bert-large-cased", f"backbone.name_or_path={tmp_path}", "prompt.init_std=1.0")
+    cfg = compose_config("preset=rte-bert-large-cased", f"backbone.name_or_path={tmp_path}", "prompt.init_std=1.0")
     encoder, parts = backbone.load_with_heads(cfg.backbone, backbone.load_config(cfg.backbone), {"pooler"})
     model = PromptModel(encoder, cfg.prompt, {"rte": (ClassificationHead, 2, parts.pooler)}, 0.1)
     assert 0.9 < model.prompt.embedding.weight.std().item() < 1.1
@@ -151,11 +144,11 @@ def test_pooler_head_is_saved_and_restored_with_the_prompt(tmp_path):
 
 def test_pooler_head_needs_a_pooler_and_a_sentence_task(tmp_path):
     save_tiny_checkpoint("bert", tmp_path)
-    cfg = composed("task=conll03", "backbone=tiny", "task.head=pooler")
+    cfg = compose_config("task=conll03", "backbone=tiny", "task.head=pooler")
     member = Member("conll03", cfg.task, task_type("tagging"), {})
     with pytest.raises(UserError, match="task.head=pooler works for task types"):
         head_spec(member, TOKENIZER, backbone.BackboneHeads(pooler=torch.nn.Identity()))
-    rte = composed("task=rte", "backbone=tiny", "task.head=pooler").task
+    rte = compose_config("task=rte", "backbone=tiny", "task.head=pooler").task
     with pytest.raises(UserError, match="has no pooler"):
         head_spec(Member("rte", rte, task_type("classification"), {}), TOKENIZER, backbone.BackboneHeads())
 
@@ -183,7 +176,7 @@ def test_official_preset_applies_by_itself(args, preset):
 def test_every_preset_is_the_official_model():
     """Positions shifted, random batches, the official head, head dropout = the run's dropout, official init."""
     for path in sorted(importlib.resources.files("ptv2.conf").joinpath("preset").iterdir()):
-        cfg = composed(f"preset={path.name.removesuffix('.yaml')}")
+        cfg = compose_config(f"preset={path.name.removesuffix('.yaml')}")
         assert cfg.prompt.shift_positions and not cfg.trainer.group_by_length, path.name
         assert cfg.prompt.init_std is None and cfg.task.head_dropout == cfg.prompt.dropout == cfg.backbone.dropout
         sentence = cfg.task.type in ("classification", "multiple_choice")

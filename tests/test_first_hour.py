@@ -7,7 +7,7 @@ import math
 import re
 
 import pytest
-from test_config import compose_train
+from conftest import compose_config
 
 
 def test_wandb_config_leaves_out_the_bench_block(tmp_path, monkeypatch):
@@ -15,7 +15,7 @@ def test_wandb_config_leaves_out_the_bench_block(tmp_path, monkeypatch):
 
     from ptv2.runs import tracking
 
-    cfg = compose_train("backbone=tiny", "logger=wandb", "logger.mode=offline")
+    cfg = compose_config("backbone=tiny", "logger=wandb", "logger.mode=offline")
     assert "bench" in cfg  # composed into every config, read only by `ptv2 bench`
     seen = {}
 

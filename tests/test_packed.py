@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import RTE, ptv2, ptv2_subprocess
+from conftest import RTE, compose_config, ptv2, ptv2_subprocess
 from omegaconf import OmegaConf
 
 from ptv2.commands import packed, table
@@ -208,13 +208,7 @@ def test_prefixes_of_different_lengths_are_padded_and_masked():
 
 
 def composed(*overrides: str):
-    from hydra import compose, initialize_config_module
-
-    import ptv2.config
-
-    ptv2.config.register()
-    with initialize_config_module(config_module="ptv2.conf", version_base="1.3"):
-        return compose("train", overrides=["backbone=tiny", *overrides])
+    return compose_config("backbone=tiny", *overrides)
 
 
 def test_grouping_rules():

@@ -8,8 +8,8 @@ import json
 import logging
 
 import pytest
-from conftest import RTE, ptv2
-from test_config import compose_train, options
+from conftest import RTE, compose_config, ptv2
+from test_config import options
 from tqdm import tqdm
 
 from ptv2.runs import progress
@@ -65,7 +65,7 @@ def test_bar_on_a_terminal_lines_elsewhere_nothing_when_disabled(caplog):
 
 @pytest.mark.parametrize("preset", [None, *options("preset")])
 def test_early_stopping_is_off_by_default_and_in_presets(preset):
-    cfg = compose_train(*([f"preset={preset}"] if preset else []))
+    cfg = compose_config(*([f"preset={preset}"] if preset else []))
     assert cfg.trainer.early_stopping_patience is None
 
 

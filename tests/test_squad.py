@@ -12,7 +12,6 @@ from conftest import task_yaml
 from omegaconf import OmegaConf
 
 from ptv2.data import files, squad
-from ptv2.tasks import span
 from ptv2.errors import UserError
 from ptv2.metrics.squad import (
     exact_match,
@@ -22,6 +21,7 @@ from ptv2.metrics.squad import (
     write_null_odds,
     write_predictions,
 )
+from ptv2.tasks import span
 
 FIXTURES = Path(__file__).parent / "fixtures" / "squad"
 

@@ -14,13 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import FAMILY_CONFIGS, SUPERGLUE_FOLDERS, TINY_BERT, padded_batch, ptv2
-from hydra import compose, initialize_config_module
+from conftest import FAMILY_CONFIGS, SUPERGLUE_FOLDERS, TINY_BERT, compose_config, padded_batch, ptv2
 from omegaconf import OmegaConf
 from safetensors import safe_open
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-from ptv2.config import PromptConfig, register, validate
+from ptv2.config import PromptConfig, validate
 from ptv2.data import Split, superglue
 from ptv2.engine import Member, head_spec
 from ptv2.errors import UserError
@@ -314,7 +313,7 @@ def test_head_spec_checks_word_count_and_task_type():
 
 
 def test_unknown_head_is_refused():
-    cfg = composed("task=rte", "backbone=tiny", "task.head=softmax")
+    cfg = compose_config("task=rte", "backbone=tiny", "task.head=softmax")
     with pytest.raises(UserError, match="task.head=softmax .* choose one of linear, pooler, verbalizer, lm"):
         validate(cfg, backbone.load_config(cfg.backbone))
 
@@ -324,10 +323,7 @@ def test_unknown_head_is_refused():
 
 def task_config(name: str):
     """The composed conf/task/<name>.yaml, reading the fixture folder."""
-    register()
-    with initialize_config_module(config_module="ptv2.conf", version_base="1.3"):
-        cfg = compose("train", overrides=[f"task={name}", f"task.data_dir={FIXTURES / FOLDERS[name]}"])
-    return cfg.task
+    return compose_config(f"task={name}", f"task.data_dir={FIXTURES / FOLDERS[name]}").task
 
 
 def read_lines(path: Path) -> list[dict]:
@@ -399,20 +395,14 @@ OFFICIAL = {
 }
 
 
-def composed(*overrides: str):
-    register()
-    with initialize_config_module(config_module="ptv2.conf", version_base="1.3"):
-        return compose("train", overrides=list(overrides))
-
-
 @pytest.mark.parametrize("name", sorted(path.stem for path in (CONF / "task").glob("*.yaml")))
 def test_every_task_config_composes(name):
-    task = composed(f"task={name}").task
+    task = compose_config(f"task={name}").task
     if name in superglue.TASKS:
         assert task.name == name and task.reader == "superglue" and task.metric == OFFICIAL_KEYS[name][0][0]
         assert list(task.labels) == superglue.LABELS[name]
         assert task.hub.path == "aps/super_glue" and task.hub.name == name
-        assert task.hub.revision == composed("task=rte").task.hub.revision  # one revision for the whole benchmark
+        assert task.hub.revision == compose_config("task=rte").task.hub.revision  # one revision for the whole benchmark
         assert task.type == ("multiple_choice" if name == "copa" else "classification")
         assert task.options.verbalizer and task.head == "linear"
         if name in superglue.TEMPLATES:
@@ -421,7 +411,7 @@ def test_every_task_config_composes(name):
 
 @pytest.mark.parametrize("name", sorted(path.stem for path in (CONF / "preset").glob("*.yaml")))
 def test_every_preset_composes(name):
-    cfg = composed(f"preset={name}")
+    cfg = compose_config(f"preset={name}")
     task, backbone_name = name.split("-", 1)
     if task in superglue.TASKS:
         assert cfg.task.name == task and cfg.backbone.name == backbone_name

@@ -317,11 +317,8 @@ def test_srl_multi_task_trains_both_members(tmp_path):
 
 def test_presets_follow_the_official_scripts():
     """Spot-check the composed presets (values from THUDM/P-tuning-v2 run_script/*.sh)."""
-    from hydra import compose, initialize_config_module
+    from conftest import compose_config
 
-    from ptv2.config import register
-
-    register()
     expected = {
         "conll03-roberta-large": (11, 3e-2, 16, 30, 11),
         "conll04-bert-large-uncased": (128, 2e-2, 32, 40, 11),
@@ -329,11 +326,10 @@ def test_presets_follow_the_official_scripts():
         "conll05-roberta-large": (224, 6e-3, 16, 15, 11),
         "conll12-roberta-large": (64, 5e-3, 32, 45, 11),
     }
-    with initialize_config_module("ptv2.conf", version_base="1.3"):
-        for preset, (length, lr, batch, epochs, seed) in expected.items():
-            cfg = compose("train", overrides=[f"preset={preset}"])
-            assert (cfg.prompt.length, cfg.optimizer.lr, cfg.trainer.batch_size) == (length, lr, batch), preset
-            assert (cfg.trainer.epochs, cfg.trainer.seed, cfg.scheduler.name) == (epochs, seed, "exponential"), preset
-            assert cfg.task.name == preset.split("-")[0] and cfg.task.test_split == "test"
-        cfg = compose("train", overrides=["preset=conll04-bert-large-uncased"])
-        assert cfg.prompt.dropout == cfg.backbone.dropout == cfg.task.head_dropout == 0.2
+    for preset, (length, lr, batch, epochs, seed) in expected.items():
+        cfg = compose_config(f"preset={preset}")
+        assert (cfg.prompt.length, cfg.optimizer.lr, cfg.trainer.batch_size) == (length, lr, batch), preset
+        assert (cfg.trainer.epochs, cfg.trainer.seed, cfg.scheduler.name) == (epochs, seed, "exponential"), preset
+        assert cfg.task.name == preset.split("-")[0] and cfg.task.test_split == "test"
+    cfg = compose_config("preset=conll04-bert-large-uncased")
+    assert cfg.prompt.dropout == cfg.backbone.dropout == cfg.task.head_dropout == 0.2

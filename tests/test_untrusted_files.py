@@ -127,13 +127,13 @@ def test_a_planted_cache_entry_never_runs_code_and_a_damaged_one_is_rebuilt(tmp_
 
 @pytest.mark.parametrize("damage", ["arrow", "state"])
 def test_a_damaged_cache_entry_is_rebuilt_in_process(tmp_path, damage):
-    from test_config import compose_train
+    from conftest import compose_config
     from transformers import AutoTokenizer
 
     from ptv2.data import prepare_split
     from ptv2.tasks import classification
 
-    task = compose_train("backbone=tiny", f"task.data_dir={RTE}").task
+    task = compose_config("backbone=tiny", f"task.data_dir={RTE}").task
     tokenizer = AutoTokenizer.from_pretrained(str(Path(__file__).parents[1] / "src" / "ptv2" / "assets" / "tiny-bert"))
     first = prepare_split(task, "train", tokenizer, classification, str(tmp_path))
     (entry,) = (tmp_path / "features").iterdir()
