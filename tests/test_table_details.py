@@ -48,3 +48,19 @@ def test_an_unknown_plot_is_refused_in_one_line(sweep, capsys):
     with pytest.raises(SystemExit) as exit:
         table.main([str(sweep), "--plot", "curvez"])
     assert exit.value.code == 2 and "--plot curvez is not a plot" in capsys.readouterr().err
+
+
+def test_a_key_describes_only_the_runs_whose_cell_varies_in_it(tmp_path):
+    """LoRA at ranks 8 and 32 beside ptv2 (which carries the schema's rank 8 but never reads it): two LoRA rows with
+    their rank, one ptv2 row with none."""
+
+    def run(method, rank, seed, score):
+        config = {"prompt.method": method, "prompt.r": str(rank), "trainer.seed": str(seed)}
+        return table.Run(tmp_path, "conll03", "minilm", method, "test", "f1", score, seed, config)
+
+    runs = [run("lora", 8, 1, 80.0), run("lora", 32, 1, 81.0), run("ptv2", 8, 1, 75.0), run("ptv2", 8, 2, 76.0)]
+    rows, columns, cells, descriptors = table.build_table(runs, [])
+    assert descriptors == ["prompt.r"]
+    ptv2 = [row for row in rows if (row, ("ptv2", "minilm")) in cells]
+    assert ptv2 == [("conll03", "test", "f1", None)] and cells[(ptv2[0], ("ptv2", "minilm"))].scores == [75.0, 76.0]
+    assert sorted((row[-1] for row in rows if (row, ("lora", "minilm")) in cells), key=int) == ["8", "32"]

@@ -288,11 +288,16 @@ def find_reference(references: list[dict], cell: tuple) -> dict | None:
 
 
 def build_table(runs: list[Run], references: list[dict]):
-    """(row keys, column keys, {(row, column): Cell}, descriptor keys)."""
+    """(row keys, column keys, {(row, column): Cell}, descriptor keys).
+
+    A descriptor describes a run only where it varies among the runs of that run's cell: beside LoRA at two ranks,
+    ptv2's row shows no rank (its config holds the schema's default, which it never reads)."""
     descriptors = varying_keys(runs)
+    shown = {cell: set(varying_keys([run for run in runs if run.cell == cell])) for cell in {r.cell for r in runs}}
     cells: dict[tuple, Cell] = {}
     for run in runs:
-        row = (run.task, run.split, run.metric, *(run.config.get(k) for k in descriptors))
+        values = (run.config.get(key) if key in shown[run.cell] else None for key in descriptors)
+        row = (run.task, run.split, run.metric, *values)
         column = (run.method, run.backbone)
         cell = cells.setdefault((row, column), Cell([], [], find_reference(references, run.cell)))
         cell.scores.append(run.score)
