@@ -12,7 +12,7 @@ from conftest import RTE, compose_config, ptv2
 from test_config import options
 from tqdm import tqdm
 
-from ptv2.runs import progress
+from ptv2 import progress
 
 
 class Clock:

@@ -467,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def function(cfg: DictConfig, run_dir: Path):
         # Imported once the config composed: a mistake in it is reported before torch and transformers load.
-        from ptv2.runs.progress import quiet_library_bars
+        from ptv2.progress import quiet_library_bars
 
         quiet_library_bars()  # eval and predict load weights without the training loop's import of it
         return getattr(importlib.import_module(module_name), function_name)(cfg, run_dir)

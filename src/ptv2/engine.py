@@ -23,6 +23,7 @@ from ptv2.modeling import backbone
 from ptv2.modeling.heads import LanguageModelHead, VerbalizerHead
 from ptv2.modeling.model import PromptModel
 from ptv2.modeling.packing import chunked, packed_hidden
+from ptv2.progress import epoch_progress
 from ptv2.tasks import TASK_TYPES, TaskType, task_type
 
 
@@ -219,17 +220,26 @@ def forward_group(models: list, modules: list, batch: dict, head: str | None, lo
 
 @torch.inference_mode()
 def predict_group(
-    models: list, member: Member, split: str, tokenizer, accelerator: Accelerator, batch_size: int, per_forward: int = 1
+    models: list,
+    member: Member,
+    split: str,
+    tokenizer,
+    accelerator: Accelerator,
+    batch_size: int,
+    per_forward: int = 1,
+    progress: bool = False,
 ) -> list[list]:
     """Each model's outputs of every feature of a split, in feature order (batches are sorted by length for speed);
     per_forward models share one backbone forward (forward_group). The one evaluation path of train, eval and
-    predict, for one model or a packed group."""
+    predict, for one model or a packed group. With `progress` (eval and predict; training has its epoch lines), a
+    bar on a terminal or a line per tenth of the split elsewhere."""
     for model in models:
         model.eval()
     modules = [extract_model_from_parallel(model) for model in models]
     loader = eval_loader(member, split, tokenizer, accelerator, batch_size)
     ordered = [[None] * len(member.splits[split].features) for _ in models]
-    for batch in loader:
+    enabled = progress and accelerator.is_main_process
+    for batch in epoch_progress(loader, len(loader), f"{member.name} {split}", enabled, unit="batches"):
         if hasattr(member.kind, "generate"):  # generation: greedy decoding, one model at a time
             results = [member.kind.generate(module, batch, member, tokenizer) for module in modules]
         else:
@@ -251,25 +261,27 @@ def predict_group(
     return ordered
 
 
-def predict(model, member: Member, split: str, tokenizer, accelerator: Accelerator, batch_size: int) -> list:
+def predict(model, member: Member, split: str, tokenizer, accelerator: Accelerator, batch_size: int, progress=False):
     """Outputs of every feature of a split for one model, in feature order."""
-    return predict_group([model], member, split, tokenizer, accelerator, batch_size)[0]
+    return predict_group([model], member, split, tokenizer, accelerator, batch_size, progress=progress)[0]
 
 
-def evaluate_group(models: list, members: list[Member], split_of, tokenizer, accelerator, cfg, per_forward=1):
+def evaluate_group(
+    models: list, members: list[Member], split_of, tokenizer, accelerator, cfg, per_forward=1, progress=False
+):
     """[{member: metrics}] per model."""
     metrics = [{} for _ in models]
     for member in members:
         split = split_of(member)
         batch_size = cfg.trainer.eval_batch_size
-        outputs = predict_group(models, member, split, tokenizer, accelerator, batch_size, per_forward)
+        outputs = predict_group(models, member, split, tokenizer, accelerator, batch_size, per_forward, progress)
         for values, rows in zip(metrics, outputs, strict=True):
             values[member.name] = member.kind.metrics(member.task, member.splits[split], rows)
     return metrics
 
 
-def evaluate_all(model, members: list[Member], split_of, tokenizer, accelerator, cfg) -> dict[str, dict]:
-    return evaluate_group([model], members, split_of, tokenizer, accelerator, cfg)[0]
+def evaluate_all(model, members: list[Member], split_of, tokenizer, accelerator, cfg, progress=False):
+    return evaluate_group([model], members, split_of, tokenizer, accelerator, cfg, progress=progress)[0]
 
 
 def selection_value(members: list[Member], metrics: dict[str, dict]) -> float:

@@ -37,9 +37,9 @@ from ptv2.io import write_json, write_text
 from ptv2.modeling import backbone
 from ptv2.modeling.packing import default_jobs_per_forward
 from ptv2.optim import make_optimizer, make_scheduler
+from ptv2.progress import epoch_progress
 from ptv2.runs import checkpoint, summary
 from ptv2.runs import resume as training_state
-from ptv2.runs.progress import epoch_progress
 from ptv2.runs.resume import Progress
 from ptv2.runs.tracking import Tracker
 

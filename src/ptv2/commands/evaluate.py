@@ -33,7 +33,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     metadata = checkpoint.load(cfg.ckpt, model)
     accelerator = Accelerator(mixed_precision=saved.trainer.precision, cpu=saved.trainer.cpu)
     model = accelerator.prepare(model)
-    metrics = evaluate_all(model, members, lambda member: split, tokenizer, accelerator, saved)
+    metrics = evaluate_all(model, members, lambda member: split, tokenizer, accelerator, saved, progress=True)
     single = len(members) == 1
     results = {
         "checkpoint": str(checkpoint.resolve(cfg.ckpt)),

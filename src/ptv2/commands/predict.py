@@ -120,7 +120,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                 raise UserError(f"{error}{hint}" if "task.data_dir" in str(error) else str(error)) from None
             member = Member(served, task, kind, {split: prepared})
             log.info("%s: predicting %d examples of %s ...", served, len(prepared.examples), split)
-            outputs = predict(model, member, split, server.tokenizer, accelerator, saved.trainer.eval_batch_size)
+            outputs = predict(
+                model, member, split, server.tokenizer, accelerator, saved.trainer.eval_batch_size, progress=True
+            )
             target = folder / served if len(server.owner) > 1 else folder
             target.mkdir(parents=True, exist_ok=True)
             if hasattr(kind, "write_predictions"):

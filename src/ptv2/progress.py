@@ -30,21 +30,26 @@ LINES_PER_EPOCH = 10  # a line each time another tenth of the epoch is done
 LINE_SECONDS = 300.0  # and at least one every 5 minutes on long epochs
 
 
-def epoch_progress(iterable, total: int, desc: str, enabled: bool = True, initial: int = 0, stream=None):
-    """Wrap a training epoch's batches: a bar when `stream` (default stderr, where tqdm draws) is a terminal, else
-    ProgressLines; nothing when disabled. Either way the result iterates like `iterable` and has set_postfix()."""
+def epoch_progress(
+    iterable, total: int, desc: str, enabled: bool = True, initial: int = 0, stream=None, unit: str = "steps"
+):
+    """Wrap a training epoch's batches (unit "steps") or a split's evaluation batches (unit "batches"): a bar when
+    `stream` (default stderr, where tqdm draws) is a terminal, else ProgressLines; nothing when disabled. Either way
+    the result iterates like `iterable` and has set_postfix()."""
     stream = sys.stderr if stream is None else stream
     if enabled and stream.isatty():
-        return tqdm(iterable, total=total, initial=initial, desc=desc, leave=False, file=stream)
-    return ProgressLines(iterable, total, desc, enabled, initial)
+        return tqdm(iterable, total=total, initial=initial, desc=desc, leave=False, file=stream, unit=unit[:-1])
+    return ProgressLines(iterable, total, desc, enabled, initial, unit=unit)
 
 
 class ProgressLines:
     """Yields the items of `iterable`; after each one, logs `desc: done/total steps (percent), postfix, elapsed, left`
     when another 1/LINES_PER_EPOCH of `total` is done or LINE_SECONDS have passed since the last line."""
 
-    def __init__(self, iterable, total: int, desc: str, enabled: bool = True, initial: int = 0, clock=time.monotonic):
-        self.iterable, self.total, self.desc, self.enabled = iterable, total, desc, enabled
+    def __init__(
+        self, iterable, total: int, desc: str, enabled=True, initial=0, clock=time.monotonic, unit: str = "steps"
+    ):
+        self.iterable, self.total, self.desc, self.enabled, self.unit = iterable, total, desc, enabled, unit
         self.initial = self.done = initial  # a resumed epoch starts past its finished batches
         self.clock, self.postfix = clock, {}
         self.started = self.last_line = clock()
@@ -68,11 +73,11 @@ class ProgressLines:
 
     def _line(self, now: float) -> None:
         elapsed = now - self.started
-        parts = [f"{self.desc}: {self.done}/{self.total} steps ({100 * self.done / max(self.total, 1):.0f}%)"]
+        parts = [f"{self.desc}: {self.done}/{self.total} {self.unit} ({100 * self.done / max(self.total, 1):.0f}%)"]
         parts += [f"{key} {value}" for key, value in self.postfix.items()]
         parts.append(f"{elapsed:.0f} s")
         if self.initial < self.done < self.total:
             left = elapsed / (self.done - self.initial) * (self.total - self.done)
-            parts.append(f"~{left:.0f} s left in the epoch")
+            parts.append(f"~{left:.0f} s left" + (" in the epoch" if self.unit == "steps" else ""))
         log.info(", ".join(parts))
         self.last_line, self.next_mark = now, self._mark_after(self.done)
