@@ -237,6 +237,11 @@ def natural(value) -> tuple:
 
 @dataclass
 class Cell:
+    """The runs of one row and column. Grouping is a dict and mean ± sample std the standard library's statistics,
+    not pandas' groupby (installed with datasets): fmean sums exactly (fsum) where pandas sums pairwise in floating
+    point, so a published table's last digit could change with the library; and the table command stays free of a
+    frame library's import time."""
+
     scores: list[float]
     runs: list[Run]
     reference: dict | None = None
