@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 from conftest import compose_config
@@ -317,3 +318,14 @@ def test_positional_run_folders_become_ckpt_and_parse_back_to_the_paths():
     odd = "/tmp/my run's (1)"
     (override,) = positional_checkpoints([odd])[0]
     assert OverridesParser.create().parse_override(override).value() == odd
+
+
+def test_a_run_on_another_folder_is_not_labelled_as_the_option_it_borrowed():
+    from ptv2.runs.checkpoint import backbone_label
+
+    folder = Path(__file__).parent / "fixtures" / "decoders" / "gpt2"
+    assert backbone_label(compose_config("backbone=tiny").backbone) == "tiny"
+    assert backbone_label(compose_config("backbone=tiny", f"backbone.name_or_path={folder}/").backbone) == "tiny@gpt2"
+    # a name no option has (tests, local models) is the label as given
+    unlisted = compose_config("backbone=tiny", "backbone.name=my-model", f"backbone.name_or_path={folder}")
+    assert backbone_label(unlisted.backbone) == "my-model"

@@ -200,7 +200,7 @@ class Group:
         job.log(
             "%s on %s with %s: %d of %d parameters trainable (%.3f%%); data prepared in %s%s",
             cfg.task.name,
-            cfg.backbone.name,
+            checkpoint.backbone_label(cfg.backbone),
             cfg.prompt.method,
             job.counts["trainable_params"],
             job.counts["total_params"],
@@ -428,7 +428,7 @@ def results_of(cfg: DictConfig, members: list, progress: Progress, extra: dict, 
     single = len(members) == 1
     results = {
         "task": cfg.task.name,
-        "backbone": cfg.backbone.name,
+        "backbone": checkpoint.backbone_label(cfg.backbone),
         "method": cfg.prompt.method,
         "select_metric": members[0].task.metric if single else {m.name: m.task.metric for m in members},
         "best_epoch": progress.best_epoch,

@@ -135,6 +135,16 @@ def _packaged_backbone(name: str) -> str | None:
     return str(OmegaConf.load(str(entry)).name_or_path)
 
 
+def backbone_label(backbone) -> str:
+    """How a run's backbone is named in its log, results.json and `ptv2 table`: the option's name, or
+    `name@FOLDER` when backbone.name_or_path points elsewhere than the packaged option does (another model in the
+    option's place must not pass for it)."""
+    packaged = _packaged_backbone(backbone.name)
+    if packaged is None or str(backbone.name_or_path) == packaged:
+        return str(backbone.name)
+    return f"{backbone.name}@{Path(str(backbone.name_or_path).rstrip('/')).name}"
+
+
 def trained_data_hint(path: str | Path) -> str:
     """The end of a data error of eval/predict without task.data_dir: the folder the checkpoint was trained on, to
     pass again (stored_config never takes a checkpoint's paths), or "" when it trained on the hub copy."""
