@@ -329,3 +329,17 @@ def test_a_run_on_another_folder_is_not_labelled_as_the_option_it_borrowed():
     # a name no option has (tests, local models) is the label as given
     unlisted = compose_config("backbone=tiny", "backbone.name=my-model", f"backbone.name_or_path={folder}")
     assert backbone_label(unlisted.backbone) == "my-model"
+
+
+def test_a_misspelt_preset_arm_or_experiment_is_refused_not_skipped(tmp_path):
+    """Hydra skips a missing option of an optional group without a word: the defaults would run instead."""
+    from conftest import ptv2
+
+    for args, line in (
+        (["preset=rte-roberta-larg"], "preset=rte-roberta-larg is unknown; did you mean rte-roberta-large"),
+        (["-m", "experiment=fidelity", "arm=fidelity-ptv2,fidelity-lorra"], "arm=fidelity-lorra is unknown; did you"),
+        (["experiment=no_such_study"], "experiment=no_such_study is unknown; the options are in conf/experiment/"),
+    ):
+        result = ptv2("train", *args, f"hydra.run.dir={tmp_path / 'run'}", check=False)
+        assert result.returncode == 2 and result.stderr.startswith(f"ptv2: error: {line}"), result.stderr
+        assert not (tmp_path / "run").exists()

@@ -320,6 +320,32 @@ def _choice(args: list[str], group: str, default: str | None) -> str | None:
     return chosen[-1] if chosen else default
 
 
+def missing_optional_option(config_name: str, args: list[str]) -> str | None:
+    """An option of an optional group (preset, arm, experiment: `optional` in the command's defaults) that conf/
+    lacks, as a line with the close names. Hydra skips a missing optional option without a word, so a misspelt
+    preset would run the defaults."""
+    import difflib
+
+    conf = importlib.resources.files("ptv2.conf")
+    optional = set()
+    for entry in OmegaConf.load(conf / f"{config_name}.yaml").get("defaults", []):
+        if isinstance(entry, DictConfig):
+            optional.update(key.split(" ", 1)[1] for key in entry if key.startswith("optional "))
+    for arg in split_flags(args)[1]:
+        group, _, value = arg.lstrip("+").partition("=")
+        if group not in optional or not value:
+            continue
+        known = sorted(
+            path.name.removesuffix(".yaml") for path in (conf / group).iterdir() if path.name.endswith(".yaml")
+        )
+        for choice in value.split(","):
+            if choice not in (*known, "none", "null"):
+                close = difflib.get_close_matches(choice, known, n=2, cutoff=0.6)
+                hint = f"did you mean {' or '.join(close)}?" if close else f"the options are in conf/{group}/"
+                return f"{group}={choice} is unknown; {hint}"
+    return None
+
+
 def with_official_preset(args: list[str]) -> tuple[list[str], str | None]:
     """`ptv2 train` overrides with the official preset of the chosen task x backbone added, and its name.
 
@@ -481,6 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     if command in CHECKPOINT_COMMANDS:
         args, problem = positional_checkpoints(args)
     problem = problem or unwritable_run_dir(args) or linked_run_dir(args) or launcher_knobs(args)
+    problem = problem or missing_optional_option(config_name, args)
     if problem:
         print(f"ptv2: error: {problem}", file=sys.stderr)
         return 2

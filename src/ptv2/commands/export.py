@@ -154,13 +154,17 @@ def import_peft(adapter: Path, like: str, out: Path) -> Path:
     return target
 
 
-def import_main(argv: list[str]) -> int:
+def import_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ptv2 import", description="a PEFT prefix adapter as a ptv2 checkpoint")
     parser.add_argument("adapter", help="PEFT PrefixTuning adapter folder (adapter_config.json, adapter_model.*)")
     parser.add_argument("--from", dest="source", choices=["peft"], required=True)
     parser.add_argument("out", help="folder to write prompt.safetensors into")
     parser.add_argument("--like", required=True, help="the ptv2 run whose task, backbone, labels and heads it takes")
-    args = parser.parse_intermixed_args(argv)
+    return parser
+
+
+def import_main(argv: list[str]) -> int:
+    args = import_parser().parse_intermixed_args(argv)
     try:
         target = import_peft(Path(args.adapter), args.like.removeprefix("ckpt="), Path(args.out))
     except UserError as error:
@@ -170,7 +174,7 @@ def import_main(argv: list[str]) -> int:
     return 0
 
 
-def main(argv: list[str]) -> int:
+def export_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ptv2 export", description="write a trained ptv2 prompt in another library's format"
     )
@@ -178,7 +182,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--to", choices=["peft"], required=True, help="peft: a PEFT PrefixTuning adapter folder")
     parser.add_argument("out", help="folder to write")
     parser.add_argument("--backbone", help="backbone hub id or folder, when the checkpoint's was a local folder")
-    args = parser.parse_intermixed_args(argv)
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = export_parser().parse_intermixed_args(argv)
     try:
         out = export_peft(args.ckpt.removeprefix("ckpt="), Path(args.out), args.backbone)
     except UserError as error:
