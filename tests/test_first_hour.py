@@ -343,3 +343,15 @@ def test_a_misspelt_preset_arm_or_experiment_is_refused_not_skipped(tmp_path):
         result = ptv2("train", *args, f"hydra.run.dir={tmp_path / 'run'}", check=False)
         assert result.returncode == 2 and result.stderr.startswith(f"ptv2: error: {line}"), result.stderr
         assert not (tmp_path / "run").exists()
+
+
+def test_a_sweep_with_cfg_is_one_line_and_hydra_sweep_functions_pass_the_option_check(tmp_path):
+    from conftest import ptv2
+
+    result = ptv2("train", "-m", "prompt.length=4,8", "--cfg", "job", check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "ptv2: error: -m and --cfg cannot go together; drop -m to see one job's config"
+    from ptv2.cli import missing_optional_option
+
+    assert missing_optional_option("train", ["-m", "arm=glob(fidelity-lora*)", "experiment=fidelity"]) is None
+    assert missing_optional_option("train", ["-m", "arm=fidelity-lora,fidelity-lorb"]).startswith("arm=fidelity-lorb")

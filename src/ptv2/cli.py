@@ -281,6 +281,17 @@ def split_flags(args: list[str]) -> tuple[list[str], list[str], list[str]]:
     return flags, overrides, lacking
 
 
+def exclusive_modes(args: list[str]) -> str | None:
+    """A sweep with --cfg, --info or --shell-completion: Hydra's modes exclude each other (it raises a bare
+    ValueError)."""
+    flags = split_flags(args)[0]
+    sweep = [flag for flag in flags if flag in ("-m", "--multirun")]
+    other = [flag for flag in flags if flag in ("-c", "--cfg", "-i", "--info", "-sc", "--shell-completion")]
+    if sweep and other:
+        return f"{sweep[0]} and {other[0]} cannot go together; drop {sweep[0]} to see one job's config"
+    return None
+
+
 def launcher_knobs(args: list[str]) -> str | None:
     """Why a packed launcher knob on the command line is out of range, or None: checked before Hydra starts a sweep
     (each job checks the launcher config again, for values set in a config file)."""
@@ -333,8 +344,8 @@ def missing_optional_option(config_name: str, args: list[str]) -> str | None:
             optional.update(key.split(" ", 1)[1] for key in entry if key.startswith("optional "))
     for arg in split_flags(args)[1]:
         group, _, value = arg.lstrip("+").partition("=")
-        if group not in optional or not value:
-            continue
+        if group not in optional or not value or any(mark in value for mark in "($["):
+            continue  # Hydra's sweep functions (glob(...), choice(...)) and interpolations are Hydra's to read
         known = sorted(
             path.name.removesuffix(".yaml") for path in (conf / group).iterdir() if path.name.endswith(".yaml")
         )
@@ -507,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
     if command in CHECKPOINT_COMMANDS:
         args, problem = positional_checkpoints(args)
     problem = problem or unwritable_run_dir(args) or linked_run_dir(args) or launcher_knobs(args)
-    problem = problem or missing_optional_option(config_name, args)
+    problem = problem or missing_optional_option(config_name, args) or exclusive_modes(args)
     if problem:
         print(f"ptv2: error: {problem}", file=sys.stderr)
         return 2
