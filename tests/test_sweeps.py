@@ -195,6 +195,17 @@ def test_optuna_experiment_maximizes_the_returned_dev_metric(tmp_path):
     assert set(best["best_params"]) == {"optimizer.lr", "prompt.length"}
 
 
+def test_an_optuna_sweep_whose_every_trial_fails_ends_with_the_failures_not_a_traceback(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    sweep = tmp_path / "optuna"
+    args = ["experiment=optuna_lr", "backbone=tiny", "trainer=smoke", "logger=none", "hydra.sweeper.n_trials=2"]
+    result = ptv2("train", "-m", *args, f"task.data_dir={tmp_path / 'absent'}", f"hydra.sweep.dir={sweep}", check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert (
+        result.stderr.strip().splitlines()[-1] == f"ptv2: 2 job(s) failed: job 0 ({sweep / '0'}); job 1 ({sweep / '1'})"
+    )
+
+
 @pytest.mark.slow
 def test_make_reproduce_table_smoke_runs_the_whole_pipeline_offline(tmp_path):
     out = tmp_path / "table"

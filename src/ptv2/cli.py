@@ -548,6 +548,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"ptv2: error: {config_error_line(error)}; `ptv2 {command} --help` lists the options", file=sys.stderr)
         return 2
+    except ValueError:
+        if not failed_jobs or full_error:
+            raise
+        # Optuna's sweeper asks for the best trial after the last one and raises when every trial failed; the
+        # failures, listed below, are the answer.
     for sweep_dir, jobs in sweep_jobs.items():
         print(summary.sweep_line(sweep_dir, jobs, len(failed_jobs)), file=sys.stderr)
     if failed_jobs:
