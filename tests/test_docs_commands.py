@@ -13,8 +13,6 @@ from pathlib import Path
 
 import pytest
 from conftest import compose_config
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from ptv2 import cli
 from ptv2.commands import export, table
@@ -74,24 +72,6 @@ def words(line: str) -> tuple[str, list[str]]:
     return replaced[0], replaced[1:]
 
 
-def sweep_jobs(config_name: str, overrides: list[str]) -> list[list[str]]:
-    """The overrides of each job a multirun would start, an experiment's sweeper params included (as
-    cli.sweep_value_problem expands them)."""
-    parser = OverridesParser.create()
-    fixed = [o.input_line for o in parser.parse_overrides(overrides) if not o.is_sweep_override()]
-    lines = [f"{key}={value}" for key, value in sweeper_params(config_name, fixed).items()] + overrides
-    return [job for batch in BasicSweeper.split_arguments(parser.parse_overrides(lines), None) for job in batch]
-
-
-def sweeper_params(config_name: str, fixed: list[str]) -> dict:
-    from hydra import compose, initialize_config_module
-
-    cli.register()
-    with initialize_config_module(config_module="ptv2.conf", version_base="1.3"):
-        composed = compose(config_name=config_name, overrides=fixed, return_hydra_config=True)
-    return dict(composed.hydra.sweeper.get("params") or {})
-
-
 def check_hydra_command(command: str, args: list[str]) -> int:
     """Compose and check what `ptv2 COMMAND ARGS` would run; the number of configs checked."""
     _, config_name, _ = cli.COMMANDS[command]
@@ -106,9 +86,9 @@ def check_hydra_command(command: str, args: list[str]) -> int:
     flags, overrides, lacking = cli.split_flags(args)
     assert not lacking, f"{lacking[0]} lacks its value"
     settings = [arg for arg in overrides if not arg.lstrip("+").startswith("hydra")]
-    jobs = sweep_jobs(config_name, settings) if "-m" in flags or "--multirun" in flags else [settings]
+    jobs = cli.expanded_sweep(config_name, settings) if "-m" in flags or "--multirun" in flags else [settings]
     for job in jobs[:MOST_JOBS]:
-        check_values(compose_config(*(arg for arg in job if not arg.startswith("hydra")), config_name=config_name))
+        check_values(compose_config(*job, config_name=config_name))
     return len(jobs[:MOST_JOBS])
 
 

@@ -331,6 +331,16 @@ def _choice(args: list[str], group: str, default: str | None) -> str | None:
     return chosen[-1] if chosen else default
 
 
+def group_defaults(config_name: str) -> dict[str, tuple[str | None, bool]]:
+    """{group: (default option, optional)} from the defaults list of conf/<config_name>.yaml."""
+    defaults = {}
+    for entry in OmegaConf.load(importlib.resources.files("ptv2.conf") / f"{config_name}.yaml").get("defaults", []):
+        if isinstance(entry, DictConfig):
+            for key, option in entry.items():
+                defaults[key.removeprefix("optional ")] = (option, key.startswith("optional "))
+    return defaults
+
+
 def missing_optional_option(config_name: str, args: list[str]) -> str | None:
     """An option of an optional group (preset, arm, experiment: `optional` in the command's defaults) that conf/
     lacks, as a line with the close names. Hydra skips a missing optional option without a word, so a misspelt
@@ -338,10 +348,7 @@ def missing_optional_option(config_name: str, args: list[str]) -> str | None:
     import difflib
 
     conf = importlib.resources.files("ptv2.conf")
-    optional = set()
-    for entry in OmegaConf.load(conf / f"{config_name}.yaml").get("defaults", []):
-        if isinstance(entry, DictConfig):
-            optional.update(key.split(" ", 1)[1] for key in entry if key.startswith("optional "))
+    optional = {group for group, (_, is_optional) in group_defaults(config_name).items() if is_optional}
     for arg in split_flags(args)[1]:
         group, _, value = arg.lstrip("+").partition("=")
         if group not in optional or not value or any(mark in value for mark in "($["):
@@ -370,10 +377,7 @@ def with_official_preset(args: list[str]) -> tuple[list[str], str | None]:
     if any(arg.startswith(("preset=", "+preset=", "experiment=", "+experiment=")) for arg in args):
         return args, None
     conf = importlib.resources.files("ptv2.conf")
-    defaults = {}
-    for entry in OmegaConf.load(conf / "train.yaml").defaults:  # the groups' default options
-        if isinstance(entry, DictConfig):
-            defaults.update(entry)
+    defaults = {group: option for group, (option, _) in group_defaults("train").items()}
     task, backbone = _choice(args, "task", defaults["task"]), _choice(args, "backbone", defaults["backbone"])
     if _choice(args, "prompt", defaults["prompt"]) != "ptv2" or "," in task + backbone:
         return args, None
@@ -437,31 +441,46 @@ def positional_checkpoints(args: list[str]) -> tuple[list[str], str | None]:
     return [*flags, f"ckpt={value}", *(arg for arg in overrides if arg not in positional), *lacking], None
 
 
+def expanded_sweep(config_name: str, overrides: list[str]) -> list[list[str]] | None:
+    """The settings of each job a basic-sweeper multirun starts (the config's sweeper params, then the command
+    line's; hydra.* dropped), or None for sweepers that draw their values as they go (Optuna). Raises Hydra's and
+    OmegaConf's errors."""
+    from hydra import compose, initialize_config_module
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    register()  # the schema and resolvers the composition needs (idempotent)
+    parser = OverridesParser.create()
+    parsed = parser.parse_overrides(overrides)
+    fixed = [o.input_line for o in parsed if not o.is_sweep_override() and not o.key_or_group.startswith("hydra")]
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module(config_module="ptv2.conf", version_base="1.3"):
+            base = compose(config_name=config_name, overrides=fixed, return_hydra_config=True)
+    finally:
+        GlobalHydra.instance().clear()
+    if not str(base.hydra.sweeper.get("_target_", "")).endswith("BasicSweeper"):
+        return None
+    lines = [f"{key}={value}" for key, value in (base.hydra.sweeper.get("params") or {}).items()] + overrides
+    jobs = [job for batch in BasicSweeper.split_arguments(parser.parse_overrides(lines), None) for job in batch]
+    return [[arg for arg in job if not arg.lstrip("+").startswith("hydra")] for job in jobs]
+
+
 def sweep_value_problem(config_name: str, args: list[str]) -> str | None:
     """Every job of a basic-sweeper multirun composed and its values checked before the first job starts: the first
     bad one as a line naming the job's overrides, else None. Sweeps that another sweeper draws (Optuna) or that
     compose only inside Hydra's run (interpolations of hydra:) are left to each job's own check."""
     from hydra import compose, initialize_config_module
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
 
     overrides = split_flags(args)[1]
     if any(arg.lstrip("+").startswith("hydra/sweeper=") for arg in overrides):
         return None
-    parser = OverridesParser.create()
     try:
-        parsed = parser.parse_overrides(overrides)
-        fixed = [o.input_line for o in parsed if not o.is_sweep_override() and not o.key_or_group.startswith("hydra")]
-        GlobalHydra.instance().clear()
+        jobs = expanded_sweep(config_name, overrides)
+        if jobs is None:
+            return None  # Optuna and the like draw their values as they go
         with initialize_config_module(config_module="ptv2.conf", version_base="1.3"):
-            base = compose(config_name=config_name, overrides=fixed, return_hydra_config=True)
-            if not str(base.hydra.sweeper.get("_target_", "")).endswith("BasicSweeper"):
-                return None  # Optuna and the like draw their values as they go
-            params = base.hydra.sweeper.get("params") or {}
-            lines = [f"{key}={value}" for key, value in params.items()] + overrides
-            jobs = [job for batch in BasicSweeper.split_arguments(parser.parse_overrides(lines), None) for job in batch]
-            for number, job in enumerate(jobs):
-                settings = [arg for arg in job if not arg.lstrip("+").startswith("hydra")]
+            for number, settings in enumerate(jobs):
                 cfg = compose(config_name=config_name, overrides=settings)
                 try:
                     check_values(cfg)

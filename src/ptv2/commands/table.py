@@ -298,7 +298,10 @@ def build_table(runs: list[Run], references: list[dict]):
     A descriptor describes a run only where it varies among the runs of that run's cell: beside LoRA at two ranks,
     ptv2's row shows no rank (its config holds the schema's default, which it never reads)."""
     descriptors = varying_keys(runs)
-    shown = {cell: set(varying_keys([run for run in runs if run.cell == cell])) for cell in {r.cell for r in runs}}
+    by_cell = defaultdict(list)
+    for run in runs:
+        by_cell[run.cell].append(run)
+    shown = {cell: set(varying_keys(members)) for cell, members in by_cell.items()}
     cells: dict[tuple, Cell] = {}
     for run in runs:
         values = (run.config.get(key) if key in shown[run.cell] else None for key in descriptors)
