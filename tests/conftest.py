@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from forked_ptv2 import ForkedProcess
 from transformers import AutoModel, BertConfig, DebertaV2Config, ElectraConfig, RobertaConfig
 
 from ptv2.modeling import injection
@@ -79,12 +80,21 @@ def ptv2(
 
 
 def ptv2_subprocess(
-    *args: str, home: Path | None = None, env: dict | None = None, cwd: Path | None = None, check: bool = True
+    *args: str,
+    home: Path | None = None,
+    env: dict | None = None,
+    cwd: Path | None = None,
+    check: bool = True,
+    file_size_limit: int | None = None,
 ) -> subprocess.CompletedProcess:
-    """`python -m ptv2 ARGS` in a fresh process."""
-    command = [sys.executable, "-m", "ptv2", *args]
-    result = subprocess.run(command, capture_output=True, text=True, env=_environment(home, env), timeout=300, cwd=cwd)
-    return _checked(result, check)
+    """`python -m ptv2 ARGS` in a process of its own (forked_ptv2: forked with the imports done); file_size_limit:
+    RLIMIT_FSIZE in bytes, a write past it fails."""
+    return _checked(start_ptv2(*args, home=home, env=env, cwd=cwd, file_size_limit=file_size_limit).wait(), check)
+
+
+def start_ptv2(*args: str, home=None, env=None, cwd=None, file_size_limit=None) -> ForkedProcess:
+    """ptv2_subprocess without waiting for it: several runs at once."""
+    return ForkedProcess(["-m", "ptv2", *args], _environment(home, env), cwd, file_size_limit)
 
 
 TINY = dict(vocab_size=120, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64)

@@ -1,6 +1,6 @@
-"""Worker of test_decoders.test_fsdp2_shards_the_frozen_backbone_and_trains_the_prompt (run by torchrun, 2 processes
-on gloo): FSDP2 shards every decoder layer of a frozen tiny Llama and the PromptModel around them; the prompt's
-gradient equals the unsharded model's."""
+"""Worker of test_decoders.test_fsdp2_shards_the_frozen_backbone_and_trains_the_prompt (2 processes on gloo, each
+given RANK, WORLD_SIZE and MASTER_* as torchrun gives them): FSDP2 shards every decoder layer of a frozen tiny Llama
+and the PromptModel around them; the prompt's gradient equals the unsharded model's."""
 
 from __future__ import annotations
 

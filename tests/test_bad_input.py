@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -383,18 +382,16 @@ def test_squad_answers_are_held_to_the_official_format(tmp_path, caplog):
 
 def test_a_full_disk_is_one_line_naming_the_file(tmp_path):
     """A file-size limit (RLIMIT_FSIZE) stands in for a full disk: the training state cannot be written."""
-    import resource
-    import signal
-
-    def limit():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails instead of killing the process
-        resource.setrlimit(resource.RLIMIT_FSIZE, (24_000, 24_000))
-
-    environment = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "PTV2_DIE"))}
-    environment["PTV2_CACHE"] = str(tmp_path / "cache")
     run_dir = tmp_path / "run"
-    command = [sys.executable, "-m", "ptv2", "train", *BASE, f"task.data_dir={RTE}", f"hydra.run.dir={run_dir}"]
-    result = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=300, preexec_fn=limit)
+    result = ptv2_subprocess(
+        "train",
+        *BASE,
+        f"task.data_dir={RTE}",
+        f"hydra.run.dir={run_dir}",
+        env={"PTV2_CACHE": str(tmp_path / "cache")},
+        file_size_limit=24_000,
+        check=False,
+    )
     message = one_line_error(result)
     # A state is first written beside the previous one (runs.resume.save_group), so that one stays as it was.
     assert message.startswith(f"ptv2: error: cannot write {run_dir / STATE_DIR / NEXT_FILE} (the write was cut short")

@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import fcntl
 import json
-import os
-import subprocess
-import sys
 
 import pytest
-from conftest import RTE
+from conftest import RTE, start_ptv2
 from test_bad_input import BASE, one_line_error, run
 
 from ptv2.runs.rundir import LOCK_FILE, unique_now
@@ -89,11 +86,10 @@ def test_a_folder_being_written_is_locked(tmp_path):
 
 def test_runs_started_together_get_their_own_default_folders(tmp_path):
     """Two runs started in the same second with the default run folder (outputs/<task>/<backbone>/<method>/...)."""
-    command = [sys.executable, "-m", "ptv2", *TRAIN]
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
-    jobs = [subprocess.Popen(command, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    jobs = [start_ptv2(*TRAIN, cwd=tmp_path) for _ in range(2)]
     for job in jobs:
-        assert job.wait(timeout=300) == 0, job.stderr.read()[-2000:]
+        done = job.wait()
+        assert done.returncode == 0, done.stderr[-2000:]
     folders = sorted((tmp_path / "outputs" / "rte" / "tiny" / "ptv2").iterdir())
     assert len(folders) == 2 and all((folder / "results.json").is_file() for folder in folders)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import SMOKE, ptv2, ptv2_subprocess
-from test_cli import _wandb_records
+from test_cli import _wandb_history, _wandb_records
 
 from ptv2.cli import objective
 from ptv2.commands import table
@@ -153,13 +153,17 @@ def test_a_job_returns_its_dev_value_for_optimizing_sweepers():
     assert objective(None) is None and objective({"metrics": 1}) == {"metrics": 1}
 
 
-def test_sweep_jobs_are_wandb_runs_of_one_group_with_their_overrides(tmp_path):
+def test_sweep_jobs_go_offline_without_login_as_wandb_runs_of_one_group_with_overrides_and_metrics(tmp_path):
+    """No W&B login (a HOME without ~/.netrc, no WANDB_API_KEY): every job logs offline."""
     sweep = tmp_path / "multirun" / "rte" / "tiny" / "now"
     ptv2_subprocess(
         "train", "-m", *SMOKE, "logger=wandb", "prompt.length=2,4", f"hydra.sweep.dir={sweep}", home=tmp_path
     )
-    runs = [_wandb_records(next(path.glob("*.wandb")), "run")[0].run for path in sweep.glob("*/wandb/offline-run-*")]
+    files = [next(path.glob("*.wandb")) for path in sweep.glob("*/wandb/offline-run-*")]
+    runs = [_wandb_records(file, "run")[0].run for file in files]
     assert len(runs) == 2
+    for history in map(_wandb_history, files):
+        assert any("dev/accuracy" in row for row in history) and any("train_loss" in row for row in history)
     assert {run.run_group for run in runs} == {"rte/tiny/now"}  # the sweep folder below multirun/
     assert {run.job_type for run in runs} == {"sweep-job"}
     overrides = []
