@@ -139,14 +139,16 @@ def test_eval_takes_the_run_folder_positionally_and_prints_where_eval_json_went(
     from conftest import RTE, ptv2
 
     by_key, by_position = tmp_path / "key", tmp_path / "position"
-    ptv2("eval", f"ckpt={trained}", "split=dev", f"task.data_dir={RTE}", f"hydra.run.dir={by_key}")
-    result = ptv2("eval", str(trained), "split=dev", f"task.data_dir={RTE}", f"hydra.run.dir={by_position}")
+    one_batch = ptv2("eval", f"ckpt={trained}", "split=dev", f"task.data_dir={RTE}", f"hydra.run.dir={by_key}")
+    args = ["split=dev", f"task.data_dir={RTE}", "trainer.eval_batch_size=1"]  # 6 batches: a line each
+    result = ptv2("eval", str(trained), *args, f"hydra.run.dir={by_position}")
     assert f"eval.json written to {by_position / 'eval.json'}" in result.stdout
     assert "rte dev: {" in result.stdout and "(fraction)" in result.stdout
-    # progress through the split (a line per tenth off a terminal); training has its own epoch lines instead
+    # progress through the split (a line per tenth off a terminal); training has its own epoch lines instead, and a
+    # split of a few batches none
     done = re.findall(r"rte dev: (\d+)/(\d+) batches \((\d+)%\)", result.stdout)
-    assert done and done[-1][0] == done[-1][1] and done[-1][2] == "100"
-    assert "batches (" not in (trained / "train.log").read_text()
+    assert done[-1] == ("6", "6", "100") and len(done) == 6
+    assert "batches (" not in (trained / "train.log").read_text() and "batches (" not in one_batch.stdout
     read = [json.loads((folder / "eval.json").read_text()) for folder in (by_key, by_position)]
     assert read[0]["metrics"] == read[1]["metrics"] and read[1]["checkpoint"].startswith(str(trained))
 

@@ -23,7 +23,7 @@ from ptv2.modeling import backbone
 from ptv2.modeling.heads import LanguageModelHead, VerbalizerHead
 from ptv2.modeling.model import PromptModel
 from ptv2.modeling.packing import chunked, packed_hidden
-from ptv2.progress import epoch_progress
+from ptv2.progress import FEW_BATCHES, epoch_progress
 from ptv2.tasks import TASK_TYPES, TaskType, task_type
 
 
@@ -232,13 +232,13 @@ def predict_group(
     """Each model's outputs of every feature of a split, in feature order (batches are sorted by length for speed);
     per_forward models share one backbone forward (forward_group). The one evaluation path of train, eval and
     predict, for one model or a packed group. With `progress` (eval and predict; training has its epoch lines), a
-    bar on a terminal or a line per tenth of the split elsewhere."""
+    bar on a terminal or a line per tenth of the split elsewhere, for a split of more than FEW_BATCHES batches."""
     for model in models:
         model.eval()
     modules = [extract_model_from_parallel(model) for model in models]
     loader = eval_loader(member, split, tokenizer, accelerator, batch_size)
     ordered = [[None] * len(member.splits[split].features) for _ in models]
-    enabled = progress and accelerator.is_main_process
+    enabled = progress and accelerator.is_main_process and len(loader) > FEW_BATCHES
     for batch in epoch_progress(loader, len(loader), f"{member.name} {split}", enabled, unit="batches"):
         if hasattr(member.kind, "generate"):  # generation: greedy decoding, one model at a time
             results = [member.kind.generate(module, batch, member, tokenizer) for module in modules]

@@ -28,6 +28,9 @@ def quiet_library_bars() -> None:
 quiet_library_bars()
 LINES_PER_EPOCH = 10  # a line each time another tenth of the epoch is done
 LINE_SECONDS = 300.0  # and at least one every 5 minutes on long epochs
+# An evaluated split of at most this many batches shows no progress: it is over in moments, and ten lines for
+# a few batches would only crowd the log before its result line.
+FEW_BATCHES = 4
 
 
 def epoch_progress(
