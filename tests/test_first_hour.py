@@ -357,3 +357,25 @@ def test_a_sweep_with_cfg_is_one_line_and_hydra_sweep_functions_pass_the_option_
 
     assert missing_optional_option("train", ["-m", "arm=glob(fidelity-lora*)", "experiment=fidelity"]) is None
     assert missing_optional_option("train", ["-m", "arm=fidelity-lora,fidelity-lorb"]).startswith("arm=fidelity-lorb")
+
+
+def test_length_grouped_batches_are_transformers_batches_in_another_order():
+    """Why data.LengthGroupedBatches is not transformers' LengthGroupedSampler: from the same generator draws and
+    windows of 50 batches it cuts the same batches, but shuffles them where transformers keeps window order, and
+    transformers' default window shrinks on small sets; swapping would change every recorded training order."""
+    import torch
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+
+    from ptv2.data import LengthGroupedBatches
+
+    def theirs(lengths, **options):
+        order = get_length_grouped_indices(lengths, 4, generator=torch.Generator().manual_seed(1), **options)
+        return [tuple(order[i : i + 4]) for i in range(0, len(order), 4)]
+
+    lengths = [(i * 37) % 53 + 1 for i in range(2000)]  # every window holds the longest length: no swap to first
+    ours = [tuple(batch) for batch in LengthGroupedBatches(lengths, 4, seed=1)]
+    assert sorted(ours) == sorted(theirs(lengths)) and ours != theirs(lengths)
+    small = lengths[:100]  # transformers' window: 100 // (4 * 4) = 6 batches, not 50
+    assert theirs(small) != theirs(small, mega_batch_mult=50)
+    ours_small = [tuple(batch) for batch in LengthGroupedBatches(small, 4, seed=1)]
+    assert sorted(ours_small) == sorted(theirs(small, mega_batch_mult=50))

@@ -293,7 +293,8 @@ class LengthGroupedBatches(torch.utils.data.Sampler):
     Not transformers' LengthGroupedSampler (get_length_grouped_indices), which draws the same kind of mega-batches
     but is not equal: it shrinks the window below 50 batches on small sets (len // (4 * batch)), swaps the longest
     feature into the first batch, and keeps the batches in window order instead of shuffling them; training orders
-    (and so the recorded runs and resumes) would change.
+    (and so the recorded runs and resumes) would change. Given 50-batch windows it cuts the same batches from the
+    same generator draws (tests/test_first_hour.py checks both).
     """
 
     def __init__(self, lengths: list[int], batch_size: int, seed: int, group_by_length: bool = True):
