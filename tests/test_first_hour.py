@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from pathlib import Path
 
@@ -322,15 +323,36 @@ def test_positional_run_folders_become_ckpt_and_parse_back_to_the_paths():
     assert OverridesParser.create().parse_override(override).value() == odd
 
 
-def test_a_run_on_another_folder_is_not_labelled_as_the_option_it_borrowed():
+def test_a_run_on_another_folder_is_not_labelled_as_the_option_it_borrowed(tmp_path):
     from ptv2.runs.checkpoint import backbone_label
 
     folder = Path(__file__).parent / "fixtures" / "decoders" / "gpt2"
     assert backbone_label(compose_config("backbone=tiny").backbone) == "tiny"
     assert backbone_label(compose_config("backbone=tiny", f"backbone.name_or_path={folder}/").backbone) == "tiny@gpt2"
+    # the option's own folder named another way (relative, through a link, a trailing slash) is still the option
+    own = Path(compose_config("backbone=tiny").backbone.name_or_path)
+    link = tmp_path / "my-tiny"
+    link.symlink_to(own)
+    for other in (f"{os.path.relpath(own)}/", str(link)):
+        assert backbone_label(compose_config("backbone=tiny", f"backbone.name_or_path={other}").backbone) == "tiny"
     # a name no option has (tests, local models) is the label as given
     unlisted = compose_config("backbone=tiny", "backbone.name=my-model", f"backbone.name_or_path={folder}")
     assert backbone_label(unlisted.backbone) == "my-model"
+
+
+def test_the_borrowed_folder_label_reaches_results_and_the_table(tmp_path):
+    import shutil
+
+    from conftest import SMOKE, ptv2
+
+    from ptv2.commands import table
+
+    mine = Path(shutil.copytree(compose_config("backbone=tiny").backbone.name_or_path, tmp_path / "my-bert"))
+    run = tmp_path / "runs" / "a"
+    ptv2("train", *SMOKE, "logger=none", f"backbone.name_or_path={mine}", f"hydra.run.dir={run}")
+    assert json.loads((run / "results.json").read_text())["backbone"] == "tiny@my-bert"
+    assert table.main([str(run.parent), "--plot", "none"]) == 0
+    assert "| ptv2 / tiny@my-bert |" in (run.parent / "table.md").read_text()  # the column names the folder
 
 
 def test_a_misspelt_preset_arm_or_experiment_is_refused_not_skipped(tmp_path):

@@ -140,9 +140,16 @@ def backbone_label(backbone) -> str:
     `name@FOLDER` when backbone.name_or_path points elsewhere than the packaged option does (another model in the
     option's place must not pass for it)."""
     packaged = _packaged_backbone(backbone.name)
-    if packaged is None or str(backbone.name_or_path) == packaged:
+    if packaged is None or _same_folder(str(backbone.name_or_path), packaged):
         return str(backbone.name)
     return f"{backbone.name}@{Path(str(backbone.name_or_path).rstrip('/')).name}"
+
+
+def _same_folder(given: str, packaged: str) -> bool:
+    """The option's own model named another way (relative, through a link, a trailing slash) is still the option."""
+    if given == packaged:
+        return True
+    return Path(given).expanduser().exists() and Path(given).expanduser().resolve() == Path(packaged).resolve()
 
 
 def trained_data_hint(path: str | Path) -> str:
