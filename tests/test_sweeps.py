@@ -156,10 +156,13 @@ def test_a_job_returns_its_dev_value_for_optimizing_sweepers():
 def test_sweep_jobs_go_offline_without_login_as_wandb_runs_of_one_group_with_overrides_and_metrics(tmp_path):
     """No W&B login (a HOME without ~/.netrc, no WANDB_API_KEY): every job logs offline."""
     sweep = tmp_path / "multirun" / "rte" / "tiny" / "now"
-    ptv2_subprocess(
+    done = ptv2_subprocess(
         "train", "-m", *SMOKE, "logger=wandb", "prompt.length=2,4", f"hydra.sweep.dir={sweep}", home=tmp_path
     )
-    files = [next(path.glob("*.wandb")) for path in sweep.glob("*/wandb/offline-run-*")]
+    folders = sorted(sweep.glob("*/wandb/offline-run-*"))
+    for folder in folders:
+        assert f"W&B offline run written to {folder}; upload it with: wandb sync {folder}" in done.stdout
+    files = [next(folder.glob("*.wandb")) for folder in folders]
     runs = [_wandb_records(file, "run")[0].run for file in files]
     assert len(runs) == 2
     for history in map(_wandb_history, files):

@@ -268,7 +268,7 @@ def register() -> None:
 # for every command's config and again for a checkpoint's); `validate` adds what needs the backbone's config.
 
 NAME = re.compile(r"[A-Za-z0-9_.-]+")  # names that become parts of file and folder names
-DTYPES = ("float32", "bfloat16", "float16")  # backbone.DTYPES
+DTYPES = ("float32", "bfloat16", "float16")  # torch's names (modeling.backbone takes torch.<name>)
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,6 @@ from ptv2 import hub
 from ptv2.errors import UserError
 from ptv2.modeling import injection
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 def _not_loadable(what: str, cfg, error: Exception) -> UserError:
     if Path(str(cfg.name_or_path)).expanduser().is_dir():  # a local folder: the hub has nothing to do with it
@@ -90,7 +88,7 @@ def _load_model(auto_class, cfg, config: PretrainedConfig, what: str) -> torch.n
     """`auto_class` from the hub/folder, or from the config alone with backbone.random_init."""
     # DeBERTa-v2 only has its own eager attention; the others get the prefix-aware SDPA (or eager) function.
     attention = injection.attention_key(config, cfg.get("attention", "sdpa"))
-    options = {"attn_implementation": attention, "dtype": DTYPES[cfg.dtype]}
+    options = {"attn_implementation": attention, "dtype": getattr(torch, cfg.dtype)}  # a name of config.DTYPES
     if cfg.random_init:
         model = auto_class.from_config(config, **options)
     else:
