@@ -9,6 +9,7 @@ every one of them takes overrides, `--help`, `--cfg job` and `-m/--multirun`.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.resources
 import logging
@@ -17,7 +18,9 @@ import re
 import shutil
 import sys
 import traceback
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 
 import hydra
 from hydra.core.global_hydra import GlobalHydra
@@ -331,14 +334,15 @@ def _choice(args: list[str], group: str, default: str | None) -> str | None:
     return chosen[-1] if chosen else default
 
 
-def group_defaults(config_name: str) -> dict[str, tuple[str | None, bool]]:
+@functools.cache  # conf/ does not change while ptv2 runs
+def group_defaults(config_name: str) -> Mapping[str, tuple[str | None, bool]]:
     """{group: (default option, optional)} from the defaults list of conf/<config_name>.yaml."""
     defaults = {}
     for entry in OmegaConf.load(importlib.resources.files("ptv2.conf") / f"{config_name}.yaml").get("defaults", []):
         if isinstance(entry, DictConfig):
             for key, option in entry.items():
                 defaults[key.removeprefix("optional ")] = (option, key.startswith("optional "))
-    return defaults
+    return MappingProxyType(defaults)
 
 
 def missing_optional_option(config_name: str, args: list[str]) -> str | None:

@@ -256,7 +256,9 @@ def _package_path(package: str, *parts: str) -> str:
 def register() -> None:
     """Register the schema with Hydra and the resolvers conf/ needs to compose (idempotent); the command line adds
     the run-folder resolver and the packed launcher (cli.register)."""
-    ConfigStore.instance().store(name="run_schema", node=RunConfig)
+    store = ConfigStore.instance()
+    if "run_schema.yaml" not in store.repo:  # storing builds the structured config again: once per process
+        store.store(name="run_schema", node=RunConfig)
     if not OmegaConf.has_resolver("package_path"):
         OmegaConf.register_new_resolver("package_path", _package_path)
     if not OmegaConf.has_resolver("asset"):

@@ -11,6 +11,7 @@ taken from it, never a path on the machine that trained it (data and cache folde
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.resources
 import json
@@ -124,6 +125,7 @@ def _literal(value):
     return value
 
 
+@functools.cache  # conf/ and the installed packages do not change while ptv2 runs
 def _packaged_backbone(name: str) -> str | None:
     """name_or_path of the packaged backbone option `name` (conf/backbone/<name>.yaml) on this machine, or None."""
     from ptv2.config import NAME, register
