@@ -97,6 +97,15 @@ def start_ptv2(*args: str, home=None, env=None, cwd=None, file_size_limit=None) 
     return ForkedProcess(["-m", "ptv2", *args], _environment(home, env), cwd, file_size_limit)
 
 
+def free_port() -> int:
+    """A loopback port nobody listens on now, for processes that meet on one."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 TINY = dict(vocab_size=120, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64)
 
 FAMILY_CONFIGS = {

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import RTE, TINY_BERT, ptv2
+from conftest import RTE, TINY_BERT, free_port, ptv2
 from omegaconf import OmegaConf
 
 from ptv2 import engine
@@ -153,12 +152,6 @@ def test_official_style_knobs_train(tmp_path, monkeypatch):
     assert seen["grouped"] == [False]
     assert seen["attention"] == {injection.EAGER_ATTENTION_KEY}
     assert json.loads((out / "results.json").read_text())["history"][0]["train_seconds"] > 0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.slow

@@ -381,14 +381,10 @@ def test_bf16_backbone_with_gradient_checkpointing_trains(tmp_path):
 
 def test_fsdp2_shards_the_frozen_backbone_and_trains_the_prompt():
     """What conf/accelerate/fsdp.yaml asks of torch (FSDP2, one unit per decoder layer), on 2 CPU processes."""
-    import socket
-
+    from conftest import free_port
     from forked_ptv2 import ForkedProcess
 
-    with socket.socket() as sock:  # a free port for the ranks to meet on
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    world = {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    world = {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     script = [str(Path(__file__).parent / "fsdp_check.py")]
     ranks = [
         ForkedProcess(script, {**os.environ, **world, "RANK": str(rank), "LOCAL_RANK": str(rank)}) for rank in range(2)
