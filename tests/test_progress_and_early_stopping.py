@@ -58,6 +58,10 @@ def test_resumed_epoch_counts_from_its_finished_batches(caplog):
 
 def test_bar_on_a_terminal_lines_elsewhere_nothing_when_disabled(caplog):
     assert isinstance(progress.epoch_progress(range(3), 3, "x", stream=Terminal()), tqdm)
+    for unit, shown in (("steps", "step/s"), ("batches", "batch/s")):  # the bar's rate names one of the unit
+        terminal = Terminal()
+        list(progress.epoch_progress(range(3), 3, "x", stream=terminal, unit=unit))
+        assert shown in terminal.getvalue() and "batche/s" not in terminal.getvalue()
     assert isinstance(progress.epoch_progress(range(3), 3, "x", stream=io.StringIO()), progress.ProgressLines)
     assert lines_of(progress.epoch_progress(range(3), 3, "x", enabled=False, stream=io.StringIO()), caplog) == []
     assert lines_of(progress.epoch_progress(range(3), 3, "x", enabled=False, stream=Terminal()), caplog) == []

@@ -41,7 +41,8 @@ def epoch_progress(
     the result iterates like `iterable` and has set_postfix()."""
     stream = sys.stderr if stream is None else stream
     if enabled and stream.isatty():
-        return tqdm(iterable, total=total, initial=initial, desc=desc, leave=False, file=stream, unit=unit[:-1])
+        singular = {"steps": "step", "batches": "batch"}[unit]  # tqdm's rate reads "2.5step/s"
+        return tqdm(iterable, total=total, initial=initial, desc=desc, leave=False, file=stream, unit=singular)
     return ProgressLines(iterable, total, desc, enabled, initial, unit=unit)
 
 
