@@ -75,16 +75,9 @@ def words(line: str) -> tuple[str, list[str]]:
 def check_hydra_command(command: str, args: list[str]) -> int:
     """Compose and check what `ptv2 COMMAND ARGS` would run; the number of configs checked."""
     _, config_name, _ = cli.COMMANDS[command]
-    args = cli.flags_first(args)
-    if command in cli.CHECKPOINT_COMMANDS:
-        args, problem = cli.positional_checkpoints(args)
-        assert problem is None, problem
-    problem = cli.missing_optional_option(config_name, args)
+    args, _, problem = cli.command_line(command, args)
     assert problem is None, problem
-    if command == "train":
-        args, _ = cli.with_official_preset(args)
-    flags, overrides, lacking = cli.split_flags(args)
-    assert not lacking, f"{lacking[0]} lacks its value"
+    flags, overrides, _ = cli.split_flags(args)
     settings = [arg for arg in overrides if not arg.lstrip("+").startswith("hydra")]
     jobs = cli.expanded_sweep(config_name, settings) if "-m" in flags or "--multirun" in flags else [settings]
     for job in jobs[:MOST_JOBS]:

@@ -504,6 +504,28 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def command_line(command: str, argv: list[str]) -> tuple[list[str], str | None, str | None]:
+    """What Hydra gets for `ptv2 COMMAND ARGV` of a Hydra command: the arguments with flags first, run folders given
+    positionally as ckpt= and train's official preset added; the preset's name; or the line refusing the command
+    line (checks that need no composition; main then checks the sweep folder and every sweep job's values)."""
+    config_name = COMMANDS[command][1]
+    args, problem = flags_first(argv), None
+    lacking = [arg for arg in args[-1:] if arg in VALUE_FLAGS]  # flags_first puts a flag without its value last
+    if lacking:
+        what = "job, hydra or all" if lacking[0] in ("-c", "--cfg") else "a value"
+        return args, None, f"{lacking[0]} needs {what} after it (e.g. --cfg job)"
+    if command in CHECKPOINT_COMMANDS:
+        args, problem = positional_checkpoints(args)
+    problem = problem or unwritable_run_dir(args) or linked_run_dir(args) or launcher_knobs(args)
+    problem = problem or missing_optional_option(config_name, args) or exclusive_modes(args)
+    if problem:
+        return args, None, problem
+    if command == "train":
+        args, preset = with_official_preset(args)
+        return args, preset, None
+    return args, None, None
+
+
 def main(argv: list[str] | None = None) -> int:
     global job_error
     job_error = None
@@ -532,25 +554,14 @@ def main(argv: list[str] | None = None) -> int:
         quiet_library_bars()  # eval and predict load weights without the training loop's import of it
         return getattr(importlib.import_module(module_name), function_name)(cfg, run_dir)
 
-    args, problem = flags_first(argv[1:]), None
-    lacking = [arg for arg in args[-1:] if arg in VALUE_FLAGS]  # flags_first puts a flag without its value last
-    if lacking:
-        what = "job, hydra or all" if lacking[0] in ("-c", "--cfg") else "a value"
-        print(f"ptv2: error: {lacking[0]} needs {what} after it (e.g. --cfg job)", file=sys.stderr)
-        return 2
-    if command in CHECKPOINT_COMMANDS:
-        args, problem = positional_checkpoints(args)
-    problem = problem or unwritable_run_dir(args) or linked_run_dir(args) or launcher_knobs(args)
-    problem = problem or missing_optional_option(config_name, args) or exclusive_modes(args)
+    args, preset, problem = command_line(command, argv[1:])
     if problem:
         print(f"ptv2: error: {problem}", file=sys.stderr)
         return 2
     register()
-    if command == "train":
-        args, preset = with_official_preset(args)
-        if preset and not any(arg in ("-h", "--help") for arg in args):
-            note = "the official run's settings (explicit overrides win; preset=none turns it off)"
-            print(f"ptv2: preset={preset}: {note}", file=sys.stderr)
+    if preset and not any(arg in ("-h", "--help") for arg in args):
+        note = "the official run's settings (explicit overrides win; preset=none turns it off)"
+        print(f"ptv2: preset={preset}: {note}", file=sys.stderr)
     problem = rundir.sweep_dir_in_use(args)
     if not problem and ("-m" in args or "--multirun" in args):
         problem = sweep_value_problem(config_name, args)
