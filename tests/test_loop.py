@@ -93,7 +93,11 @@ def assert_close(ours, theirs, where: str = "") -> None:
         for i, (a, b) in enumerate(zip(ours, theirs, strict=True)):
             assert_close(a, b, f"{where}[{i}]")
     elif isinstance(theirs, float) and not isinstance(ours, bool):
-        assert math.isclose(ours, theirs, rel_tol=1e-5, abs_tol=1e-7), f"{where}: {ours} != {theirs}"
+        # A key bias gets an exactly zero gradient in exact arithmetic (softmax ignores a shift shared by a query's
+        # scores), so a fine-tuned one holds only round-off, which Adam scales up to lr * g / eps per step and which
+        # differs between CPUs' kernels: it is held to that size, every other figure to round-off.
+        noise = 1e-5 if ".key.bias" in where else 1e-7
+        assert math.isclose(ours, theirs, rel_tol=1e-5, abs_tol=noise), f"{where}: {ours} != {theirs}"
     else:
         assert ours == theirs, f"{where}: {ours} != {theirs}"
 

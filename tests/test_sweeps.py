@@ -16,8 +16,8 @@ import yaml
 from conftest import SMOKE, ptv2, ptv2_subprocess
 from test_cli import _wandb_history, _wandb_records
 
-from ptv2.cli import objective
 from ptv2.commands import table
+from ptv2.runs.session import objective
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -15,161 +15,24 @@ import importlib.resources
 import logging
 import os
 import re
-import shutil
 import sys
-import traceback
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
 
 import hydra
 from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
-from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ptv2 import __version__, config
-from ptv2.commands.job_hooks import HOOKS
-from ptv2.config import check_added_keys, check_launcher, check_values, unknown_key_hint
+from ptv2.config import check_values, unknown_key_hint
 from ptv2.errors import UserError, short_line
-from ptv2.runs import rundir, summary
+from ptv2.runs import rundir, session
 
 log = logging.getLogger("ptv2")
 CONFIG_PATH = "pkg://ptv2.conf"
-failed_jobs: list[str] = []
-sweep_jobs: dict[str, int] = {}  # sweep folder -> jobs started in it (the line that ends a multirun)
-job_error: Exception | None = None  # an error raised inside a job reaches main as it is (not a config mistake)
-# Run folders named on the command line that existed before this start, with the names they held: a refused start
-# leaves them as they were.
-preexisting_run_dirs: dict[Path, set[str]] = {}
-
-
-def resolved(cfg: DictConfig) -> None:
-    """Every interpolation of the config resolves (`${oc.env:NAME}` of an unset variable, a missing key), else one
-    line naming it."""
-    try:
-        OmegaConf.to_container(cfg, resolve=True)
-    except OmegaConfBaseException as error:
-        raise UserError(f"the config does not resolve: {str(error).splitlines()[0]}") from None
-
-
-def _job(function, cfg: DictConfig, command: str):
-    """Run one job; a user error ends a single run with one line and exit code 2, and fails only its own job
-    in a sweep (the sweep goes on and `ptv2` exits non-zero at the end).
-
-    Before anything is written: every value is checked, the run directory is locked and checked (no finished run
-    replaced, a resume checked first); then config.yaml and .hydra/ are written and the command runs."""
-    global job_error
-    hydra_cfg = HydraConfig.get()
-    run_dir = Path(hydra_cfg.runtime.output_dir)
-    sweeping = hydra_cfg.mode == RunMode.MULTIRUN
-    lock = None
-    try:
-        lock = open_job(cfg, run_dir, command)
-        return objective(function(cfg, run_dir))
-    except rundir.AlreadyFinished as note:  # a resume of a finished run: nothing to do, the folder as it was
-        print(f"ptv2: {note}", file=sys.stderr)
-        return None
-    except UserError as error:
-        if not sweeping:
-            print(f"ptv2: error: {short_line(error)}", file=sys.stderr)
-            if lock is not None:
-                lock.release()
-            if not isinstance(error, rundir.RunDirInUse):  # another run's folder (maybe being written): untouched
-                discard_unused_run_dir(run_dir)
-            sys.exit(2)
-        record_failure(error, cfg, run_dir, hydra_cfg.job.num)
-    except Exception as error:
-        if not sweeping:
-            job_error = error  # a failure inside the job: a traceback, not a config mistake
-            raise
-        record_failure(error, cfg, run_dir, hydra_cfg.job.num)
-    finally:
-        if lock is not None:
-            lock.release()
-    return None
-
-
-# What a start writes before the command's own checks (layers, data) can refuse it: removed again on a refusal
-# (and Hydra's <command>.log: train.log, eval.log, ...).
-START_FILES = (rundir.LOCK_FILE, "config.yaml", ".hydra")
-
-
-def discard_unused_run_dir(run_dir: Path) -> None:
-    """A refused start leaves nothing behind: Hydra made the run folder and train.log, open_job the lock, config.yaml
-    and .hydra/, before a layer or data check refused the run. Only those are removed, and only when the folder
-    holds nothing else this start made (a run that got as far as a state or a checkpoint keeps everything); what
-    was there before this start stays, and a folder that existed before stays."""
-    before = preexisting_run_dirs.get(run_dir.absolute())
-    if not run_dir.is_dir() or run_dir.is_symlink():
-        return
-    names = {path.name for path in run_dir.iterdir()}
-    made = names - (before or set())
-    if not all(name in START_FILES or name.endswith(".log") for name in made):
-        return
-    for name in made:
-        path = run_dir / name
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
-    if before is None:
-        try:
-            run_dir.rmdir()
-        except OSError:  # something appeared meanwhile: leave it
-            pass
-
-
-def process_owns_run_dir() -> bool:
-    """Whether this process writes the run directory: every process but the non-main ones of a multi-process launch
-    (`accelerate launch`/torchrun set RANK and WORLD_SIZE). A RANK alone (left in the environment) does not make a
-    process a follower: it still locks and checks the folder."""
-    try:
-        rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
-        raise UserError(
-            f"RANK={os.environ.get('RANK')!r} / WORLD_SIZE={os.environ.get('WORLD_SIZE')!r} are not integers; "
-            "unset them, or let the launcher (accelerate launch, torchrun) set them"
-        ) from None
-    return rank == 0 or world <= 1
-
-
-def open_job(cfg: DictConfig, run_dir: Path, command: str) -> rundir.RunLock | None:
-    """Every value checked, the run directory locked and checked, the config written; the caller releases the lock."""
-    resolved(cfg)
-    check_values(cfg)
-    if HydraConfig.initialized():
-        hydra_cfg = HydraConfig.get()
-        if hydra_cfg.mode == RunMode.MULTIRUN:  # counted for the line that ends the sweep (packed jobs too)
-            sweep_dir = str(Path(hydra_cfg.sweep.dir).absolute())
-            sweep_jobs[sweep_dir] = sweep_jobs.get(sweep_dir, 0) + 1
-        check_added_keys(list(hydra_cfg.overrides.task), set(hydra_cfg.runtime.choices))
-        check_launcher(hydra_cfg.launcher)
-    if not process_owns_run_dir():
-        # The main process locks and writes the folder; this one still refuses a folder it may not train into.
-        rundir.refuse_finished_resume(cfg, run_dir, command)
-        rundir.check_reuse(cfg, run_dir, command, read_only=True)
-        return None
-    return rundir.open_run_dir(cfg, run_dir, command)
-
-
-def record_failure(error: Exception, cfg: DictConfig, run_dir: Path, job_num) -> None:
-    """A failed sweep job (the sweep goes on): its error in the log (one line for a user error, else the traceback),
-    its entry in the failed list, its FAILED marker; a folder that is another run's is left as it is."""
-    if isinstance(error, rundir.AlreadyFinished):  # not a failure; printed, not logged: its log stays as it was
-        print(f"ptv2: job {job_num}: {error}", file=sys.stderr)
-        return
-    if isinstance(error, UserError):
-        log.error(f"ptv2: error: {short_line(error)}")
-    else:
-        log.error("job %s failed:\n%s", job_num, "".join(traceback.format_exception(error)))
-    if isinstance(error, rundir.RunDirInUse):
-        failed_jobs.append(f"job {job_num} ({run_dir}: in use)")
-        return
-    failed_jobs.append(f"job {job_num} ({run_dir})")
-    rundir.mark_failed(cfg, run_dir)
 
 
 def register() -> None:
@@ -184,17 +47,7 @@ def register() -> None:
     config.register()
     if not OmegaConf.has_resolver("unique_now"):
         OmegaConf.register_new_resolver("unique_now", rundir.unique_now, use_cache=True)
-    HOOKS.update(open_job=open_job, record_failure=record_failure, objective=objective)
     Plugins.instance().register(PackedLauncher)
-
-
-def objective(result):
-    """What a job hands back to Hydra's sweeper: a results dict becomes its selection value ("best_value", the dev
-    metric that picked the best epoch), the float that optimizing sweepers (hydra/sweeper=optuna) maximize; the
-    basic sweeper ignores it. Anything else passes through; a failed job returns None, which Optuna records as FAIL."""
-    if isinstance(result, dict) and "best_value" in result:
-        return float(result["best_value"])
-    return result
 
 
 def hydra_app(config_name: str, run):
@@ -202,7 +55,7 @@ def hydra_app(config_name: str, run):
 
     @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name=config_name)
     def app(cfg: DictConfig):
-        return _job(run, cfg, config_name)
+        return session.run_job(run, cfg, config_name)
 
     return app
 
@@ -527,10 +380,7 @@ def command_line(command: str, argv: list[str]) -> tuple[list[str], str | None, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    global job_error
-    job_error = None
-    sweep_jobs.clear()
-    failed_jobs.clear()  # main may run several times in one process (the tests call it in-process)
+    session.Outcome.reset()  # main may run several times in one process (the tests call it in-process)
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
@@ -570,29 +420,25 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     sys.argv = [f"ptv2 {command}", *args]
     named = [Path(arg.split("=", 1)[1]).expanduser().absolute() for arg in args if arg.startswith("hydra.run.dir=")]
-    preexisting_run_dirs.clear()
-    preexisting_run_dirs.update({path: {p.name for p in path.iterdir()} for path in named if path.is_dir()})
+    session.Outcome.reset(named)
     full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"  # the user asked for Hydra's tracebacks
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors instead of printing them: reported below
     GlobalHydra.instance().clear()  # a Hydra app of an earlier call in this process
     try:
         hydra_app(config_name, function)()
     except (HydraException, OmegaConfBaseException) as error:
-        if full_error or error is job_error:
+        if full_error or error is session.Outcome.job_error:
             raise
         print(f"ptv2: error: {config_error_line(error)}; `ptv2 {command} --help` lists the options", file=sys.stderr)
         return 2
     except ValueError:
-        if not failed_jobs or full_error:
+        if not session.Outcome.failed or full_error:
             raise
         # Optuna's sweeper asks for the best trial after the last one and raises when every trial failed; the
         # failures, listed below, are the answer.
-    for sweep_dir, jobs in sweep_jobs.items():
-        print(summary.sweep_line(sweep_dir, jobs, len(failed_jobs)), file=sys.stderr)
-    if failed_jobs:
-        print(f"ptv2: {len(failed_jobs)} job(s) failed: {'; '.join(failed_jobs)}", file=sys.stderr)
-        return 1
-    return 0
+    for line in session.closing_lines():
+        print(line, file=sys.stderr)
+    return 1 if session.Outcome.failed else 0
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ fp16) runs as an ordinary job, exactly as Hydra's basic launcher runs it. Kept l
 start.
 """
 
+import copy
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 log = logging.getLogger("ptv2")
 
@@ -109,22 +110,27 @@ class PackedLauncher(Launcher):
 
     def _run_packed(self, configs: list[DictConfig]) -> list[JobReturn]:
         """Hydra's job set-up for each job (folder, runtime config), then one training for the group."""
-        from ptv2.commands.job_hooks import HOOKS  # the cli's, set by ptv2.cli.register
-
-        open_job, record_failure, objective = HOOKS["open_job"], HOOKS["record_failure"], HOOKS["objective"]
         from ptv2.commands import packed
+        from ptv2.runs.session import objective
 
         def job(task_cfg: DictConfig):
             hydra_cfg = HydraConfig.get()
-            return packed.new_job(
-                task_cfg, Path(hydra_cfg.runtime.output_dir), HydraConfig.instance().cfg, hydra_cfg.job.num
-            )
+            # Resolved now, while Hydra's node still has the job's config as its parent: the job's scope sets it
+            # again later on its own, where `${task.name}` in the default hydra.sweep.dir would not resolve.
+            hydra = copy.deepcopy(HydraConfig.instance().cfg)
+            with read_write(hydra.hydra):
+                for node in ("run", "sweep"):
+                    for key, value in OmegaConf.to_container(hydra_cfg[node], resolve=True).items():
+                        hydra.hydra[node][key] = value
+            return packed.new_job(task_cfg, Path(hydra_cfg.runtime.output_dir), hydra, hydra_cfg.job.num)
 
         # Logging stays the launcher's (console); commands.packed adds one <job name>.log per job folder.
         returns = [self._run(config, job, configure_logging=False) for config in configs]
         jobs = [job_return.return_value for job_return in returns]
-        packed.train_group(jobs, self.jobs_per_forward, open_job, record_failure)
+        packed.train_group(jobs, self.jobs_per_forward)
         for job_return, job in zip(returns, jobs, strict=True):
             job_return.return_value = objective(job.results) if job.results is not None else None
-            job_return.status = JobStatus.COMPLETED  # a failed job is marked FAILED in its folder, as _job does
+            job_return.status = (
+                JobStatus.COMPLETED
+            )  # a failed job is marked FAILED in its folder, as session.run_job does
         return returns

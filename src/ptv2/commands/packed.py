@@ -28,6 +28,7 @@ from ptv2 import loop
 from ptv2.config import PER_JOB, flat_keys, has_role, keys_with, task_members
 from ptv2.loop import Job, fail
 from ptv2.modeling.methods import method, mixable
+from ptv2.runs import session
 
 log = logging.getLogger("ptv2")
 
@@ -130,19 +131,16 @@ def job_logs(jobs: list[Job]):
             handler.close()
 
 
-def train_group(jobs: list[Job], jobs_per_forward: int | None, open_job, report) -> None:
+def train_group(jobs: list[Job], jobs_per_forward: int | None) -> None:
     """Train every job of a group (ptv2.loop.train); each ends with `results` (written to its folder) or `error`
-    (reported).
-
-    open_job(cfg, run_dir, command) -> lock, report(error, cfg, run_dir, job number): what the command line does
-    for every job before it runs and when it fails (cli.open_job, cli.record_failure; passed in by the launcher,
-    as the cli sits above the commands)."""
+    (recorded in its folder by session.fail_job). Every job's folder is opened (checked, locked, config written)
+    before any of them trains."""
     locks = []
     for job in jobs:
-        job.report = report
+        job.report = session.fail_job
         try:
             with job.scope():
-                locks.append(open_job(job.cfg, job.run_dir, "train"))
+                locks.append(session.open_job(job.cfg, job.run_dir, "train"))
         except Exception as error:
             fail(job, error)
     opened = [job for job in jobs if job.running]

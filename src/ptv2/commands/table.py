@@ -149,7 +149,17 @@ def load_run(results_path: Path) -> Run:
 
 
 def failure_reason(job_dir: Path) -> str:
-    """The error line of a failed job's log: the one-line user error, else the exception of the traceback."""
+    """Why a job failed: the line of its FAILED marker, else the error line of its log (the one-line user error,
+    else the exception of the traceback)."""
+    marker = ""
+    if not (job_dir / "FAILED").is_symlink():
+        try:
+            with open(job_dir / "FAILED", "rb") as file:  # a line, not whatever a received folder put there
+                marker = file.read(1000).decode("utf-8", errors="replace").strip()
+        except OSError:
+            pass
+    if marker and marker != "see the job's log":
+        return marker.splitlines()[0]
     logs = sorted(job_dir.glob("*.log"))
     if not logs:
         return "no log"

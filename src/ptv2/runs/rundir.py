@@ -207,17 +207,18 @@ def write_config(cfg: DictConfig, run_dir: Path) -> None:
         write_text(path, text)
 
 
-def mark_failed(cfg: DictConfig, run_dir: Path) -> None:
-    """The FAILED marker of a failed sweep job (read by `ptv2 table`), with the job's config and Hydra record when it
-    failed before writing them (a value refused at start-up), so the table can name its overrides. A folder holding
-    links gets no record (write_config refuses it); the marker replaces a link of its name, never follows it."""
+def mark_failed(cfg: DictConfig, run_dir: Path, reason: str = "see the job's log") -> None:
+    """The FAILED marker of a failed sweep job (read by `ptv2 table`), holding the one-line reason, with the job's
+    config and Hydra record when it failed before writing them (a value refused at start-up), so the table can name
+    its overrides. A folder holding links gets no record (write_config refuses it); the marker replaces a link of its
+    name, never follows it."""
     if not (Path(run_dir) / ".hydra" / "overrides.yaml").exists():
         try:
             write_config(cfg, run_dir)
         except Exception:  # an unresolvable config, a link: the marker alone still says the job failed
             pass
     try:
-        write_text(Path(run_dir) / "FAILED", "see the job's log\n")
+        write_text(Path(run_dir) / "FAILED", reason.rstrip("\n") + "\n")
     except UserError:  # a read-only or full folder: the failed list printed at the end still names the job
         pass
 
