@@ -168,9 +168,12 @@ def test_eval_without_data_names_the_folder_it_trained_on(trained, tmp_path):
     env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     result = ptv2("eval", str(trained), "split=dev", f"hydra.run.dir={tmp_path / 'e'}", env=env, check=False)
     assert result.returncode == 2
-    assert result.stderr.strip().endswith(
-        f"the checkpoint was trained on task.data_dir={RTE} (never taken from a checkpoint): pass it again"
+    line = result.stderr.strip()
+    assert line.endswith(
+        f"the checkpoint was trained on task.data_dir={RTE}: add task.data_dir={RTE} to the command "
+        "(ptv2 never takes a path from a checkpoint)"
     )
+    assert "packaged backbone=minilm" not in line  # the data is missing, not a backbone
 
 
 @pytest.mark.parametrize("style", [["DIR"], ["dir=DIR"], ["dir=DIR", "out=OUT"]])

@@ -78,12 +78,13 @@ def _cache_only() -> None:
         pass
 
 
-def fixes(local: str) -> str:
-    """The one place that says how to run without the hub; `local` is the caller's local-folder override. The
-    HF_HUB_OFFLINE=1 advice is left out where it is already in force or the hub is known unreachable (it would
-    change nothing)."""
+def fixes(local: str, packaged: str | None = "backbone=minilm") -> str:
+    """The one place that says how to run without the hub; `local` is the caller's local-folder override, `packaged`
+    the packaged alternative where there is one (a backbone; none for data). The HF_HUB_OFFLINE=1 advice is left
+    out where it is already in force or the hub is known unreachable (it would change nothing)."""
     cache = "" if is_offline() else ", or set HF_HUB_OFFLINE=1 to read only the hub cache"
-    return f"without the hub, pass {local} or use the packaged backbone=minilm{cache}"
+    alternative = f" or use the packaged {packaged}" if packaged else ""
+    return f"without the hub, pass {local}{alternative}{cache}"
 
 
 def reason(error: Exception) -> str:

@@ -1,7 +1,11 @@
-"""Writing files: one atomic writer (write a temporary, then rename) and the JSON / JSON Lines writers on top of it.
+"""Writing files: the one writer of every file ptv2 writes (write a temporary, then rename), and the JSON / JSON
+Lines / text writers on top of it.
 
-Every result, checkpoint, state and prediction file goes through `atomic_write`, so a killed run never leaves a
-half-written file and a full disk is one line naming the file.
+Every result, checkpoint, state, prediction, table and plot goes through `atomic_write`: a killed run never leaves a
+half-written file, a full disk is one line naming the file, a link in the file's place is replaced (never followed),
+a link planted between the command's output folder and the file is refused, and a file that is earlier work is kept
+unless the user asked to replace it. Each command declares the files it writes (`declare`), so a test can plant a
+link at every one of them (tests/test_io.py).
 """
 
 from __future__ import annotations
@@ -15,28 +19,67 @@ from typing import Any
 
 from ptv2.errors import UserError
 
+# command -> the names (glob patterns) of the files it writes into its output folder
+OUTPUTS: dict[str, tuple[str, ...]] = {}
 
-def write_text(path: str | Path, text: str) -> Path:
-    """`text` as a UTF-8 file, written atomically (a link in its place is replaced, never followed)."""
-    atomic_write(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
+
+def declare(command: str, *names: str) -> tuple[str, ...]:
+    """Record the files `command` writes (names or glob patterns, relative to its output folder)."""
+    OUTPUTS[command] = tuple(dict.fromkeys((*OUTPUTS.get(command, ()), *names)))
+    return names
+
+
+class Exists(UserError):
+    """A file the command would write holds earlier work, and the user did not ask to replace it."""
+
+
+def write_text(path: str | Path, text: str, **rules) -> Path:
+    """`text` as a UTF-8 file (rules: atomic_write's `within` and `keep`)."""
+    atomic_write(path, lambda temporary: temporary.write_text(text, encoding="utf-8"), **rules)
     return Path(path)
 
 
-def write_json(path: str | Path, value: Any) -> Path:
+def write_json(path: str | Path, value: Any, **rules) -> Path:
     """`value` as indented UTF-8 JSON."""
-    return write_text(path, json.dumps(value, ensure_ascii=False, indent=2) + "\n")
+    return write_text(path, json.dumps(value, ensure_ascii=False, indent=2) + "\n", **rules)
 
 
-def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
+def write_jsonl(path: str | Path, rows: Iterable[dict], **rules) -> Path:
     """One JSON object per line, UTF-8."""
-    return write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    return write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), **rules)
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> None:
+def link_between(within: Path, path: Path) -> Path | None:
+    """The first symbolic link among the folders from `within` (excluded: the user named it) down to `path`'s
+    folder, or None."""
+    try:
+        parts = Path(path).absolute().relative_to(Path(within).absolute()).parts[:-1]
+    except ValueError:
+        return None
+    folder = Path(within).absolute()
+    for part in parts:
+        folder = folder / part
+        if folder.is_symlink():
+            return folder
+    return None
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], Any], within: Path | None = None, keep: str = "") -> None:
     """Call write(temporary_path) in the target's folder, then rename over `path`: a killed run never leaves a
     half-written file, and a failed write leaves no temporary behind. A write the disk refuses (full, quota, file
-    size limit, read-only) ends with one line naming the file and the reason; the previous file, if any, is kept."""
+    size limit, read-only) ends with one line naming the file and the reason; the previous file, if any, is kept.
+
+    within: the command's output folder; a link planted in a folder between it and `path` is refused. keep: an
+    existing file at `path` is earlier work, kept (Exists) unless the user asks; the text says how (e.g.
+    "pass overwrite=true to replace it")."""
     path = Path(path)
+    link = link_between(within, path) if within is not None else None
+    if link is not None:
+        raise UserError(
+            f"{link} is a symbolic link (to {os.readlink(link)}); ptv2 never writes through links: remove it and retry"
+        )
+    if keep and (path.exists() or path.is_symlink()):
+        raise Exists(f"{path} already exists; {keep}")
     temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -70,3 +113,22 @@ def _write_failure(error: BaseException) -> str | None:
         "unexpected pos": "the write was cut short: is the disk full?",
     }
     return next((reason for marker, reason in known.items() if marker in text), None)
+
+
+def output_folder(folder: str | Path, named: str) -> Path:
+    """The folder a command writes into, made if needed; one line when it is a file, a dangling link or not
+    writable, saying how to choose another (`named`: how the user names it, "--out " or "output_dir="). Nothing is
+    written to probe it."""
+    folder = Path(folder).expanduser()
+    fix = f"pass {named}DIR with a writable folder"
+    if folder.is_symlink() and not folder.exists():
+        raise UserError(f"{named}{folder} is a link to {os.readlink(folder)}, which does not exist; {fix}")
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{named}{folder} is a file, not a folder; pass {named}DIR")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot create {folder} ({error.strerror or error}); {fix}") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write into {folder} (Permission denied); {fix}")
+    return folder

@@ -37,10 +37,22 @@ from ptv2.commands.measure import (
 )
 from ptv2.config import PromptConfig, RunConfig
 from ptv2.errors import UserError
+from ptv2.io import declare, write_json, write_text
 from ptv2.modeling.methods import BASELINE, method
 from ptv2.modeling.model import PromptModel
 
 log = logging.getLogger("ptv2")
+OUTPUTS = declare(
+    "bench",
+    "config.yaml",
+    ".hydra/*.yaml",
+    "bench.log",
+    "bench.json",
+    "variant_*.yaml",
+    "variant_*.json",
+    "profile_*.txt",
+    "bench_*.err",
+)
 
 
 # ----------------------------------------------------------------------------------------------- configuration
@@ -188,7 +200,7 @@ def write_profile(step, batch: dict, device: torch.device, path: Path) -> None:
         for _ in range(3):
             step(batch)
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    path.write_text(profiler.key_averages().table(sort_by=sort, row_limit=40))
+    write_text(path, profiler.key_averages().table(sort_by=sort, row_limit=40))
 
 
 # ----------------------------------------------------------------------------------------------- the command
@@ -198,7 +210,7 @@ def measure_isolated(variant: DictConfig, work_dir: Path, profile: bool) -> dict
     """measure() in a fresh Python process; a failure (e.g. out of memory) is reported, not raised."""
     method = variant.prompt.method
     config_path, result_path = work_dir / f"variant_{method}.yaml", work_dir / f"variant_{method}.json"
-    config_path.write_text(OmegaConf.to_yaml(variant))
+    write_text(config_path, OmegaConf.to_yaml(variant))
     command = [sys.executable, "-m", "ptv2.commands.bench", str(config_path), str(result_path)]
     if profile:
         command.append(str(work_dir / f"profile_{method}.txt"))
@@ -207,7 +219,7 @@ def measure_isolated(variant: DictConfig, work_dir: Path, profile: bool) -> dict
         # One line here; the worker's whole output (a traceback, if any) goes to a file beside bench.json.
         lines = finished.stderr.strip().splitlines() or [f"exit code {finished.returncode}, no output"]
         error_path = work_dir / f"bench_{method}.err"
-        error_path.write_text(finished.stderr)
+        write_text(error_path, finished.stderr)
         reason = lines[-1].removeprefix("ptv2: error: ")
         log.error("bench of %s failed: %s (details in %s)", method, reason, error_path.name)
         return {"method": method, "error": reason}
@@ -295,7 +307,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         },
         "methods": results,
     }
-    (run_dir / "bench.json").write_text(json.dumps(report, indent=2))
+    write_json(run_dir / "bench.json", report)
     text = table(results)
     print(
         f"{cfg.backbone.name} on {report['device']}, batch {bench.batch_size} x length {bench.seq_length}, "
@@ -319,7 +331,7 @@ def _worker(argv: list[str]) -> None:
     except UserError as error:  # one line for the parent to report, no traceback
         print(f"ptv2: error: {error}", file=sys.stderr)
         sys.exit(2)
-    Path(argv[1]).write_text(json.dumps(figures, indent=2))
+    write_json(Path(argv[1]), figures)
 
 
 if __name__ == "__main__":

@@ -12,11 +12,12 @@ from omegaconf import DictConfig
 
 from ptv2.engine import build, evaluate_all
 from ptv2.errors import UserError
-from ptv2.io import write_json
+from ptv2.io import declare, write_json
 from ptv2.runs import checkpoint, summary
 from ptv2.runs.checkpoint import checkpoint_config
 
 log = logging.getLogger("ptv2")
+OUTPUTS = declare("eval", "config.yaml", ".hydra/*.yaml", "eval.log", "eval.json")
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:

@@ -36,6 +36,7 @@ from ptv2.commands.measure import (
 from ptv2.config import RunConfig
 from ptv2.engine import TrainStep, train_step
 from ptv2.errors import UserError
+from ptv2.io import declare, write_json, write_text
 from ptv2.modeling.heads import ClassificationHead
 from ptv2.modeling.methods import method, mixable
 from ptv2.modeling.model import PromptModel
@@ -43,6 +44,7 @@ from ptv2.modeling.packing import default_jobs_per_forward
 from ptv2.optim import make_optimizer
 
 log = logging.getLogger("ptv2")
+OUTPUTS = declare("bench", "bench.json", "pack_*.yaml", "pack_*.json")
 
 
 def job_step(models: list[PromptModel], cfg: DictConfig, device: torch.device, per_forward: int = 1):
@@ -135,7 +137,7 @@ def measure(cfg: DictConfig, mode: str) -> dict:
 
 def measure_isolated(cfg: DictConfig, mode: str, run_dir: Path) -> dict:
     config_path, result_path = run_dir / f"pack_{mode}.yaml", run_dir / f"pack_{mode}.json"
-    config_path.write_text(OmegaConf.to_yaml(cfg))
+    write_text(config_path, OmegaConf.to_yaml(cfg))
     finished = subprocess.run(
         [sys.executable, "-m", "ptv2.commands.pack_bench", str(config_path), mode, str(result_path)],
         capture_output=True,
@@ -172,7 +174,7 @@ def run(cfg: DictConfig, variant: DictConfig, run_dir: Path) -> dict:
         # memory: against the sequential process, which holds one job at a time as separate runs would.
         report["wall_ratio"] = packed["train_seconds"] / packed["sequential_interleaved_seconds"]
         report["memory_ratio"] = packed["peak_memory_bytes"] / sequential["peak_memory_bytes"]
-    (run_dir / "bench.json").write_text(json.dumps(report, indent=2))
+    write_json(run_dir / "bench.json", report)
     print(table(report))
     return report
 
@@ -205,4 +207,4 @@ def table(report: dict) -> str:
 
 if __name__ == "__main__":  # python -m ptv2.commands.pack_bench CONFIG.yaml packed|sequential RESULT.json
     config = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(sys.argv[1]))
-    Path(sys.argv[3]).write_text(json.dumps(measure(config, sys.argv[2]), indent=2))
+    write_json(Path(sys.argv[3]), measure(config, sys.argv[2]))

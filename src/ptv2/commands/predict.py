@@ -17,7 +17,8 @@ from ptv2.config import task_members
 from ptv2.data import prepare_split
 from ptv2.engine import Member, predict
 from ptv2.errors import UserError
-from ptv2.io import write_json, write_jsonl
+from ptv2.io import declare, link_between, write_json, write_jsonl
+from ptv2.io import output_folder as output_folder_of
 from ptv2.runs import checkpoint
 from ptv2.runs.checkpoint import checkpoint_config
 from ptv2.serving import PromptServer
@@ -25,6 +26,12 @@ from ptv2.tasks import task_type
 
 log = logging.getLogger("ptv2")
 INPUT_SPLIT = "test"  # input=FILE is read as the test split: labels optional, readers know the format
+# In output_dir (or the run folder), per checkpoint served in a subfolder of its name when several are: the task's
+# official prediction files or <task>-<split>.jsonl, <task>-scores.jsonl for input=FILE, and predict.json.
+OUTPUTS = declare(
+    "predict", "config.yaml", ".hydra/*.yaml", "predict.log", "predict.json", "*.jsonl", "*.tsv", "*.json",
+    "*/*.jsonl", "*/*.json",
+)  # fmt: skip
 
 
 def checkpoint_paths(ckpt) -> list[str]:
@@ -50,14 +57,16 @@ def with_input_file(saved: DictConfig, input_file: str) -> DictConfig:
 
 
 def output_folder(cfg: DictConfig, run_dir: Path) -> Path:
-    folder = Path(cfg.output_dir).expanduser() if cfg.output_dir else run_dir
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".ptv2-write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as error:
-        raise UserError(f"cannot write predictions to {folder} ({error.strerror}); pass output_dir=DIR") from None
+    """Where the predictions go: output_dir=DIR, else the run folder. Earlier predictions there (a predict.json)
+    are kept unless trainer.overwrite=true; nothing is written to probe the folder."""
+    if not cfg.output_dir:
+        return run_dir
+    folder = output_folder_of(cfg.output_dir, "output_dir=")
+    if (folder / "predict.json").exists() and not cfg.trainer.overwrite:
+        raise UserError(
+            f"{folder} already holds predictions (predict.json); replace them with trainer.overwrite=true, or pass "
+            "another output_dir=DIR"
+        )
     return folder
 
 
@@ -124,6 +133,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                 model, member, split, server.tokenizer, accelerator, saved.trainer.eval_batch_size, progress=True
             )
             target = folder / served if len(server.owner) > 1 else folder
+            link = link_between(folder, target / "file")
+            if link is not None:
+                raise UserError(f"{link} is a symbolic link; ptv2 never writes through links: remove it and retry")
             target.mkdir(parents=True, exist_ok=True)
             if hasattr(kind, "write_predictions"):
                 files = kind.write_predictions(task, prepared, outputs, target)

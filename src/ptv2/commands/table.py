@@ -18,7 +18,9 @@ plots.json (the plotted points).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import io
 import json
 import math
 import os
@@ -33,10 +35,12 @@ import yaml
 
 from ptv2.config import ALIAS, COMMAND, FREE, REPLICATE, flat_keys, has_role, keys_with
 from ptv2.errors import UserError
+from ptv2.io import atomic_write, declare, output_folder, write_json, write_text
 from ptv2.modeling.methods import parse_layers
 from ptv2.runs.summary import in_percent
 
 REFERENCES = Path(__file__).parents[1] / "references.yaml"
+OUTPUTS = declare("table", "table.md", "table.csv", "runs.csv", "plots.json", "*.png")
 # Config keys that never make two runs different configs: the seed (seeds are aggregated), bookkeeping, logging,
 # keys that another one names, and eval/predict's own.
 IGNORED = keys_with(REPLICATE, FREE, ALIAS, COMMAND)
@@ -435,12 +439,11 @@ def write_markdown(path, root, rows, columns, cells, descriptors, failures, sour
         where = failure["dir"].relative_to(root) if failure["dir"].is_relative_to(root) else failure["dir"]
         lines.append(f"- `{where}` ({failure['overrides'] or 'no overrides'}): {failure['reason']}")
     lines += [] if failures else ["none"]
-    path.write_text("\n".join(lines) + "\n")
+    write_text(path, "\n".join(lines) + "\n")
 
 
 def write_csv(path, rows, columns, cells, descriptors) -> None:
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
+    with csv_file(path) as writer:
         parts = ("mean", "std", "n", "reference", "delta")
         writer.writerow(["task", "split", "metric", *descriptors, *(f"{m}/{b} {p}" for m, b in columns for p in parts)])
         for row in rows:
@@ -455,13 +458,20 @@ def write_csv(path, rows, columns, cells, descriptors) -> None:
             writer.writerow(values)
 
 
+@contextlib.contextmanager
+def csv_file(path: Path):
+    """A csv writer whose rows land in `path` (through ptv2.io) when the block ends."""
+    buffer = io.StringIO(newline="")
+    yield csv.writer(buffer)
+    write_text(path, buffer.getvalue())
+
+
 def _round(value: float):
     return "" if math.isnan(value) else round(value, 4)
 
 
 def write_runs_csv(path, runs: list[Run], descriptors: list[str], root: Path) -> None:
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
+    with csv_file(path) as writer:
         writer.writerow(["dir", "task", "split", "metric", "method", "backbone", *descriptors, "seed", "score",
                          "best_epoch", "trainable_percent", "wall_time_seconds"])  # fmt: skip
         for run in sorted(runs, key=lambda r: str(r.path)):
@@ -615,7 +625,7 @@ def draw(kind: str, series: dict, out: Path, ylabel: str, title: str | None = No
     axes.legend(fontsize=8)
     figure.tight_layout()
     path = out / filename
-    figure.savefig(path, dpi=120)
+    atomic_write(path, lambda temporary: figure.savefig(temporary, dpi=120, format=path.suffix[1:]))
     plt.close(figure)
     return path
 
@@ -643,7 +653,7 @@ def make_plots(rows, columns, cells, descriptors, out: Path, choice: str) -> lis
             label: [[x, mean, None if math.isnan(std) else std] for x, mean, std in p] for label, p in series.items()
         }
         plots.append({"kind": kind, "file": str(path), "title": title, "series": points})
-    (out / "plots.json").write_text(json.dumps(plots, indent=2))
+    write_json(out / "plots.json", plots)
     return plots
 
 
@@ -729,9 +739,7 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or root
     rows, columns, cells, descriptors = build_table(runs, references)
     try:
-        if out.exists() and not out.is_dir():
-            raise UserError(f"--out {out} is a file, not a folder; pass --out DIR")
-        out.mkdir(parents=True, exist_ok=True)
+        output_folder(out, "--out ")
         plots = make_plots(rows, columns, cells, descriptors, out, args.plot)
         write_markdown(
             out / "table.md", root, rows, columns, cells, descriptors, failures, sources, plots, args.details

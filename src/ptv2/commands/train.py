@@ -15,8 +15,15 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from ptv2 import loop
+from ptv2.io import declare
 
 log = logging.getLogger("ptv2")
+# In the run folder (the loop and runs/ write them): the resolved config and Hydra's record, the log, the training
+# state, the per-epoch history, the best epoch's prompt and head, the results; FAILED for a failed sweep job.
+OUTPUTS = declare(
+    "train", "config.yaml", ".hydra/*.yaml", "train.log", "state/*", "history.json", "prompt.safetensors",
+    "results.json", "FAILED",
+)  # fmt: skip
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:

@@ -184,7 +184,7 @@ def load_hub_split(path: str, name: str | None, revision: str | None, split: str
     except Exception as error:  # the hub client raises many types for 'offline' or 'not found'
         raise UserError(
             f"could not load {path}{'/' + name if name else ''} split '{split}' from the Hugging Face hub "
-            f"({hub.reason(error)}); {hub.fixes(LOCAL_DATA)}"
+            f"({hub.reason(error)}); {hub.fixes(LOCAL_DATA, packaged=None)}"
         ) from None
     return list(dataset)
 

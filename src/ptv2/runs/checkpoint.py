@@ -164,7 +164,10 @@ def trained_data_hint(path: str | Path) -> str:
         return ""
     if not isinstance(data_dir, str) or not data_dir:
         return ""
-    return f"; the checkpoint was trained on task.data_dir={data_dir} (never taken from a checkpoint): pass it again"
+    return (
+        f"; the checkpoint was trained on task.data_dir={data_dir}: add task.data_dir={data_dir} to the command "
+        "(ptv2 never takes a path from a checkpoint)"
+    )
 
 
 def stored_config(path: str | Path) -> DictConfig:

@@ -90,11 +90,28 @@ def finished_outputs(folder: Path) -> list[str]:
 
 class RunLock:
     """An exclusive flock on <run dir>/.ptv2.lock for as long as a run writes the folder; the kernel drops it when
-    the process ends in any way (SIGKILL included), so a crashed run never leaves a stale lock. The holder's name
-    is written into the file only by claim(), once the folder is known to be this run's."""
+    the process ends in any way (SIGKILL included), so a crashed run never leaves a stale lock (a killed run leaves
+    the file, unlocked; a released lock removes it). The holder's name is written into the file only by claim(),
+    once the folder is known to be this run's."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, tries: int = 3):
         self.path = Path(run_dir) / LOCK_FILE
+        for _ in range(tries):
+            self._acquire(run_dir)
+            if self._still_ours():
+                return
+            # The holder removed the file as it released it, between our open and our lock: lock the new one.
+            self.handle.close()
+        raise RunDirInUse(f"{run_dir} is being opened and closed by other ptv2 runs; retry")
+
+    def _still_ours(self) -> bool:
+        """Whether the locked file is still the one at self.path (a releasing holder removes it)."""
+        try:
+            return os.stat(self.path, follow_symlinks=False).st_ino == os.fstat(self.handle.fileno()).st_ino
+        except OSError:
+            return False
+
+    def _acquire(self, run_dir: Path) -> None:
         try:
             # O_NOFOLLOW: a link planted as the lock file is refused, never opened (and never created through).
             descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
@@ -139,7 +156,10 @@ class RunLock:
         self.handle.flush()
 
     def release(self) -> None:
+        """Remove the lock file (a finished run's folder holds only what the run wrote), then unlock."""
         if not self.handle.closed:
+            if self._still_ours():
+                self.path.unlink(missing_ok=True)
             fcntl.flock(self.handle, fcntl.LOCK_UN)
             self.handle.close()
 

@@ -194,16 +194,12 @@ def run_job(function, cfg: DictConfig, command: str) -> Any:
 
 
 def _close_log(run_dir: Path) -> None:
-    """Close Hydra's log file of this job, so that a refused start can remove it (and a finished run's folder, which
-    a refused eval or resume may have got a log in, is left as it was)."""
+    """Close Hydra's log file of this job, so that a refused start can remove it (discard_unused_run_dir)."""
     root = logging.getLogger()
     for handler in list(root.handlers):
         if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == Path(run_dir).absolute():
             root.removeHandler(handler)
             handler.close()
-            if Path(handler.baseFilename).name not in Outcome.preexisting.get(Path(run_dir).absolute(), set()):
-                if (Path(run_dir) / "results.json").exists() or (Path(run_dir) / rundir.LOCK_FILE).exists():
-                    Path(handler.baseFilename).unlink(missing_ok=True)
 
 
 class SweepSummary(Callback):
