@@ -109,8 +109,10 @@ def test_predict_keeps_earlier_predictions_in_an_explicit_folder(trained, tmp_pa
     before = {name: (out / name).read_bytes() for name in written(out)}
     again = ptv2(*args, check=False)
     assert again.returncode == 2
-    assert again.stderr.strip().splitlines()[-1].endswith(
-        "replace them with trainer.overwrite=true, or pass another output_dir=DIR"
+    assert (
+        again.stderr.strip()
+        .splitlines()[-1]
+        .endswith("replace them with trainer.overwrite=true, or pass another output_dir=DIR")
     )
     assert {name: (out / name).read_bytes() for name in written(out)} == before
     ptv2(*args, "trainer.overwrite=true")
