@@ -117,3 +117,23 @@ def _parse_records(payloads: list[bytes]) -> list:
         record.ParseFromString(payload)
         records.append(record)
     return records
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["prompt.length=1,4,16", "optimizer.lr=1e-3,1e-2"],
+        ["prompt.length=range(2,5)", "trainer.epochs=1", "prompt.length=3,5", "+backbone.dropout=0.0,0.1"],
+        ["task=rte,cb", "prompt=ptv2,lora", "seed=choice(1,2)"],
+    ],
+)
+def test_the_sweep_expansion_equals_hydras_basic_sweeper(overrides):
+    """cli.expanded_sweep uses only Hydra's public override API; Hydra's own BasicSweeper is the reference."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from ptv2.cli import expanded_sweep
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    reference = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+    assert expanded_sweep("train", overrides) == reference

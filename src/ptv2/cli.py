@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import itertools
 import importlib.resources
 import logging
 import os
@@ -303,7 +304,6 @@ def expanded_sweep(config_name: str, overrides: list[str]) -> list[list[str]] | 
     line's; hydra.* dropped), or None for sweepers that draw their values as they go (Optuna). Raises Hydra's and
     OmegaConf's errors."""
     from hydra import compose, initialize_config_module
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     register()  # the schema and resolvers the composition needs (idempotent)
@@ -319,7 +319,18 @@ def expanded_sweep(config_name: str, overrides: list[str]) -> list[list[str]] | 
     if not str(base.hydra.sweeper.get("_target_", "")).endswith("BasicSweeper"):
         return None
     lines = [f"{key}={value}" for key, value in (base.hydra.sweeper.get("params") or {}).items()] + overrides
-    jobs = [job for batch in BasicSweeper.split_arguments(parser.parse_overrides(lines), None) for job in batch]
+    # The basic sweeper's expansion, through the override parser's public API: a key's last override wins (in the
+    # place of its first), a sweep gives one job per value, and the jobs are the product of the keys' values.
+    choices: dict[str, list[str]] = {}
+    for override in parser.parse_overrides(lines):
+        key = override.get_key_element()
+        if override.is_sweep_override():
+            if not override.is_discrete_sweep():
+                raise HydraException(f"{override.input_line}: the basic sweeper takes only lists, range() and choice()")
+            choices[key] = [f"{key}={value}" for value in override.sweep_string_iterator()]
+        else:
+            choices[key] = [f"{key}={override.get_value_element_as_str()}"]
+    jobs = [list(job) for job in itertools.product(*choices.values())]
     return [[arg for arg in job if not arg.lstrip("+").startswith("hydra")] for job in jobs]
 
 
