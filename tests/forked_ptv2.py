@@ -56,6 +56,11 @@ def _child(argv: list[str], env: dict[str, str], cwd: str, out: str, err: str, f
 
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
+    if any(name.startswith("PTV2_DIE_") for name in env):  # the test's faults (tests/faults.py)
+        sys.path.insert(0, str(Path(__file__).parent))
+        import faults
+
+        faults.install(env)
     try:
         if argv[0] == "-m":
             sys.argv = argv[1:]

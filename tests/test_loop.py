@@ -181,24 +181,44 @@ def test_a_group_save_cut_short_settles_on_a_point_every_job_holds(tmp_path):
     assert [held(d) for d in dirs] == [(4, 2.0, False)] * 3
 
 
-@pytest.mark.slow  # three sweeps, two in subprocesses
-def test_a_packed_group_killed_between_two_jobs_saves_resumes_exactly(tmp_path):
-    """SIGKILL inside a group save, after job 0's new state replaced its old one and before job 1's did (the two jobs'
-    files then hold steps 8 and 4): the resumed group ends with the uninterrupted group's figures, to the last bit
-    (the same computation on the same machine)."""
+GROUP_SAVE = ["train", "-m", "backbone=tiny", *RUN, *RTE_TASK, "hydra/launcher=packed", "trainer.batch_size=2"]
+GROUP_SAVE += ["trainer.save_every_steps=4", "prompt.length=2,5"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_group(tmp_path_factory) -> Path:
+    reference = tmp_path_factory.mktemp("group") / "reference"
+    ptv2(*GROUP_SAVE, f"hydra.sweep.dir={reference}")
+    return reference
+
+
+# A group save of two jobs is four events: write job 0's pending state, write job 1's, rename job 0's over its
+# state, rename job 1's. Saves come at steps 4 and 8: events 1-4 are the first save, 5-8 the second.
+KILL_POINTS = [
+    pytest.param(1, "true", id="first-save-one-written", marks=pytest.mark.slow),
+    pytest.param(2, "true", id="first-save-both-written", marks=pytest.mark.slow),
+    pytest.param(3, "auto", id="first-save-one-renamed-auto"),
+    pytest.param(3, "true", id="first-save-one-renamed", marks=pytest.mark.slow),
+    pytest.param(7, "true", id="second-save-one-renamed", marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize(("event", "resume"), KILL_POINTS)
+def test_a_packed_group_killed_inside_a_group_save_resumes_exactly(event, resume, uninterrupted_group, tmp_path):
+    """SIGKILL after any event of a group save, the first save's included (jobs then hold only a pending state, or
+    states of different steps): the resumed group, with trainer.resume=true or auto (a requeued job), ends with the
+    uninterrupted group's figures, to the last bit (the same computation on the same machine)."""
     from conftest import ptv2_subprocess
 
-    args = ["train", "-m", "backbone=tiny", *RUN, *RTE_TASK, "hydra/launcher=packed", "trainer.batch_size=2"]
-    args += ["trainer.save_every_steps=4", "prompt.length=2,5"]
-    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
-    ptv2(*args, f"hydra.sweep.dir={reference}")
-    # A group save of two jobs: write 0, write 1, rename 0, rename 1; the 7th event is job 0's rename at step 8.
-    killed = ptv2_subprocess(*args, f"hydra.sweep.dir={resumed}", env={"PTV2_DIE_AT_SAVE": "7"}, check=False)
+    resumed = tmp_path / "resumed"
+    killed = ptv2_subprocess(
+        *GROUP_SAVE, f"hydra.sweep.dir={resumed}", env={"PTV2_DIE_AT_SAVE": str(event)}, check=False
+    )
     assert killed.returncode == -9
-    again = ptv2(*args, f"hydra.sweep.dir={resumed}", "trainer.resume=true", check=False)
+    again = ptv2(*GROUP_SAVE, f"hydra.sweep.dir={resumed}", f"trainer.resume={resume}", check=False)
     assert again.returncode == 0, again.stderr[-2000:]
     for job in ("0", "1"):
-        assert figures(resumed / job) == figures(reference / job)
+        assert figures(resumed / job) == figures(uninterrupted_group / job)
 
 
 def test_a_packed_generation_sweep_equals_its_jobs_run_separately(tmp_path):

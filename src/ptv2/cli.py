@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import functools
 import importlib
-import itertools
 import importlib.resources
+import itertools
 import logging
 import os
 import re

@@ -80,6 +80,11 @@ class Job:
         log.info(f"{self.tag}{message}", *args, extra={"job": self.num})
 
 
+# Called with the step reached after each training step (and its save, if one was due): where a test injects a
+# kill or a signal (tests/faults.py).
+STEP_CALLBACKS: list = []
+
+
 def fail(job: Job, error: Exception) -> None:
     """End one job with an error (the others go on); the caller of `train` raises or reports it."""
     job.error = error
@@ -283,7 +288,8 @@ class Group:
                         bar.set_postfix(loss=f"{next(iter(recent.values())):.4f}" if recent else "-")
                     else:
                         bar.set_postfix(loss=" ".join(f"job{num}={value:.4f}" for num, value in recent.items()) or "-")
-                    training_state.maybe_die(max(job.progress.step for job in active))
+                    for callback in STEP_CALLBACKS:
+                        callback(max(job.progress.step for job in active))
                 if stop.signal_name:
                     self.save_states(epoch, done)
                     for job in self.running():

@@ -26,9 +26,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from ptv2 import loop
 from ptv2.config import PER_JOB, flat_keys, has_role, keys_with, task_members
+from ptv2.errors import UserError
 from ptv2.loop import Job, fail
 from ptv2.modeling.methods import method, mixable
-from ptv2.runs import session
+from ptv2.runs import resume as training_state
+from ptv2.runs import rundir, session
 
 log = logging.getLogger("ptv2")
 
@@ -131,10 +133,35 @@ def job_logs(jobs: list[Job]):
             handler.close()
 
 
+def settle_group_saves(jobs: list[Job]) -> None:
+    """Before any job of a group opens its state: a group save that a kill cut short (the first one included) is
+    finished or undone for every job together (runs.resume.settle_group), under each folder's lock, so that no job
+    is refused for holding only the pending state and every job resumes from the same point."""
+    folders = []
+    for job in jobs:
+        with contextlib.suppress(UserError):  # a bad trainer.resume ends its job when it opens, with its own line
+            source = training_state.source(job.cfg, job.run_dir)
+            if source is not None and (source / training_state.STATE_DIR).is_dir():
+                folders.append(source)
+    if not folders:
+        return
+    locks = []
+    try:
+        for folder in folders:
+            locks.append(rundir.RunLock(folder))
+        training_state.settle_group(folders)
+    except UserError:  # a folder in use or unreadable: its job says so when it opens
+        pass
+    finally:
+        for lock in locks:
+            lock.release()
+
+
 def train_group(jobs: list[Job], jobs_per_forward: int | None) -> None:
     """Train every job of a group (ptv2.loop.train); each ends with `results` (written to its folder) or `error`
     (recorded in its folder by session.fail_job). Every job's folder is opened (checked, locked, config written)
     before any of them trains."""
+    settle_group_saves(jobs)
     locks = []
     for job in jobs:
         job.report = session.fail_job

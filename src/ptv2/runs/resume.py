@@ -64,11 +64,9 @@ class Resumed:
     rng: dict  # the RNG states to apply once the interrupted epoch's done batches are skipped
 
 
-# Test-only knob: after step N, send the process this signal (KILL by default) to simulate a crash or preemption.
-DIE_AT_STEP, DIE_SIGNAL = "PTV2_DIE_AT_STEP", "PTV2_DIE_SIGNAL"
-# Test-only knob: SIGKILL after the Nth file written or renamed by save_group (a kill inside a group save).
-DIE_AT_SAVE = "PTV2_DIE_AT_SAVE"
-_saves_written = 0
+# Called with the number of files save_group has written or renamed so far, after each one: where a test injects
+# a kill inside a group save (tests/faults.py).
+SAVE_CALLBACKS: list = []
 
 
 def rng_states() -> dict:
@@ -126,10 +124,10 @@ def save_group(runs: list[tuple]) -> None:
         folder = Path(run_dir) / STATE_DIR
         states.append(folder)
         atomic_write(folder / NEXT_FILE, lambda tmp, state=state: torch.save(state, tmp))
-        maybe_die_between_saves()
-    for folder in states:
+        _saved(len(states))
+    for index, folder in enumerate(states):
         os.replace(folder / NEXT_FILE, folder / STATE_FILE)
-        maybe_die_between_saves()
+        _saved(len(states) + index + 1)
 
 
 def _point(path: Path) -> tuple[int, int] | None:
@@ -159,6 +157,18 @@ def settle_group(run_dirs: list[Path]) -> None:
             log.info("%s: a group save cut short is completed (epoch %d, %d batches done)", folder, *point)
         else:
             pending.unlink()
+
+
+def not_saved_yet(run_dir: Path) -> bool:
+    """Whether a run started in `run_dir` (its config is there) and stopped before its first save was complete:
+    no state folder, or one that holds no state (as a group save cut short before every job's file was written
+    leaves it, once settled). Nothing was trained that could be lost: a resume starts it from the beginning."""
+    folder = Path(run_dir) / STATE_DIR
+    if not (Path(run_dir) / "config.yaml").is_file() or (Path(run_dir) / "results.json").exists():
+        return False
+    if not folder.exists():
+        return True
+    return folder.is_dir() and not folder.is_symlink() and not any(folder.glob("training_state*.pt"))
 
 
 RESUME_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False, "": False}
@@ -273,6 +283,9 @@ def state_path(cfg, run_dir: Path) -> Path | None:
     if folder is None:
         return None
     path = folder / STATE_DIR / STATE_FILE
+    if not path.is_file() and folder == Path(run_dir) and not_saved_yet(folder):
+        log.info("%s: no training state was saved before the run stopped: it starts from the beginning", folder)
+        return None
     if not path.is_file():
         hint = "" if folder != Path(run_dir) else " (pass the interrupted run's folder: hydra.run.dir=RUN_DIR)"
         raise UserError(f"trainer.resume: no training state at {path}{hint}; nothing to resume")
@@ -382,14 +395,6 @@ class StopRequests:
             signal.signal(number, handler)
 
 
-def maybe_die_between_saves() -> None:
-    global _saves_written
-    _saves_written += 1
-    if os.environ.get(DIE_AT_SAVE) == str(_saves_written):
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def maybe_die(step: int) -> None:
-    """The test knob: PTV2_DIE_AT_STEP=N [PTV2_DIE_SIGNAL=KILL|TERM|INT] signals this process after step N."""
-    if os.environ.get(DIE_AT_STEP) == str(step):
-        os.kill(os.getpid(), getattr(signal, f"SIG{os.environ.get(DIE_SIGNAL, 'KILL')}"))
+def _saved(count: int) -> None:
+    for callback in SAVE_CALLBACKS:
+        callback(count)

@@ -85,7 +85,13 @@ def unique_now() -> str:
 
 
 def finished_outputs(folder: Path) -> list[str]:
-    return [name for name in RUN_OUTPUTS if (Path(folder) / name).exists()]
+    """What a run left in `folder` that a new start must not replace silently (a state folder counts once it holds
+    a state: a run killed before its first save left nothing to lose)."""
+    found = [name for name in RUN_OUTPUTS if (Path(folder) / name).exists()]
+    state = Path(folder) / STATE_DIR
+    if STATE_DIR in found and state.is_dir() and not state.is_symlink() and not any(state.iterdir()):
+        found.remove(STATE_DIR)
+    return found
 
 
 class RunLock:
@@ -254,6 +260,10 @@ def open_run_dir(cfg: DictConfig, run_dir: Path, command: str) -> RunLock:
     refuse_finished_resume(cfg, run_dir, command)
     lock = RunLock(run_dir)
     try:
+        if command == "train" and (Path(run_dir) / STATE_DIR).is_dir():
+            from ptv2.runs import resume as state
+
+            state.settle_group([Path(run_dir)])  # a save cut short (a packed group settles all its jobs first)
         check_reuse(cfg, run_dir, command)
         lock.claim()
         # A sweep job that failed (a SIGTERM, an error) and now starts again: its old FAILED marker would make
