@@ -39,9 +39,12 @@ def main() -> None:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
         adapter, predictions = Path(scratch) / "adapter", Path(scratch) / "predict"
-        backbone = args.backbone or json.loads(
-            safe_open(str(args.run / "prompt.safetensors"), framework="pt").metadata()["config"]
-        )["backbone"]["name_or_path"]
+        backbone = (
+            args.backbone
+            or json.loads(safe_open(str(args.run / "prompt.safetensors"), framework="pt").metadata()["config"])[
+                "backbone"
+            ]["name_or_path"]
+        )
         ptv2("export", str(args.run), "--to", "peft", str(adapter), "--backbone", backbone)
         ptv2("predict", f"ckpt={args.run}", f"input={args.data / 'val.jsonl'}", f"output_dir={predictions}",
              f"backbone.name_or_path={backbone}", f"hydra.run.dir={predictions / 'run'}")  # fmt: skip
@@ -63,17 +66,17 @@ def main() -> None:
         batch = tokenizer([r["premise"] for r in chunk], [r["hypothesis"] for r in chunk], truncation=True,
                           max_length=max_length, padding=True, return_tensors="pt")  # fmt: skip
         rows, length = batch["input_ids"].shape
+        mask = batch["attention_mask"]
         with torch.no_grad():
-            ways["PeftModel forward"].append(
-                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-            )
+            ways["PeftModel forward"].append(model(input_ids=batch["input_ids"], attention_mask=mask).last_hidden_state)
             if settings["peft_type"] == "PREFIX_TUNING":
                 prefix = settings["num_virtual_tokens"]
-                extra = {"position_ids": torch.arange(length).expand(rows, length)} if info["positions"] == "from 0" else {}
+                from_zero = info["positions"] == "from 0"
+                extra = {"position_ids": torch.arange(length).expand(rows, length)} if from_zero else {}
                 ways["exact call"].append(
                     model.get_base_model()(
                         input_ids=batch["input_ids"],
-                        attention_mask=torch.cat([batch["attention_mask"].new_ones(rows, prefix), batch["attention_mask"]], 1),
+                        attention_mask=torch.cat([mask.new_ones(rows, prefix), mask], 1),
                         token_type_ids=batch["token_type_ids"],
                         cache=model.get_prompt(batch_size=rows),
                         **extra,
