@@ -68,7 +68,8 @@ def main() -> None:
         rows, length = batch["input_ids"].shape
         mask = batch["attention_mask"]
         with torch.no_grad():
-            ways["PeftModel forward"].append(model(input_ids=batch["input_ids"], attention_mask=mask).last_hidden_state)
+            # What a PEFT user calls: every input; PEFT drops token_type_ids for a prefix (with a warning).
+            ways["PeftModel forward"].append(model(**batch).last_hidden_state)
             if settings["peft_type"] == "PREFIX_TUNING":
                 prefix = settings["num_virtual_tokens"]
                 from_zero = info["positions"] == "from 0"

@@ -109,7 +109,7 @@ def test_pair_task_prefix_exported_with_the_exact_call_gives_ptv2_predicts_proba
     out = tmp_path / "adapter"
     result = export(runs["pair"], out, saved_tiny_bert)
     assert "is NOT ptv2's function here" in result.stdout
-    assert "token_type_ids" in result.stdout and "position ids numbered from 0" in result.stdout
+    assert "token_type_ids" in result.stdout and "position ids from 0" in result.stdout
     settings = json.loads((out / "adapter_config.json").read_text())
     assert settings["peft_type"] == "PREFIX_TUNING" and settings["base_model_name_or_path"] is None  # no local path
     expected = predicted_scores(runs["pair"], saved_tiny_bert, tmp_path / "predict")

@@ -27,8 +27,8 @@ HEADS_FILE = "ptv2_heads.safetensors"
 ADAPTER_CONFIG, ADAPTER_MODEL = "adapter_config.json", "adapter_model.safetensors"
 PEFT_TYPES = ("PREFIX_TUNING", "LORA")
 # What a ptv2 prefix needs beyond PeftModel's forward to be ptv2's function (heads-file metadata key -> meaning).
-POSITIONS_FROM_ZERO = "position ids numbered from 0: this prompt was trained so, PEFT's forward numbers tokens from P"
-SEGMENT_IDS = "token_type_ids: this task's sentence pairs use segment ids, which PEFT's forward drops"
+POSITIONS_FROM_ZERO = "position ids from 0 (this prompt was trained so; PEFT numbers tokens from P)"
+SEGMENT_IDS = "token_type_ids (this task's sentence pairs use them; PEFT drops them for a prefix)"
 
 
 def writable_folder(out: Path, holds: tuple[str, ...], overwrite: bool, refuse_runs: bool = False) -> None:
@@ -86,9 +86,10 @@ def prefix_notes(saved, config) -> list[str]:
     return notes
 
 
-def export_peft(ckpt: str, out: Path, backbone: str | None = None) -> tuple[Path, dict, list[str]]:
+def export_peft(ckpt: str, out: Path, backbone: str | None = None) -> tuple[dict, list[str], str]:
     """Write the PEFT adapter of checkpoint `ckpt` into `out` (checked by the caller). backbone: the backbone hub id
-    or folder when the checkpoint's was a local folder. Returns (out, adapter config, notes on PEFT's forward)."""
+    or folder when the checkpoint's was a local folder. Returns (adapter config, notes on PEFT's forward, the
+    backbone it was exported against)."""
     from safetensors.torch import load_file
     from transformers import AutoConfig
 
@@ -155,7 +156,7 @@ def export_peft(ckpt: str, out: Path, backbone: str | None = None) -> tuple[Path
     write_safetensors(out / HEADS_FILE, head_tensors, head_info)
     write_safetensors(out / ADAPTER_MODEL, adapter)
     write_json(out / ADAPTER_CONFIG, settings)  # last: a folder with a config holds a whole adapter
-    return out, settings, notes
+    return settings, notes, location
 
 
 def read_adapter_config(adapter: Path) -> dict:
@@ -316,7 +317,7 @@ def main(argv: list[str]) -> int:
     try:
         out = Path(args.out)
         writable_folder(out, (ADAPTER_CONFIG, ADAPTER_MODEL, HEADS_FILE), args.overwrite)
-        out, settings, notes = export_peft(args.ckpt.removeprefix("ckpt="), out, args.backbone)
+        settings, notes, location = export_peft(args.ckpt.removeprefix("ckpt="), out, args.backbone)
     except UserError as error:
         print(f"ptv2: error: {error}", file=sys.stderr)
         return 2
@@ -327,13 +328,13 @@ def main(argv: list[str]) -> int:
         else (f"LoRA r {settings['r']}")
     )
     print(f"ptv2 export: {out} (PEFT {kind}; heads in {HEADS_FILE}; base model {base or 'not named: a local folder'})")
-    loader = f"PeftModel.from_pretrained(AutoModel.from_pretrained({base or 'BACKBONE'!r}), {str(out)!r})"
+    loader = f"PeftModel.from_pretrained(AutoModel.from_pretrained({base or location!r}), {str(out)!r})"
     if not notes:
         print(f"  {loader} computes ptv2's function")
     else:
-        print(f"  {loader}'s forward is NOT ptv2's function here: it lacks " + "; ".join(notes))
+        print(f"  {loader}'s forward is NOT ptv2's function here; it lacks " + "; ".join(notes))
         print(
-            "  ptv2's function: its base model with model.get_prompt(batch) as past_key_values, P ones before the "
-            "attention mask, and those ids passed (docs/lora.md, 'The exact call')"
+            "  ptv2's function: the base model with model.get_prompt(batch) as its cache, P ones before the attention "
+            "mask, and those ids passed (docs/lora.md, 'The exact call')"
         )
     return 0
