@@ -345,3 +345,41 @@ def test_export_refuses_methods_peft_has_no_format_for(saved_tiny_bert, tmp_path
     result = export(run, tmp_path / "out", saved_tiny_bert, check=False)
     assert result.returncode == 2 and not (tmp_path / "out").exists()
     assert "prompt.method=prompt_tuning: only ptv2 (prefix tuning) and lora do" in result.stderr
+
+
+@pytest.mark.parametrize("kind", ["prefix", "lora"])
+def test_an_adapter_saved_by_peft_itself_imports_as_the_same_function(runs, saved_tiny_bert, tmp_path, kind):
+    """An adapter PEFT wrote (no ptv2 files in it) imports onto --like RUN's heads; ptv2's model from the imported
+    checkpoint computes what PeftModel's forward does (a prefix from PEFT numbers tokens from P: shift_positions)."""
+    torch.manual_seed(5)
+    if kind == "prefix":
+        settings = peft.PrefixTuningConfig(task_type="FEATURE_EXTRACTION", num_virtual_tokens=3)
+    else:
+        settings = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["query", "key"], lora_dropout=0.0)
+    theirs = peft.get_peft_model(AutoModel.from_pretrained(saved_tiny_bert), settings)
+    with torch.no_grad():
+        for name, parameter in theirs.named_parameters():
+            if parameter.requires_grad:
+                parameter.normal_(0, 0.5)
+    theirs.save_pretrained(tmp_path / "adapter")
+    back = tmp_path / "back"
+    ptv2("import", str(tmp_path / "adapter"), "--from", "peft", str(back), "--like", str(runs["tagging"]),
+         "--backbone", str(saved_tiny_bert))  # fmt: skip
+    saved = checkpoint.stored_config(back)
+    assert saved.prompt.method == ("ptv2" if kind == "prefix" else "lora")
+    assert saved.prompt.shift_positions is (kind == "prefix")
+    saved.backbone.name_or_path = str(saved_tiny_bert)
+    encoder, _ = backbone.load_encoder(saved.backbone)
+    labels = json.loads(checkpoint.read_metadata(back)["labels"])["conll03"]
+    ours = PromptModel(encoder, saved.prompt, {"conll03": (TokenClassificationHead, len(labels))}, 0.0).eval()
+    checkpoint.load(back, ours, use_folded=True)
+    heads = load_file(str(back / "prompt.safetensors"))
+    tokenizer = AutoTokenizer.from_pretrained(saved_tiny_bert)
+    batch = dict(tokenizer([["EU", "rejects", "German", "call"], ["Peter"]], is_split_into_words=True,
+                           padding=True, return_tensors="pt"))  # fmt: skip
+    with torch.no_grad():
+        hidden = theirs.eval()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        expected = hidden @ heads["heads.conll03.linear.weight"].T + heads["heads.conll03.linear.bias"]
+        logits = ours(batch)
+    real = batch["attention_mask"].bool()
+    assert (logits[real] - expected[real]).abs().max().item() <= 1e-5

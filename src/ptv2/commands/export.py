@@ -262,6 +262,7 @@ def import_peft(adapter: Path, settings: dict, like: str, out: Path, backbone: s
             dropout=float(settings.get("lora_dropout") or 0.0),
             target_modules=targets,
             length=0,
+            shift_positions=False,
         )
     own_heads = {name: t for name, t in load_file(str(path)).items() if name.startswith("heads.")}
     if exported_heads:
