@@ -358,7 +358,7 @@ def test_an_adapter_saved_by_peft_itself_imports_as_the_same_function(runs, save
         settings = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["query", "key"], lora_dropout=0.0)
     theirs = peft.get_peft_model(AutoModel.from_pretrained(saved_tiny_bert), settings)
     with torch.no_grad():
-        for name, parameter in theirs.named_parameters():
+        for parameter in theirs.parameters():
             if parameter.requires_grad:
                 parameter.normal_(0, 0.5)
     theirs.save_pretrained(tmp_path / "adapter")
