@@ -156,7 +156,20 @@ def test_tagging_prefix_under_peft_s_own_forward_gives_ptv2_s_logits_and_predict
         expected = ours(batch)
     real = batch["attention_mask"].bool()
     assert (logits[real] - expected[real]).abs().max().item() <= 1e-5
-    assert torch.equal(logits[real].argmax(-1), expected[real].argmax(-1))  # what predict writes: the argmax label
+
+    # ptv2 predict's word tags of the fixture's sentences against the tags of PEFT's logits at each word's first piece.
+    ptv2("predict", f"ckpt={run_dir}", f"backbone.name_or_path={saved_tiny_bert}", *CONLL03[1:],
+         f"output_dir={tmp_path / 'predict'}", f"hydra.run.dir={tmp_path / 'predict' / 'run'}")  # fmt: skip
+    predicted = [json.loads(line) for line in (tmp_path / "predict" / "conll03-test-predictions.jsonl").open()]
+    assert len(predicted) > 1
+    for line in predicted:
+        encoded = tokenizer(line["tokens"], is_split_into_words=True, truncation=True, max_length=256)
+        with torch.no_grad():
+            hidden = theirs(input_ids=torch.tensor([encoded["input_ids"]])).last_hidden_state[0]
+        tags = (hidden @ heads["heads.conll03.linear.weight"].T + heads["heads.conll03.linear.bias"]).argmax(-1)
+        words = encoded.word_ids()
+        first = [words.index(word) for word in range(len(line["tokens"]))]
+        assert [labels[tags[at]] for at in first] == line["tags"]
 
 
 def test_prefix_round_trip_is_bit_for_bit_and_scores_the_same(runs, saved_tiny_bert, tmp_path):
