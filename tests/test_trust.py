@@ -288,9 +288,22 @@ def test_an_unreadable_checkpoint_says_why(finished, monkeypatch):
     with pytest.raises(UserError) as caught:
         checkpoint.resolve(finished)
     assert str(caught.value) == (
-        f"cannot read {finished / checkpoint.FILENAME} (permission denied): ptv2 writes checkpoints readable by their "
-        f"owner only (0600); it is yours: chmod u+r {finished / checkpoint.FILENAME}"
+        f"cannot read {finished / checkpoint.FILENAME} (permission denied): it is yours: chmod u+r "
+        f"{finished / checkpoint.FILENAME}"
     )
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_safetensors_files_get_the_permissions_the_umask_gives(tmp_path, umask):
+    """safetensors creates its files 0600 by itself; a team's shared run folder needs the umask's group bits."""
+    from ptv2.io import write_safetensors
+
+    previous = os.umask(umask)
+    try:
+        path = write_safetensors(tmp_path / "prompt.safetensors", {"x": torch.zeros(2)})
+    finally:
+        os.umask(previous)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_an_error_quoting_100000_label_names_is_cut():

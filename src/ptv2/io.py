@@ -132,3 +132,23 @@ def output_folder(folder: str | Path, named: str) -> Path:
     if not os.access(folder, os.W_OK | os.X_OK):
         raise UserError(f"cannot write into {folder} (Permission denied); {fix}")
     return folder
+
+
+def write_safetensors(path: str | Path, tensors: dict, metadata: dict[str, str] | None = None) -> Path:
+    """Tensors as a safetensors file, written atomically, with the permissions the umask gives (safetensors itself
+    creates its files 0600, which would keep a shared run's checkpoint from the rest of the team)."""
+    from safetensors.torch import save_file
+
+    def write(temporary: Path) -> None:
+        save_file(tensors, str(temporary), metadata=metadata)
+        os.chmod(temporary, 0o666 & ~_umask())
+
+    atomic_write(path, write)
+    return Path(path)
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it, then putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

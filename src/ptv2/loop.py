@@ -335,13 +335,15 @@ class Group:
 
         steps = [job.step for job in active]
         autocast = self.accelerator.autocast if len(active) > 1 else contextlib.nullcontext
+        rates = [job.optimizer.param_groups[0]["lr"] for job in active]  # this step's (the step moves the schedule)
         values = engine.train_step(
             steps, batch, name, per_forward=self.per_forward, autocast=autocast, rejected=rejected
         )
-        for job, value in zip(active, values, strict=True):
+        for job, value, rate in zip(active, values, rates, strict=True):
             if value is not None:
                 job.progress.step += 1
                 job.progress.losses.append(value)
+                job.tracker.log_step(job.progress.step, value, rate)
 
     def evaluate(self, jobs: list[Job], split_of) -> list[dict]:
         models = [job.model for job in jobs]
@@ -443,6 +445,7 @@ def results_of(cfg: DictConfig, members: list, progress: Progress, extra: dict, 
         "final": progress.history[-1],
         "history": progress.history,
         "train_examples": {m.name: len(m.splits["train"].examples) for m in members},
+        "evaluated": summary.evaluated(members),
         "steps": progress.step,
         **extra,
         "data_prep_seconds": prep_seconds,

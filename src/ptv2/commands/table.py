@@ -11,8 +11,8 @@ Each cell is set beside the published number for the same task, backbone, method
 without results are listed, with the error line of their log.
 
 Writes into --out (default DIR): table.md, table.csv (the same table, one number per column), runs.csv (one row
-per run), plots (PNG, chosen from what varies: metric vs prompt length, vs prompt depth, method bars) and
-plots.json (the plotted points).
+per run), plots (commands/plots.py: PNG, PDF and SVG, chosen from what varies: metric vs prompt length, vs prompt
+depth, methods side by side) and plots.json (the plotted points).
 """
 
 from __future__ import annotations
@@ -33,14 +33,14 @@ from pathlib import Path
 
 import yaml
 
+from ptv2.commands.plots import AUTO_PLOTS, PLOTS, dev_per_epoch, make_plots, natural, split_text
 from ptv2.config import ALIAS, COMMAND, FREE, REPLICATE, flat_keys, has_role, keys_with
 from ptv2.errors import UserError
-from ptv2.io import atomic_write, declare, output_folder, write_json, write_text
-from ptv2.modeling.methods import parse_layers
+from ptv2.io import declare, output_folder, write_text
 from ptv2.runs.summary import in_percent
 
 REFERENCES = Path(__file__).parents[1] / "references.yaml"
-OUTPUTS = declare("table", "table.md", "table.csv", "runs.csv", "plots.json", "*.png")
+OUTPUTS = declare("table", "table.md", "table.csv", "runs.csv", "plots.json", "*.png", "*.pdf", "*.svg")
 # Config keys that never make two runs different configs: the seed (seeds are aggregated), bookkeeping, logging,
 # keys that another one names, and eval/predict's own.
 IGNORED = keys_with(REPLICATE, FREE, ALIAS, COMMAND)
@@ -241,14 +241,6 @@ def varying_keys(runs: list[Run]) -> list[str]:
     return [k for k in first if k in keys] + sorted(keys - set(first))
 
 
-def natural(value) -> tuple:
-    """Sort key: numbers by value ('bottom:6' before 'bottom:12'), None last."""
-    if value is None:
-        return ((2, ""),)
-    number = r"(-?\d+(?:\.\d+)?(?:e-?\d+)?)"
-    return tuple((0, float(p)) if re.fullmatch(number, p) else (1, p) for p in re.split(number, value) if p)
-
-
 @dataclass
 class Cell:
     """The runs of one row and column. Grouping is a dict and mean ± sample std the standard library's statistics,
@@ -342,22 +334,32 @@ def cell_text(cell: Cell | None) -> str:
     return text
 
 
-def split_label(split: str) -> str:
+def split_label(split: str, runs=()) -> str:
     """The split column says how the score was selected: a dev score is the best dev epoch's own score
-    (dev-selected, optimistic, as the official SuperGLUE numbers are); a test score is taken at that epoch."""
-    return f"{split} (at best dev epoch)" if split.startswith("test") else f"{split} (dev-selected: best epoch)"
+    (dev-selected, optimistic, as the official SuperGLUE numbers are); a test score is taken at that epoch. With
+    the runs, a dev split cut by trainer.limit_eval says so (`dev, first 128 of 277`)."""
+    shown = split_text(split, runs) if runs else split
+    return f"{shown} (at best dev epoch)" if split.startswith("test") else f"{shown} (dev-selected: best epoch)"
 
 
-def dev_per_epoch(run: Run) -> list[float] | None:
-    """The run's dev selection metric at every epoch, in the table's unit; None for a multi-task run."""
-    metric = run.results.get("select_metric")
-    if not isinstance(metric, str):
+LIMIT_KEYS = ("trainer.limit_train", "trainer.limit_eval")
+
+
+def limits_note(runs: list[Run]) -> str | None:
+    """A warning when the runs were trained or evaluated on different numbers of examples (trainer.limit_*): their
+    scores sit side by side in the table but are not measured alike."""
+    groups = defaultdict(int)
+    for run in runs:
+        groups[
+            tuple(run.config.get(key) if run.config.get(key) not in (None, "", "None") else "all" for key in LIMIT_KEYS)
+        ] += 1
+    if len(groups) < 2:
         return None
-    task_type = run.config.get("task.type")
-    try:
-        return [in_percent(record[f"dev/{metric}"], task_type) for record in run.results.get("history") or []]
-    except (KeyError, TypeError, ValueError):
-        return None
+    shown = "; ".join(
+        f"{', '.join(f'{k}={v}' for k, v in zip(LIMIT_KEYS, limits, strict=True))} ({count} run(s))"
+        for limits, count in sorted(groups.items(), key=lambda item: natural(str(item[0])))
+    )
+    return f"**Note: these runs used different data limits, so their scores are not on the same examples**: {shown}."
 
 
 def mean_std(values: list[float]) -> str:
@@ -406,7 +408,7 @@ def details_lines(rows, columns, cells, descriptors) -> list[str]:
                 first.config.get("trainer.epochs", ""),
                 f"{share:.3f}" if isinstance(share, (int, float)) else "",
                 mean_std(dev),
-                f"{split_label(row[1])}: {mean_std(cell.scores)}",
+                f"{split_label(row[1], cell.runs)}: {mean_std(cell.scores)}",
                 ", ".join(str(run.results.get("best_epoch")) for run in runs),
                 curve,
                 str(len(runs)),
@@ -418,13 +420,16 @@ def details_lines(rows, columns, cells, descriptors) -> list[str]:
 
 def write_markdown(path, root, rows, columns, cells, descriptors, failures, sources, plots, details=False) -> None:
     lines = [f"# Results: {root}", "", PROTOCOL, ""]
+    note = limits_note([run for cell in cells.values() for run in cell.runs])
+    if note:
+        lines += [note, ""]
     if any(cell.reference for cell in cells.values()):
         lines += ["`ref`: the published number for this task, backbone, method, split and metric; Δ = ours − ref.", ""]
     header = ["task", "split", "metric", *descriptors, *(f"{m} / {b}" for m, b in columns)]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         values = [v if v is not None else "" for v in row]
-        values[1] = split_label(values[1])
+        values[1] = split_label(values[1], [run for c in columns if (row, c) in cells for run in cells[(row, c)].runs])
         lines.append("| " + " | ".join([*values, *(cell_text(cells.get((row, c))) for c in columns)]) + " |")
     if details:
         lines += ["", *details_lines(rows, columns, cells, descriptors)]
@@ -480,181 +485,6 @@ def write_runs_csv(path, runs: list[Run], descriptors: list[str], root: Path) ->
                              run.task, run.split, run.metric, run.method, run.backbone,
                              *(run.config.get(k, "") for k in descriptors), run.seed, round(run.score, 4),
                              r.get("best_epoch"), r.get("trainable_percent"), r.get("wall_time_seconds")])  # fmt: skip
-
-
-# ---------------------------------------------------------------------------------------------- plots
-
-
-def plot_series(rows, columns, cells, descriptors, kind: str) -> dict | None:
-    """The points of one plot kind: {series label: [(x, mean, std), ...]}, or None when the runs lack that axis.
-
-    length: x = prompt.length, one line per task x column (x other varying keys);
-    depth: x = K of prompt.layers bottom:K (ascending) / top:K (descending), one line per task x column x order;
-    methods: one bar per method, grouped by task x backbone;
-    curves: x = epoch, the dev score per epoch (mean over the cell's runs), one line per cell.
-    """
-    series = defaultdict(list)
-    if kind == "length" and "prompt.length" in descriptors:
-        at = descriptors.index("prompt.length")
-        for (row, column), cell in cells.items():
-            if not re.fullmatch(r"\d+", str(row[3 + at])):
-                continue  # per-layer lengths ([4, 8, 16]) have no place on one length axis: the table holds them
-            others = [f"{k}={v}" for k, v in zip(descriptors, row[3:], strict=True) if k != "prompt.length" and v]
-            label = " ".join([row[0], f"{column[0]}/{column[1]}", *others])
-            series[label].append((float(row[3 + at]), cell.mean, cell.std))
-    elif kind == "depth" and "prompt.layers" in descriptors:
-        at = descriptors.index("prompt.layers")
-        for (row, column), cell in cells.items():
-            try:
-                side, count = parse_layers(str(row[3 + at]))
-            except ValueError:
-                continue
-            if side in ("top", "bottom"):
-                order = "ascending (bottom:K)" if side == "bottom" else "descending (top:K)"
-                series[f"{row[0]} {column[0]}/{column[1]} {order}"].append((float(count), cell.mean, cell.std))
-    elif kind == "curves":
-        for (row, column), cell in cells.items():
-            curves = [dev_per_epoch(run) for run in cell.runs]
-            if not all(curves) or min(map(len, curves)) < 2:
-                continue
-            label = " ".join(
-                [
-                    row[0],
-                    f"{column[0]}/{column[1]}",
-                    *(f"{k}={v}" for k, v in zip(descriptors, row[3:], strict=True) if v),
-                ]
-            )
-            label += f" (n={len(curves)})"
-            for epoch in range(min(map(len, curves))):
-                values = [curve[epoch] for curve in curves]
-                std = statistics.stdev(values) if len(values) > 1 else math.nan
-                series[label].append((epoch + 1, statistics.fmean(values), std))
-    elif kind == "methods" and len({m for m, _ in columns}) > 1:
-        for (row, column), cell in cells.items():
-            others = [str(v) for v in row[3:] if v]
-            series[" ".join([row[0], column[1], *others])].append((column[0], cell.mean, cell.std))
-    if not series:
-        return None
-    return {label: sorted(points, key=lambda p: natural(str(p[0]))) for label, points in sorted(series.items())}
-
-
-PLOTS = {
-    "length": ("plot_prompt_length.png", "score vs prompt length", "prompt length (log scale)"),
-    "depth": ("plot_prompt_depth.png", "score vs number of layers with prompts", "K layers with prompts"),
-    "methods": ("plot_methods.png", "method comparison", "method"),
-    "curves": ("plot_learning_curves.png", "dev score per epoch (mean over seeds)", "epoch"),
-}
-AUTO_PLOTS = ("length", "depth", "methods")  # --plot auto; curves on request (--plot curves or a list)
-
-
-# The y-axis of a line plot spans at least this many percentage points: a few points of noise between configs (runs at
-# chance on a small dev set) must not fill the whole height and read as a trend.
-MIN_Y_SPAN = 10.0
-MARKERS = "osD^v<>Pp*"  # one per line, so that lines on top of each other stay visible
-
-
-def y_limits(series: dict, min_span: float = MIN_Y_SPAN) -> tuple[float, float]:
-    """(bottom, top) of a line plot's y-axis: the points with their error bars and a margin, widened around their
-    middle to at least `min_span`, kept inside 0..100 where the points allow."""
-    lows = [mean - (0 if math.isnan(std) else std) for points in series.values() for _, mean, std in points]
-    highs = [mean + (0 if math.isnan(std) else std) for points in series.values() for _, mean, std in points]
-    low, high = min(lows), max(highs)
-    margin = 0.05 * (high - low)
-    low, high = low - margin, high + margin
-    if high - low < min_span:
-        middle = (low + high) / 2
-        low, high = middle - min_span / 2, middle + min_span / 2
-    if low < 0 <= min(lows):
-        low, high = 0.0, max(high - low, high)
-    if high > 100 >= max(highs):
-        low, high = min(low - (high - 100), low), 100.0
-    return low, high
-
-
-def plot_title(kind: str, rows, cells) -> str:
-    """The plot's title: what it shows, on which split(s), and how many runs each point averages (n)."""
-    splits = sorted({row[1] for row in rows})
-    counts = sorted({len(cell.scores) for cell in cells.values()})
-    n = f"n={counts[0]}" if len(counts) == 1 else f"n={counts[0]}-{counts[-1]}"
-    return f"{PLOTS[kind][1]} ({'/'.join(splits)} split, {n} run(s) per point)"
-
-
-def dodge(index: int, count: int, kind: str) -> float:
-    """A line's small sideways shift, so that lines with equal points do not hide each other: a factor on the log
-    x-axis of the length plot, an offset on the integer K of the depth plot."""
-    if count <= 1:
-        return 1.0 if kind == "length" else 0.0
-    step = (index - (count - 1) / 2) / count
-    return 2 ** (0.12 * step) if kind == "length" else 0.12 * step
-
-
-def draw(kind: str, series: dict, out: Path, ylabel: str, title: str | None = None) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    filename, _, xlabel = PLOTS[kind]
-    figure, axes = plt.subplots(figsize=(7, 4.5))
-    if kind == "methods":
-        methods = sorted({p[0] for points in series.values() for p in points})
-        width = 0.8 / len(series)
-        for i, (label, points) in enumerate(series.items()):
-            found = {p[0]: p for p in points}
-            xs = [j + i * width for j, m in enumerate(methods) if m in found]
-            means = [found[m][1] for m in methods if m in found]
-            errors = [0 if math.isnan(found[m][2]) else found[m][2] for m in methods if m in found]
-            axes.bar(xs, means, width, yerr=errors, label=label, capsize=3)
-        axes.set_xticks([j + 0.4 - width / 2 for j in range(len(methods))], methods)
-    else:
-        for i, (label, points) in enumerate(series.items()):
-            xs, means, stds = zip(*points, strict=True)
-            shift = dodge(i, len(series), kind)
-            xs = [x * shift for x in xs] if kind == "length" else [x + shift for x in xs]
-            errors = [0 if math.isnan(s) else s for s in stds]
-            marker = MARKERS[i % len(MARKERS)]
-            axes.errorbar(xs, means, yerr=errors, marker=marker, capsize=3, label=label, alpha=0.85, markersize=6)
-        ticks = sorted({p[0] for points in series.values() for p in points})
-        if kind == "length":  # lengths grow geometrically; label the lengths themselves
-            axes.set_xscale("log", base=2)
-        axes.set_xticks(ticks, [f"{x:g}" for x in ticks])  # the values run, integers (no 1.2, 1.4 for K)
-        axes.minorticks_off()
-        axes.set_ylim(*y_limits(series))
-    axes.set(title=title or PLOTS[kind][1], xlabel=xlabel, ylabel=ylabel)
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize=8)
-    figure.tight_layout()
-    path = out / filename
-    atomic_write(path, lambda temporary: figure.savefig(temporary, dpi=120, format=path.suffix[1:]))
-    plt.close(figure)
-    return path
-
-
-def make_plots(rows, columns, cells, descriptors, out: Path, choice: str) -> list[dict]:
-    kinds = list(AUTO_PLOTS) if choice == "auto" else [] if choice == "none" else choice.split(",")
-    wanted = {kind: plot_series(rows, columns, cells, descriptors, kind) for kind in kinds}
-    wanted = {kind: series for kind, series in wanted.items() if series}
-    if choice not in ("auto", "none") and not wanted:
-        print(f"ptv2 table: no plot '{choice}': the runs do not vary along that axis", file=sys.stderr)
-    if not wanted:
-        return []
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        print("ptv2 table: plots skipped: matplotlib is missing (pip install 'ptv2[sweeps]')", file=sys.stderr)
-        return []
-    metrics = sorted({row[2] for row in rows})
-    ylabel = f"{'/'.join(metrics)} (%)"
-    plots = []
-    for kind, series in wanted.items():
-        title = plot_title(kind, rows, cells)
-        path = draw(kind, series, out, ylabel, title)
-        points = {
-            label: [[x, mean, None if math.isnan(std) else std] for x, mean, std in p] for label, p in series.items()
-        }
-        plots.append({"kind": kind, "file": str(path), "title": title, "series": points})
-    write_json(out / "plots.json", plots)
-    return plots
 
 
 # ---------------------------------------------------------------------------------------------- W&B
@@ -755,6 +585,8 @@ def run(args: argparse.Namespace) -> int:
     if args.wandb:
         log_to_wandb(out, root, args.project, plots)
     print(f"ptv2 table: {len(runs)} run(s), {len(rows)} row(s), {len(failures)} failure(s) -> {out / 'table.md'}")
+    if limits_note(runs):
+        print("  note: the runs used different trainer.limit_train / limit_eval (table.md lists them)")
     for plot in plots:
         print(f"  plot: {plot['file']}")
     return 0

@@ -38,6 +38,7 @@ class Split:
     name: str
     examples: list[dict]
     features: datasets.Dataset
+    total: int | None = None  # the split's examples before trainer.limit_* cut it (None: not cut)
 
 
 def readers() -> list[str]:
@@ -149,7 +150,8 @@ def _tokenizer_fingerprint(tokenizer) -> str:
 # Canonical examples of a cached split, next to its features. JSON, like the features' Arrow files and metadata: a
 # cache entry is data only, so a planted or shared one cannot run code when read (the old pickle name is ignored).
 EXAMPLES_FILE = "ptv2_examples.json"
-CACHE_VERSION = 3  # in the cache key; 3: examples as JSON (2 pickled them)
+TOTAL_FILE = "ptv2_total.json"  # how many examples the split had before a limit cut it
+CACHE_VERSION = 4  # in the cache key; 4: a cut split keeps its full size (3: examples as JSON; 2 pickled them)
 
 
 def cache_dir(configured: str | None) -> Path:
@@ -207,7 +209,8 @@ def _cached(path: Path, split: str) -> Split | None:
         log.warning("the data cache entry %s is unreadable (%s); rebuilding it", path, str(error).splitlines()[0][:160])
         shutil.rmtree(path, ignore_errors=True)
         return None
-    return Split(split, examples, features)
+    total = json.loads((path / TOTAL_FILE).read_text()) if (path / TOTAL_FILE).is_file() else None
+    return Split(split, examples, features, total if isinstance(total, int) else None)
 
 
 def _cache_folder(root: Path) -> Path:
@@ -250,6 +253,7 @@ def prepare_split(task, split: str, tokenizer, task_type, cache_root: str | None
     if cached is not None:
         return cached
     examples = load_examples(task, split)
+    total = len(examples) if limit and limit < len(examples) else None
     if limit:
         examples = examples[:limit]
     rows = datasets.Dataset.from_list(examples)
@@ -265,12 +269,14 @@ def prepare_split(task, split: str, tokenizer, task_type, cache_root: str | None
     text = encode_examples(examples)
     if decode_examples(text) != examples:  # tuples or non-string keys would come back changed: not cached, re-read
         log.warning("the %s examples of task %s do not round-trip through JSON; they are not cached", split, task.name)
-        return Split(split, examples, features)
+        return Split(split, examples, features, total)
     partial = path.with_name(path.name + f".tmp{os.getpid()}")
     try:
         shutil.rmtree(partial, ignore_errors=True)
         features.save_to_disk(str(partial))
         (partial / EXAMPLES_FILE).write_text(text, encoding="utf-8")
+        if total is not None:
+            (partial / TOTAL_FILE).write_text(str(total), encoding="utf-8")
         if path.exists():  # another job of a sweep finished the same features first
             shutil.rmtree(partial)
         else:
@@ -281,7 +287,7 @@ def prepare_split(task, split: str, tokenizer, task_type, cache_root: str | None
             f"cannot write the data cache entry {path} ({error.strerror or error}); free some space or set "
             "trainer.cache_dir=DIR (or PTV2_CACHE) to another folder"
         ) from None
-    return Split(split, examples, datasets.load_from_disk(str(path)))
+    return Split(split, examples, datasets.load_from_disk(str(path)), total)
 
 
 class LengthGroupedBatches(torch.utils.data.Sampler):

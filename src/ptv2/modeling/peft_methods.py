@@ -101,3 +101,103 @@ def peft_prefix_refusal(prompt_cfg, backbone_cfg, heads: set[str], backbone_conf
     if prompt_cfg.get("dropout", 0.0) > 0:
         return f"prompt.dropout={prompt_cfg.dropout}: PEFT's prefix tuning has no prefix dropout; set prompt.dropout=0"
     return None
+
+
+# ----------------------------------------------------------------------------------- PEFT's adapter file formats
+# ptv2 checkpoint names <-> PEFT adapter_model.safetensors names (PEFT drops the adapter name when it saves).
+LORA_PREFIX = ("encoder.", "base_model.model.")
+LORA_ADAPTER_NAME = (".default.", ".")
+
+
+def lora_to_peft(tensors: dict) -> dict:
+    """A ptv2 LoRA checkpoint's adapter tensors under the names PEFT saves them with."""
+    ours, theirs = LORA_PREFIX
+    return {
+        theirs + name[len(ours) :].replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B."): t
+        for name, t in tensors.items()
+        if name.startswith(ours) and (".lora_A.default." in name or ".lora_B.default." in name)
+    }
+
+
+def lora_from_peft(tensors: dict) -> dict:
+    """PEFT's LoRA adapter tensors under ptv2's checkpoint names (the inverse of lora_to_peft)."""
+    ours, theirs = LORA_PREFIX
+    renamed = {}
+    for name, tensor in tensors.items():
+        if not name.startswith(theirs) or not (".lora_A." in name or ".lora_B." in name):
+            raise UserError(f"{name} is not a LoRA A/B matrix of the base model; only plain LoRA adapters import")
+        name = name[len(theirs) :].replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default.")
+        renamed[ours + name] = tensor
+    return renamed
+
+
+def lora_expected_shapes(config, targets: list[str], r: int) -> dict[str, tuple[int, int]]:
+    """ptv2 name -> shape of every LoRA A and B matrix that `targets` at rank r give the backbone of `config`
+    (built on the meta device: no weights, no memory)."""
+    import torch
+    from transformers import AutoModel
+
+    with torch.device("meta"):
+        model = AutoModel.from_config(config)
+    shapes = {}
+    for path, module in model.named_modules():
+        if not any(path == t or path.endswith("." + t) for t in targets):
+            continue
+        if hasattr(module, "in_features"):
+            fan_in, fan_out = module.in_features, module.out_features
+        elif hasattr(module, "nx"):  # GPT-2's Conv1D: weight (in, out)
+            fan_in, fan_out = module.nx, module.nf
+        else:
+            continue
+        shapes[f"encoder.{path}.lora_A.default.weight"] = (r, fan_in)
+        shapes[f"encoder.{path}.lora_B.default.weight"] = (fan_out, r)
+    return shapes
+
+
+def checked_tensors(tensors: dict, expected: dict[str, tuple], where: str) -> dict:
+    """`tensors` when they are exactly the expected names, each a finite floating tensor of its expected shape;
+    else one line naming the first that is not (the checks a checkpoint from elsewhere gets)."""
+    unexpected = sorted(set(tensors) - set(expected))
+    missing = sorted(set(expected) - set(tensors))
+    if unexpected or missing:
+        name = (unexpected or missing)[0]
+        what = "unexpected" if unexpected else "missing"
+        raise UserError(
+            f"{where}: {what} tensor {name} ({len(unexpected)} unexpected, {len(missing)} missing); refused"
+        )
+    for name, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            raise UserError(f"{where}: {name} holds {tensor.dtype} numbers, not floating point ones; refused")
+        if tuple(tensor.shape) != tuple(expected[name]):
+            raise UserError(
+                f"{where}: {name} has shape {tuple(tensor.shape)}, expected {tuple(expected[name])}; refused"
+            )
+        if not tensor.isfinite().all():
+            raise UserError(f"{where}: {name} holds NaN or infinite values; refused")
+    return tensors
+
+
+def rotated_keys(prefix, config, inverse: bool = False):
+    """A rotary decoder's ptv2 prefix (P, layers x 2 x heads x head_dim) as PEFT's: every key rotated by position P.
+
+    ptv2 gives the prefix keys no rotation and numbers tokens from 0; PEFT's cache holds keys as they are and numbers
+    tokens from P. Rotations compose, R(P + i) q . R(P) k = R(i) q . k, so keys rotated by P give every score ptv2's.
+    The family's own rotary table and apply_rotary_pos_emb do the rotation (partial and interleaved ones included).
+    inverse: rotate by -P instead (a PEFT prefix back to ptv2's).
+    """
+    import importlib
+
+    import torch
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+    from ptv2.modeling.injection import encoder_shape
+
+    length = prefix.shape[0]
+    layers, heads, head_dim = encoder_shape(config)
+    module = importlib.import_module(MODEL_MAPPING[type(config)].__module__)
+    rotary_class = next(getattr(module, name) for name in dir(module) if name.endswith("RotaryEmbedding"))
+    key_values = prefix.float().view(length, layers, 2, heads, head_dim).clone()
+    keys = key_values[:, :, 0].permute(1, 2, 0, 3)  # (layers as batch, heads, P, head_dim)
+    cos, sin = rotary_class(config=config)(keys, torch.full((layers, length), -length if inverse else length))
+    key_values[:, :, 0] = module.apply_rotary_pos_emb(keys, keys, cos, sin)[1].permute(2, 0, 1, 3)
+    return key_values.view_as(prefix).to(prefix.dtype)

@@ -25,12 +25,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf, open_dict
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, safe_open
 
 from ptv2 import __version__
 from ptv2.config import COMMAND, PATH, RunConfig, keys_with
 from ptv2.errors import UserError
-from ptv2.io import atomic_write
+from ptv2.io import write_safetensors
 
 FILENAME = "prompt.safetensors"
 FOLDED_KEY = "prompt.folded"
@@ -62,7 +62,7 @@ def save(path: Path, model, cfg: DictConfig, labels: dict[str, list[str]]) -> No
         "labels": json.dumps(labels),
         "config": json.dumps(OmegaConf.to_container(cfg, resolve=True)),
     }
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    write_safetensors(path, tensors, metadata)
 
 
 def resolve(path: str | Path) -> Path:
@@ -79,10 +79,7 @@ def resolve(path: str | Path) -> Path:
     if not path.is_file():
         raise UserError(f"no checkpoint at {path}: pass a {FILENAME} file or the run directory that holds one")
     if not os.access(path, os.R_OK):
-        raise UserError(
-            f"cannot read {path} (permission denied): ptv2 writes checkpoints readable by their owner only (0600); "
-            f"{_whose(path)}"
-        )
+        raise UserError(f"cannot read {path} (permission denied): {_whose(path)}")
     return path
 
 

@@ -57,3 +57,22 @@ def sweep_line(sweep_dir: str | Path, jobs: int, failed: int) -> str:
     """One line after a multirun: how many jobs finished, where they are, and the command that tables them."""
     done = f"{jobs - failed} of {jobs} job(s) finished" + (f", {failed} failed" if failed else "")
     return f"ptv2: sweep: {done}; runs in {sweep_dir}; table: ptv2 table {sweep_dir}"
+
+
+def evaluated(members) -> dict:
+    """results.json's `evaluated`: per task, the split the dev score comes from, how many of its examples were
+    scored and how many it has (`of`; trainer.limit_eval can cut it), and, for an accuracy task whose examples carry
+    one label each, the majority class's accuracy in percent on those examples (the floor a plot draws)."""
+    facts = {}
+    for member in members:
+        split = member.splits.get(member.task.eval_split)
+        if split is None:
+            continue
+        labels = [example.get("label") for example in split.examples]
+        scalar = labels and all(isinstance(label, (str, int)) and not isinstance(label, bool) for label in labels)
+        majority = None
+        if scalar and member.task.metric == "accuracy":
+            majority = 100.0 * max(labels.count(label) for label in set(labels)) / len(labels)
+        count = len(split.examples)
+        facts[member.name] = {"split": split.name, "examples": count, "of": split.total or count, "majority": majority}
+    return facts

@@ -69,7 +69,8 @@ def hydra_job() -> dict:
 
 
 class Tracker:
-    """Logs config, per-epoch metrics and the final summary; a no-op with logger=none.
+    """Logs config, per-step loss and learning rate, per-epoch metrics and the final summary; a no-op with
+    logger=none.
 
     In a multirun every job is a run of job_type 'sweep-job' in one group (logger.group, else the sweep folder),
     named after its job number, with the job's overrides in its config ('overrides') so the swept keys show."""
@@ -131,6 +132,12 @@ class Tracker:
     def log(self, metrics: dict, step: int | None = None) -> None:
         if self.run is not None:
             self.run.log(metrics, step=step)
+
+    def log_step(self, step: int, loss: float, learning_rate: float) -> None:
+        """One optimizer step's training loss and learning rate: W&B's per-step curves (epochs log at their last
+        step, so both share one step axis)."""
+        if self.run is not None:
+            self.run.log({"train/step_loss": float(loss), "train/lr": float(learning_rate)}, step=step)
 
     def summary(self, values: dict) -> None:
         if self.run is not None:
