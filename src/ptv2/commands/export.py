@@ -22,9 +22,11 @@ import sys
 from pathlib import Path
 
 from ptv2.errors import UserError
+from ptv2.io import declare
 
 HEADS_FILE = "ptv2_heads.safetensors"
 ADAPTER_CONFIG, ADAPTER_MODEL = "adapter_config.json", "adapter_model.safetensors"
+OUTPUTS = declare("export", HEADS_FILE, ADAPTER_MODEL, ADAPTER_CONFIG), declare("import", "prompt.safetensors")
 PEFT_TYPES = ("PREFIX_TUNING", "LORA")
 # What a ptv2 prefix needs beyond PeftModel's forward to be ptv2's function (heads-file metadata key -> meaning).
 POSITIONS_FROM_ZERO = "position ids from 0 (this prompt was trained so; PEFT numbers tokens from P)"
