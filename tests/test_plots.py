@@ -44,7 +44,7 @@ def drawn(monkeypatch) -> list:
     saved, original = [], plt.Figure.savefig
 
     def keep(figure, path, *args, **kwargs):
-        saved.append((Path(path).suffix, figure.axes[0], kwargs.get("dpi")))
+        saved.append(("." + kwargs["format"], figure.axes[0], kwargs.get("dpi")))  # written to a temporary first
         return original(figure, path, *args, **kwargs)
 
     monkeypatch.setattr(plt.Figure, "savefig", keep)
@@ -120,3 +120,16 @@ def test_a_malformed_evaluated_entry_is_ignored(tmp_path):
     for entry in odd:
         run = SimpleNamespace(task="rte", results={"evaluated": {"rte": entry}})
         assert plots.split_text("dev", [run]) == "dev"
+
+
+def test_a_run_with_a_nan_in_its_history_draws_no_curve():
+    from types import SimpleNamespace
+
+    from ptv2.commands.plots import dev_per_epoch
+
+    def run(*scores):
+        history = [{"epoch": i + 1, "dev/accuracy": score} for i, score in enumerate(scores)]
+        return SimpleNamespace(results={"select_metric": "accuracy", "history": history}, config={})
+
+    assert dev_per_epoch(run(0.5, 0.625)) == [50.0, 62.5]
+    assert dev_per_epoch(run(0.5, float("nan"))) is None

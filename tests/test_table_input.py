@@ -68,11 +68,14 @@ def test_a_bad_run_is_one_skip_line_and_the_good_run_stays(case, tmp_path, capsy
         (bad / "results.json").write_bytes(results)
     else:
         make_run(tmp_path, "bad", results, config)
+    (bad / "train.log").write_text("a training job's log\n")  # a job folder: reported once, as skipped
+    (bad / "config.yaml").exists() or (bad / "config.yaml").write_text("{}\n")
     code, lines, out = table_of(tmp_path, capsys)
     assert code == 0
     assert len(lines) == 1 and lines[0].startswith(f"ptv2 table: skipped {bad}: ") and reason in lines[0], lines
     assert "1 run(s)" in out and "1 failure(s)" in out
     assert f"`bad` (no overrides): skipped: {lines[0].split(': ', 2)[2]}" in (tmp_path / "table.md").read_text()
+    assert (tmp_path / "table.md").read_text().count("`bad`") == 1
 
 
 def test_unreadable_entries_are_skipped(tmp_path, capsys):

@@ -81,9 +81,10 @@ def dev_per_epoch(run) -> list[float] | None:
         return None
     task_type = run.config.get("task.type")
     try:
-        return [in_percent(record[f"dev/{metric}"], task_type) for record in run.results.get("history") or []]
+        scores = [in_percent(record[f"dev/{metric}"], task_type) for record in run.results.get("history") or []]
     except (KeyError, TypeError, ValueError):
         return None
+    return scores if all(math.isfinite(score) for score in scores) else None  # a NaN epoch: no curve to draw
 
 
 def plot_series(rows, columns, cells, descriptors, kind: str) -> dict | None:

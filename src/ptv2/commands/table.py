@@ -204,7 +204,7 @@ def collect(root: Path) -> tuple[list[Run], list[dict]]:
         except Unusable as error:
             print(f"ptv2 table: skipped {path.parent}: {error}", file=sys.stderr)
             failures.append({"dir": path.parent, "reason": f"skipped: {error}"})
-    seen = {run.path for run in runs}
+    seen = {run.path for run in runs} | {failure["dir"] for failure in failures}  # each folder reported once
     for marker in sorted(root.rglob("FAILED")):
         if marker.parent in seen:  # a job that failed, then was resumed to the end: its results stand
             continue
