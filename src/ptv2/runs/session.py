@@ -76,8 +76,11 @@ def process_owns_run_dir() -> bool:
             f"RANK={rank} with WORLD_SIZE={world} is no process of the launch (0 <= RANK < WORLD_SIZE); unset them, "
             "or let the launcher (accelerate launch, torchrun) set them"
         )
-    if values["LOCAL_RANK"] is not None and values["RANK"] is None and world > 1:
-        raise UserError("LOCAL_RANK is set without RANK; let the launcher (accelerate launch, torchrun) set both")
+    if values["LOCAL_RANK"] is not None and values["RANK"] is None:  # torch.distributed would ask for RANK
+        raise UserError(
+            "LOCAL_RANK is set without RANK: a multi-process launch sets RANK, WORLD_SIZE and LOCAL_RANK together; "
+            "unset LOCAL_RANK, or start ptv2 with accelerate launch or torchrun"
+        )
     return rank == 0 or world <= 1
 
 
