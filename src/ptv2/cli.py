@@ -218,6 +218,7 @@ COMMANDS = {
         "bench",
         "time train steps, eval throughput and peak memory per prompt method",
     ),
+    "serve": ("ptv2.commands.serve:run", "serve", "serve trained prompts over HTTP, batched on one backbone"),
     "export": ("ptv2.commands.export:main", None, "write a trained prompt as a PEFT adapter (RUN --to peft OUT)"),
     "import": ("ptv2.commands.export:import_main", None, "a PEFT prefix adapter as a checkpoint (DIR --from peft OUT)"),
     "table": (
@@ -423,7 +424,7 @@ LEXER_ERRORS = ("LexerNoViableAltException", "missing EQUAL", "token recognition
 
 
 # Commands whose run folder may be named positionally, as `ckpt=`: `ptv2 eval RUN_DIR` = `ptv2 eval ckpt=RUN_DIR`.
-CHECKPOINT_COMMANDS = ("eval", "predict")
+CHECKPOINT_COMMANDS = ("eval", "predict", "serve")
 SAFE_VALUE = re.compile(r"[\w./~-]+")
 
 

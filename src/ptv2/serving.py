@@ -71,18 +71,33 @@ class PromptServer(nn.Module):
     the trained model computes it.
     """
 
-    def __init__(self, encoder: nn.Module, tokenizer, models: dict[str, PromptModel], configs: dict[str, DictConfig]):
+    def __init__(
+        self, encoder: nn.Module, tokenizer, models: dict[str, PromptModel], configs: dict[str, DictConfig], parts=None
+    ):
         """models: {name: PromptModel on `encoder`} (one per checkpoint); configs: their run configs by the same
-        names. A model with one head serves it under the model's name; one with several (multi-task) serves
-        "<name>/<head>" for each."""
+        names; parts: the backbone's head parts (what model_for builds further models with). A model with one head
+        serves it under the model's name; one with several (multi-task) serves "<name>/<head>" for each."""
         super().__init__()
-        self.encoder, self.tokenizer, self.configs = encoder, tokenizer, configs
-        self.models = nn.ModuleDict(models)
+        self.encoder, self.tokenizer, self.configs, self.parts = encoder, tokenizer, dict(configs), parts
+        self.models = nn.ModuleDict()
         self.owner: dict[str, tuple[str, str]] = {}  # served name -> (model name, head name)
         for model_name, model in models.items():
-            for head in model.heads:
-                self.owner[model_name if len(model.heads) == 1 else f"{model_name}/{head}"] = (model_name, head)
+            self.add(model_name, model, configs.get(model_name))
         self.eval()
+
+    def add(self, model_name: str, model: PromptModel, cfg: DictConfig | None) -> None:
+        """Serve one more prompt model (built on this server's encoder) under `model_name`."""
+        self.models[model_name] = model.eval()
+        if cfg is not None:
+            self.configs[model_name] = cfg
+        for head in model.heads:
+            self.owner[model_name if len(model.heads) == 1 else f"{model_name}/{head}"] = (model_name, head)
+
+    def remove(self, model_name: str) -> None:
+        """Stop serving a prompt model: its prefix and heads are freed, the shared encoder stays."""
+        del self.models[model_name]
+        self.configs.pop(model_name, None)
+        self.owner = {name: owner for name, owner in self.owner.items() if owner[0] != model_name}
 
     @classmethod
     def from_checkpoints(cls, paths, configs: list[DictConfig] | None = None, use_folded: bool = True):
@@ -117,7 +132,7 @@ class PromptServer(nn.Module):
             if name in models:
                 name = f"{name}-{index}"
             models[name], served[name] = model, cfg
-        return cls(encoder, tokenizer, models, served)
+        return cls(encoder, tokenizer, models, served, parts)
 
     def head_names(self) -> list[str]:
         return list(self.owner)
