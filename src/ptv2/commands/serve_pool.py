@@ -281,23 +281,6 @@ class PromptPool:
         batch["mask_positions"] = mask_positions
         return {key: value.to(self.device) for key, value in batch.items()}
 
-    def _run_alone(self, prompt: Prompt, items: list[tuple[Request, int, list[dict]]]) -> None:
-        """A prompt that does not mix: its own forward (multiple choice) or greedy decoding (generation)."""
-        features = [feature for _, _, group in items for feature in group]
-        batch = prompt.kind.collate(features, self.tokenizer)
-        batch = {key: value.to(self.device) if torch.is_tensor(value) else value for key, value in batch.items()}
-        model_name, head = self.server.owner[prompt.name]
-        if hasattr(prompt.kind, "generate"):
-            member = Member(head, prompt.task, prompt.kind, {})
-            outputs = prompt.kind.generate(self.server.models[model_name], batch, member, self.tokenizer)
-            results = [[text] for text in prompt.kind.texts(list(outputs.cpu().numpy()))]
-        else:
-            logits = self.server(batch, head=prompt.name).float().cpu().numpy()
-            results = [[row] for row in logits]
-        for (request, position, _), result in zip(items, results, strict=True):
-            example = [e for examples in request.examples for e in examples][position]
-            request.answers[position] = answer(prompt, example, features, result)
-
 
 def probabilities(scores: np.ndarray) -> np.ndarray:
     scores = np.asarray(scores, dtype=np.float64)
