@@ -515,6 +515,8 @@ def command_line(command: str, argv: list[str]) -> tuple[list[str], str | None, 
     if lacking:
         what = "job, hydra or all" if lacking[0] in ("-c", "--cfg") else "a value"
         return args, None, f"{lacking[0]} needs {what} after it (e.g. --cfg job)"
+    if command == "bench":  # `ptv2 bench serve`: the server's load test
+        args = ["bench.serve=true" if arg == "serve" else arg for arg in args]
     if command in CHECKPOINT_COMMANDS:
         args, problem = positional_checkpoints(args)
     problem = problem or unwritable_run_dir(args) or linked_run_dir(args) or launcher_knobs(args)

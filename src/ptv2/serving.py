@@ -191,6 +191,8 @@ class PromptServer(nn.Module):
                 prompts[name] = prompt(1)  # eval mode: no dropout; {layer: (key, value)} each (1, H, P, D)
         if not prompts:
             return None
+        if len(prompts) == len(groups) and self._uniform(prompts):
+            return self._gathered_prefix(prompts, groups, batch_size)
         layers = sorted({layer for p in prompts.values() for layer in p})
         sample = next(iter(next(iter(prompts.values())).values()))[0]
         _, heads, _, head_dim = sample.shape
@@ -212,6 +214,34 @@ class PromptServer(nn.Module):
                 if len(prompt[layer]) > 3 and prompt[layer][3] is not None:  # a gated prefix (APT): its own gate
                     gates.append((prompt[layer][3], rows, length))
             prefix[layer] = (key, value, visible, mixed_gate(gates, longest)) if gates else (key, value, visible)
+        return prefix
+
+    @staticmethod
+    def _uniform(prompts: dict) -> bool:
+        """Every prompt on the same layers with the same length per layer, none gated: no column is padding."""
+        first = next(iter(prompts.values()))
+        shape = {layer: kv[0].shape for layer, kv in first.items()}
+        return all(
+            {layer: kv[0].shape for layer, kv in prompt.items()} == shape
+            and all(len(kv) < 4 or kv[3] is None for kv in prompt.values())
+            for prompt in prompts.values()
+        )
+
+    @staticmethod
+    def _gathered_prefix(prompts: dict, groups: dict[str, list[int]], batch_size: int):
+        """{layer: (key, value)} (B, heads, P, head_dim): each row's own prefix gathered from the stacked prompts, one
+        gather per layer (every column visible, so no mask)."""
+        names = list(prompts)
+        sample = next(iter(prompts[names[0]].values()))[0]
+        owner = torch.empty(batch_size, dtype=torch.long)
+        for number, name in enumerate(names):
+            owner[groups[name]] = number
+        owner = owner.to(sample.device)
+        prefix = {}
+        for layer in prompts[names[0]]:
+            keys = torch.cat([prompts[name][layer][0] for name in names])  # (prompts, heads, P, head_dim)
+            values = torch.cat([prompts[name][layer][1] for name in names])
+            prefix[layer] = (keys.index_select(0, owner), values.index_select(0, owner))
         return prefix
 
     def _position_ids(self, groups: dict[str, list[int]], attention_mask: torch.Tensor) -> torch.Tensor | None:

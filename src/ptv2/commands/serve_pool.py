@@ -166,19 +166,6 @@ class PromptPool:
             raise RequestError(f"no prompt named {name}; served: {served} (GET /prompts lists them)", 404)
         return self.prompts[name]
 
-    def resident_bytes(self) -> dict[str, int]:
-        """Bytes of the tensors each prompt adds (prefix, heads), and of the shared backbone."""
-        shared = {id(p) for p in self.server.encoder.parameters()}
-        own = {}
-        for name, model in self.server.models.items():
-            tensors = [p for p in model.parameters() if id(p) not in shared]
-            folded = getattr(getattr(model, "prompt", None), "folded", None)
-            own[name] = sum(t.numel() * t.element_size() for t in tensors) + (
-                folded.numel() * folded.element_size() if folded is not None else 0
-            )
-        backbone = sum(p.numel() * p.element_size() for p in self.server.encoder.parameters())
-        return {"backbone": backbone, **own}
-
     # ------------------------------------------------------------------------------------------------ requests
 
     def examples_of(self, name: str, sent: list) -> list[list[dict]]:
