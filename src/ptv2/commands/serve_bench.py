@@ -4,9 +4,9 @@ It writes bench.prompts synthetic prompts of the command's config (backbone, tas
 prefixes and heads: speed and memory do not depend on trained values) as checkpoints in the run folder, starts
 `ptv2 serve` on them in a process of its own on a free loopback port, and sends bench.requests requests (one record
 each: a sentence pair of 8 to 40 words) over bench.connections concurrent connections (httpx), all to one prompt
-and spread over the M prompts, in ROUNDS rounds that alternate which goes first; the same records in both. Then it loads prompts at
-runtime up to bench.resident and reads the server's resident memory (RSS) before and after: the memory per 100
-prompts. The prompts' checkpoints are removed at the end (bench.json keeps the figures).
+and spread over the M prompts, in ROUNDS rounds that alternate which goes first; the same records in both.
+Then it loads prompts at runtime up to bench.resident and reads the server's resident memory (RSS) before and
+after: the memory per 100 prompts. The prompts' checkpoints are removed at the end (bench.json keeps the figures).
 """
 
 from __future__ import annotations
