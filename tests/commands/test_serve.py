@@ -19,6 +19,7 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
 SQUAD = FIXTURES / "squad"
+COPA = FIXTURES / "superglue" / "COPA"
 TAGGING = FIXTURES / "tagging"
 CONLL = "conll03_iob1.txt"
 NER = ["task=conll03", f"task.data_dir={TAGGING}", f"task.files={{train: {CONLL}, dev: {CONLL}, test: {CONLL}}}"]
@@ -26,8 +27,9 @@ NER = ["task=conll03", f"task.data_dir={TAGGING}", f"task.files={{train: {CONLL}
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
-    """Tiny runs of three task types on one backbone: two RTE prompts (one with the MLP reparameterization), NER and
-    SQuAD; and, in a folder of its own, a prompt-tuning run (an input prompt: it cannot mix)."""
+    """Tiny runs of four task types on one backbone: two RTE prompts (one with the MLP reparameterization), NER,
+    SQuAD and COPA (multiple choice: its rows run in a forward of their own); and, in a folder of its own, a
+    prompt-tuning run (an input prompt: it cannot mix)."""
     root = tmp_path_factory.mktemp("serve-runs")
     ptv2("train", *SMOKE, "logger=none", "prompt.length=3", f"hydra.run.dir={root / 'runs' / 'a'}")
     mlp = ["prompt.length=5", "prompt.projection=mlp"]
@@ -35,6 +37,8 @@ def runs(tmp_path_factory) -> Path:
     ptv2("train", "backbone=tiny", "trainer=smoke", "logger=none", *NER, f"hydra.run.dir={root / 'runs' / 'ner'}")
     squad = ["task=squad", f"task.data_dir={SQUAD}", "task.max_length=192", "task.options.stride=32"]
     ptv2("train", "backbone=tiny", "trainer=smoke", "logger=none", *squad, f"hydra.run.dir={root / 'runs' / 'qa'}")
+    copa = ["task=copa", f"task.data_dir={COPA}"]
+    ptv2("train", "backbone=tiny", "trainer=smoke", "logger=none", *copa, f"hydra.run.dir={root / 'runs' / 'copa'}")
     ptv2("train", *SMOKE, "logger=none", "prompt=prompt_tuning", f"hydra.run.dir={root / 'other' / 'pt'}")
     return root
 
@@ -72,7 +76,7 @@ def rte_records() -> list[dict]:
 
 
 def test_mixed_prompts_answer_as_predict_does(runs, tmp_path):
-    """Concurrent requests for four prompts of three task types share backbone forwards; every answer equals the
+    """Concurrent requests for five prompts of four task types share backbone forwards; every answer equals the
     same record through `ptv2 predict` (labels, tags and answers exactly; probabilities to 1e-4)."""
     from ptv2.data import squad, tagging
 
@@ -81,6 +85,9 @@ def test_mixed_prompts_answer_as_predict_does(runs, tmp_path):
         out = tmp_path / f"predict-{name}"
         ptv2("predict", str(runs / "runs" / name), f"input={RTE / 'test.jsonl'}", f"hydra.run.dir={out}")
         expected[name] = [json.loads(line) for line in (out / "rte-scores.jsonl").read_text().splitlines()]
+    out = tmp_path / "predict-copa"
+    ptv2("predict", str(runs / "runs" / "copa"), f"input={COPA / 'val.jsonl'}", f"hydra.run.dir={out}")
+    expected["copa"] = [json.loads(line) for line in (out / "copa-scores.jsonl").read_text().splitlines()]
     out = tmp_path / "predict-ner"
     ptv2("predict", str(runs / "runs" / "ner"), f"input={TAGGING / CONLL}", f"hydra.run.dir={out}")
     expected_tags = [
@@ -94,11 +101,13 @@ def test_mixed_prompts_answer_as_predict_does(runs, tmp_path):
     questions = squad.read_official(SQUAD / "dev-v1.1.json")
     jobs = [("a", [record]) for record in rte_records()] + [("b", [record]) for record in rte_records()]
     jobs += [("ner", [{"tokens": sentence["tokens"]}]) for sentence in sentences]
+    copa_lines = [json.loads(line) for line in (COPA / "val.jsonl").read_text().splitlines()]
+    jobs += [("copa", [{k: v for k, v in line.items() if k not in ("idx", "label")}]) for line in copa_lines]
     jobs += [("qa", [{"question": q["question"], "context": q["context"], "id": q["id"]}]) for q in questions]
     server = Server(tmp_path, f"runs={runs / 'runs'}", "serve.max_wait_ms=200", "serve.max_batch=64")
     try:
         listed = {prompt["name"]: prompt for prompt in server.client.get("/prompts").json()}
-        assert set(listed) == {"a", "b", "ner", "qa"}
+        assert set(listed) == {"a", "b", "ner", "qa", "copa"}
         with ThreadPoolExecutor(len(jobs)) as threads:
             responses = list(threads.map(lambda job: server.predict(*job), jobs))
         metrics = server.client.get("/metrics").text
@@ -111,7 +120,7 @@ def test_mixed_prompts_answer_as_predict_does(runs, tmp_path):
         body = response.json()
         assert body["prompt"] == name and body["run_id"] == listed[name]["run_id"]
         by_prompt.setdefault(name, []).append(body["predictions"][0])
-    for name in ("a", "b"):
+    for name in ("a", "b", "copa"):
         for served, wanted in zip(by_prompt[name], expected[name], strict=True):
             assert served["label"] == wanted["label"]
             assert served["scores"] == pytest.approx(wanted["scores"], abs=1e-4)
@@ -271,3 +280,31 @@ def test_an_input_prompt_is_served_alone(runs, tmp_path):
         server.stop()
     assert answer.status_code == 200 and len(answer.json()["predictions"]) == 3
     assert joined.status_code == 422 and "serves one checkpoint alone" in joined.json()["error"]
+
+
+def test_generation_answers_as_predict_does(tmp_path):
+    """A decoder's generation prompt: the greedy answers of `ptv2 predict` on the same prompts."""
+    decoders = FIXTURES / "decoders"
+    backbone = [f"backbone.name_or_path={decoders / 'llama'}", f"backbone.tokenizer={decoders / 'tokenizer'}"]
+    task = ["task=generation", f"task.data_dir={FIXTURES / 'generation'}", "task.options.max_new_tokens=4"]
+    run = tmp_path / "runs" / "gen"
+    smoke = ["backbone=tiny", "backbone.name=tiny-llama", "trainer=smoke", "logger=none", "prompt.length=4"]
+    ptv2("train", *smoke, *backbone, *task, f"hydra.run.dir={run}")
+    ptv2(
+        "predict",
+        str(run),
+        *backbone,
+        "split=dev",
+        f"task.data_dir={FIXTURES / 'generation'}",
+        f"hydra.run.dir={tmp_path / 'p'}",
+    )
+    expected = [
+        json.loads(line) for line in (tmp_path / "p" / "generation-dev-generations.jsonl").read_text().splitlines()
+    ]
+    server = Server(tmp_path, f"ckpt={run}", *backbone)
+    try:
+        response = server.predict("gen", [{"prompt": line["prompt"]} for line in expected])
+    finally:
+        server.stop()
+    assert response.status_code == 200, response.text
+    assert [p["text"] for p in response.json()["predictions"]] == [line["prediction"] for line in expected]
