@@ -197,6 +197,7 @@ BAD = [
         "outside the folders",
     ),
     ("load an input prompt", None, 422, "cannot share this server's backbone"),
+    ("load under a bad name", dict(url="/prompts", json={"name": "x/y", "checkpoint": "/tmp"}), 422, "valid name"),
 ]
 
 

@@ -7,6 +7,7 @@ with it. The OpenAPI page (/docs) describes every field from the models below.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,11 @@ from starlette.exceptions import HTTPException
 from ptv2.commands.serve_batcher import MicroBatcher
 from ptv2.commands.serve_pool import PromptPool, RequestError
 from ptv2.commands.serve_pool import Request as PromptRequest
+from ptv2.config import check_name
 from ptv2.data.records import FIELDS
+from ptv2.errors import UserError
+
+log = logging.getLogger("ptv2")
 
 RECORDS_HELP = "The records to predict, each in the form of one line of `ptv2 predict input=FILE` for the task: " + (
     "; ".join(f"{reader}: {fields}" for reader, fields in FIELDS.items())
@@ -178,9 +183,14 @@ def build(pool: PromptPool, serve, roots: list[Path]) -> FastAPI:
     async def refused(request: Request, exc: HTTPException):
         return counted(request, error(exc.status_code, exc.detail))
 
-    @app.exception_handler(RequestError)
-    async def bad_request(request: Request, exc: RequestError):
-        return counted(request, error(exc.status, str(exc)))
+    @app.exception_handler(UserError)
+    async def bad_request(request: Request, exc: UserError):
+        return counted(request, error(getattr(exc, "status", 422), str(exc)))
+
+    @app.exception_handler(Exception)
+    async def fault(request: Request, exc: Exception):  # the server's fault: logged in full, answered in one line
+        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        return counted(request, error(500, "internal error; the server's log has the details"))
 
     def counted(request: Request, response: Response) -> Response:
         route = request.scope.get("route")
@@ -201,6 +211,7 @@ def build(pool: PromptPool, serve, roots: list[Path]) -> FastAPI:
 
     @app.post("/prompts", summary="Load a prompt without a restart", response_model=PromptInfo, status_code=201)
     async def load(body: LoadBody, request: Request):
+        check_name("prompt name", body.name)
         path = Path(body.checkpoint).expanduser().resolve()
         if not any(path == root or root in path.parents for root in roots):
             allowed = ", ".join(str(root) for root in roots)

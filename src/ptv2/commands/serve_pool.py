@@ -106,25 +106,30 @@ class PromptPool:
         self.prompts: dict[str, Prompt] = {}
         self.alone = len(paths) == 1 and not self._mixes(server.configs[next(iter(paths))])
         for name, path in paths.items():
-            self._register(name, checkpoint.resolve(path), server.configs[name])
+            self.prompts[name] = self._prompt(name, checkpoint.resolve(path), server.configs[name])
 
     # ------------------------------------------------------------------------------------------------ prompt set
 
     def _mixes(self, cfg: DictConfig) -> bool:
         return method(cfg.prompt.method).mixes_in_batch
 
-    def _register(self, name: str, path: Path, cfg: DictConfig) -> None:
+    def _prompt(self, name: str, path: Path, cfg: DictConfig) -> Prompt:
         members = task_members(cfg.task)
         if len(members) != 1:
-            raise UserError(f"{path} holds a multi-task prompt ({len(members)} heads); the server takes one task each")
+            raise RequestError(
+                f"{path} holds a multi-task prompt ({len(members)} heads); the server takes one task each"
+            )
         task = members[0][1]
         kind = task_type(task.type)
         mixes = self._mixes(cfg) and task.type in MIXED_TYPES
-        self.prompts[name] = Prompt(name, path, run_id(path), cfg, task, kind, mixes)
+        return Prompt(name, path, run_id(path), cfg, task, kind, mixes)
 
     def load(self, name: str, path: str) -> Prompt:
         """Add a prompt at runtime (refused, with the reason, when it cannot share this backbone)."""
-        check_name("prompt name", name)
+        try:
+            check_name("prompt name", name)
+        except UserError as error:
+            raise RequestError(str(error)) from None
         if name in self.prompts:
             raise RequestError(f"a prompt named {name} is already served; unload it first or choose another name", 409)
         try:
@@ -145,15 +150,15 @@ class PromptPool:
                 "checkpoints share one: serve it alone with ptv2 serve ckpt=RUN"
             )
         try:
+            prompt = self._prompt(name, resolved, cfg)
             validate(cfg, self.server.encoder.config)
             model = model_for(cfg, self.server.encoder, self.tokenizer, self.server.parts).to(self.device)
             checkpoint.load(resolved, model, use_folded=True)
         except UserError as error:
             raise RequestError(str(error)) from None
-        model.eval()
         self.server.add(name, model, cfg)
-        self._register(name, resolved, cfg)
-        return self.prompts[name]
+        self.prompts[name] = prompt
+        return prompt
 
     def unload(self, name: str) -> Prompt:
         prompt = self.prompts.pop(self.known(name).name)
