@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import FIXTURES, RTE, SMOKE, free_port, ptv2, start_ptv2
+from conftest import FIXTURES, RTE, SMOKE, TINY_BERT, free_port, ptv2, start_ptv2
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
@@ -40,6 +40,13 @@ def runs(tmp_path_factory) -> Path:
     copa = ["task=copa", f"task.data_dir={COPA}"]
     ptv2("train", "backbone=tiny", "trainer=smoke", "logger=none", *copa, f"hydra.run.dir={root / 'runs' / 'copa'}")
     ptv2("train", *SMOKE, "logger=none", "prompt=prompt_tuning", f"hydra.run.dir={root / 'other' / 'pt'}")
+    deeper = root / "deeper-bert"  # the tiny BERT with a third layer: another backbone
+    shutil.copytree(TINY_BERT, deeper)
+    (deeper / "config.json").write_text(
+        json.dumps({**json.loads((TINY_BERT / "config.json").read_text()), "num_hidden_layers": 3})
+    )
+    deep = [f"backbone.name_or_path={deeper}", "backbone.name=deeper"]
+    ptv2("train", *SMOKE, "logger=none", *deep, f"hydra.run.dir={root / 'other' / 'deep'}")
     return root
 
 
@@ -197,6 +204,7 @@ BAD = [
         "outside the folders",
     ),
     ("load an input prompt", None, 422, "cannot share this server's backbone"),
+    ("load another backbone's prompt", None, 422, "not the one this server holds"),
     ("load under a bad name", dict(url="/prompts", json={"name": "x/y", "checkpoint": "/tmp"}), 422, "valid name"),
 ]
 
@@ -210,18 +218,19 @@ def test_bad_input_gets_one_line_4xx_and_disturbs_no_one(runs, tmp_path):
         "serve.max_body_bytes=4096",
         "serve.max_wait_ms=100",
     )
-    # A copy of the prompt-tuning run inside the folder the server loads from: only its method refuses it.
-    copy = runs / "runs" / "pt-copy"
-    copy.mkdir()
-    shutil.copy(runs / "other" / "pt" / "prompt.safetensors", copy)
+    copies = {name: runs / "runs" / f"{name}-copy" for name in ("pt", "deep")}
+    for name, copy in copies.items():
+        copy.mkdir()
+        shutil.copy(runs / "other" / name / "prompt.safetensors", copy)
     good = rte_records()
     try:
         with ThreadPoolExecutor(2 * len(BAD)) as threads:
             goods = [threads.submit(server.predict, "b", good) for _ in BAD]
             bads = []
-            for _, kwargs, _, _ in BAD:
-                if kwargs is None:
-                    kwargs = dict(url="/prompts", json={"name": "pt", "checkpoint": str(copy)})
+            for what, kwargs, _, _ in BAD:
+                if kwargs is None:  # a copy inside the folder the server loads from: only its content refuses it
+                    name = "pt" if "input prompt" in what else "deep"
+                    kwargs = dict(url="/prompts", json={"name": name, "checkpoint": str(copies[name])})
                 kwargs = dict(kwargs)
                 headers = kwargs.pop("headers", {"content-type": "application/json"})
                 bads.append(threads.submit(server.client.post, headers=headers, **kwargs))
@@ -230,7 +239,8 @@ def test_bad_input_gets_one_line_4xx_and_disturbs_no_one(runs, tmp_path):
         assert server.client.get("/health").json() == {"status": "ok", "prompts": 2}
     finally:
         result = server.stop()
-        shutil.rmtree(copy)
+        for copy in copies.values():
+            shutil.rmtree(copy)
     for (what, _, status, phrase), response in zip(BAD, refusals, strict=True):
         assert response.status_code == status, f"{what}: {response.status_code} {response.text}"
         body = response.json()

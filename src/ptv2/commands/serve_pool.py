@@ -135,14 +135,14 @@ class PromptPool:
         try:
             resolved = checkpoint.resolve(path)
             metadata = checkpoint.read_metadata(resolved)
+            if metadata["backbone_hash"] != self.backbone_hash:
+                raise UserError(
+                    f"{resolved} was trained on backbone {metadata['backbone']}, not the one this server holds; "
+                    "start a server for that backbone"
+                )
             cfg = self.config_of(str(resolved))
         except UserError as error:
             raise RequestError(str(error)) from None
-        if metadata["backbone_hash"] != self.backbone_hash:
-            raise RequestError(
-                f"{resolved} was trained on backbone {metadata['backbone']}, not the one this server holds; "
-                "start a server for that backbone"
-            )
         if self.alone or not self._mixes(cfg):
             reason = "this server serves one checkpoint alone" if self.alone else f"prompt.method={cfg.prompt.method}"
             raise RequestError(
