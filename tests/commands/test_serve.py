@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -279,6 +280,13 @@ def test_start_refuses_what_cannot_share_a_backbone(runs, tmp_path):
     empty.mkdir()
     none = ptv2("serve", f"runs={empty}", f"hydra.run.dir={tmp_path / 'e'}", check=False)
     assert none.returncode == 2 and "no prompt.safetensors under" in none.stderr
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        busy = ptv2(
+            "serve", f"runs={runs / 'runs'}", f"serve.port={port}", f"hydra.run.dir={tmp_path / 'b'}", check=False
+        )
+    assert busy.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in busy.stderr
+    assert not (tmp_path / "b").exists()  # a refused start leaves no run folder
 
 
 def test_an_input_prompt_is_served_alone(runs, tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 from pathlib import Path
 
 import torch
@@ -62,6 +63,18 @@ def load_roots(cfg: DictConfig, paths: dict[str, Path]) -> list[Path]:
     return sorted({path.resolve().parent.parent for path in paths.values()})
 
 
+def check_address(host: str, port: int) -> None:
+    """The address is free to listen on, checked before the prompts load (uvicorn would fail after)."""
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as error:
+        raise UserError(
+            f"cannot listen on {host}:{port} ({error.strerror or error}); pass a free serve.port= (or another "
+            "serve.host=)"
+        ) from None
+
+
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     try:
         import uvicorn
@@ -76,6 +89,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     if cfg.serve.threads:
         torch.set_num_threads(cfg.serve.threads)
     paths = prompt_paths(cfg)
+    check_address(cfg.serve.host, cfg.serve.port)
 
     def config_of(path: str) -> DictConfig:
         return checkpoint_config(OmegaConf.merge(cfg, {"ckpt": path}))
