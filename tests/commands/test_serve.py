@@ -165,6 +165,13 @@ def test_load_and_unload_while_requests_run(runs, tmp_path):
         assert gone.status_code == 404 and "no prompt named b2" in gone.json()["error"]
         names = [prompt["name"] for prompt in server.client.get("/prompts").json()]
         assert names == ["a"]
+        schemas = server.client.get("/openapi.json").json()["components"]["schemas"]
+        described = {
+            name: [f for f, v in schema["properties"].items() if not v.get("description")]
+            for name, schema in schemas.items()
+            if name in ("PredictBody", "LoadBody", "Prediction", "PredictResponse", "PromptInfo")
+        }
+        assert len(described) == 5 and not any(described.values()), described  # every field described
     finally:
         stop.set()
         worker.join(60)

@@ -66,17 +66,17 @@ class Prediction(BaseModel):
 class PredictResponse(BaseModel):
     prompt: str = Field(description="The prompt that answered")
     run_id: str = Field(description="Its run folder and the first 12 hex digits of its checkpoint's SHA-256")
-    predictions: list[Prediction]
+    predictions: list[Prediction] = Field(description="One answer per example, in record order")
 
 
 class PromptInfo(BaseModel):
-    name: str
-    run_id: str
-    checkpoint: str
-    task: str
-    task_type: str
-    method: str
-    labels: list[str]
+    name: str = Field(description="The name requests use: POST /prompts/NAME/predict")
+    run_id: str = Field(description="Its run folder and the first 12 hex digits of its checkpoint's SHA-256")
+    checkpoint: str = Field(description="The prompt.safetensors file it was loaded from")
+    task: str = Field(description="The task it was trained on (task.name)")
+    task_type: str = Field(description="classification, multiple_choice, tagging, span or generation")
+    method: str = Field(description="The prompt method (prompt.method)")
+    labels: list[str] = Field(description="The label names its head scores (none for QA and generation)")
 
 
 class Metrics:
