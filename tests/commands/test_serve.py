@@ -334,3 +334,16 @@ def test_generation_answers_as_predict_does(tmp_path):
         server.stop()
     assert response.status_code == 200, response.text
     assert [p["text"] for p in response.json()["predictions"]] == [line["prediction"] for line in expected]
+
+
+def test_runtime_loads_read_from_the_runs_folder_never_from_the_root(tmp_path):
+    from omegaconf import OmegaConf
+
+    from ptv2.commands.serve import load_roots
+
+    cfg = OmegaConf.create({"runs": None})
+    nested = {"a": tmp_path / "runs" / "a" / "prompt.safetensors", "b": tmp_path / "runs" / "b" / "prompt.safetensors"}
+    assert load_roots(cfg, nested) == [(tmp_path / "runs").resolve()]
+    top = {"a": Path("/a/prompt.safetensors")}
+    assert load_roots(cfg, top) == [Path("/a")]  # the run folder itself, not the whole file system
+    assert load_roots(OmegaConf.create({"runs": str(tmp_path)}), nested) == [tmp_path.resolve()]

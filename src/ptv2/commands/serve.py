@@ -57,10 +57,15 @@ def prompt_paths(cfg: DictConfig) -> dict[str, Path]:
 
 
 def load_roots(cfg: DictConfig, paths: dict[str, Path]) -> list[Path]:
-    """The folders a runtime load (POST /prompts) may read from: runs=DIR, else the folders holding the ckpt runs."""
+    """The folders a runtime load (POST /prompts) may read from: runs=DIR, else the folders holding the ckpt runs
+    (a run's own folder where that would be the file system's root or the home folder)."""
     if cfg.runs:
         return [Path(cfg.runs).expanduser().resolve()]
-    return sorted({path.resolve().parent.parent for path in paths.values()})
+    roots = set()
+    for path in paths.values():
+        run = path.resolve().parent
+        roots.add(run if run.parent in (Path(run.anchor), Path.home().resolve()) else run.parent)
+    return sorted(roots)
 
 
 def check_address(host: str, port: int) -> None:
