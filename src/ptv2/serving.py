@@ -25,6 +25,7 @@ from torch import nn
 
 from ptv2.config import task_members, validate
 from ptv2.errors import UserError
+from ptv2.modeling.heads import ClassificationHead
 from ptv2.modeling.injection import family_of, position_ids, run_encoder
 from ptv2.modeling.methods import method, mixable
 from ptv2.modeling.model import PromptModel
@@ -152,16 +153,41 @@ class PromptServer(nn.Module):
             inputs["position_ids"] = positions
         hidden = run_encoder(self.encoder, self._mixed_prefix(groups, len(tasks)), **inputs)
         rows_out: list[torch.Tensor | None] = [None] * len(tasks)
+        plain: dict[int, list[tuple[nn.Module, list[int]]]] = {}  # label count -> plain linear heads and their rows
         for name, rows in groups.items():
+            head_module = self._model_of(name).head_for(self.owner[name][1])
+            if self._plain_linear(head_module):
+                plain.setdefault(head_module.linear.out_features, []).append((head_module, rows))
+                continue
             index = torch.tensor(rows, device=hidden.device)
             sub_batch = {
                 k: v[index] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == len(tasks) else v
                 for k, v in batch.items()
             }
-            out = self._model_of(name).head_for(self.owner[name][1])(hidden[index], sub_batch)
+            out = head_module(hidden[index], sub_batch)
             for position, row in enumerate(rows):
                 rows_out[row] = out[position]
+        for heads in plain.values():
+            self._linear_heads(hidden, heads, rows_out)
         return rows_out
+
+    def _plain_linear(self, head: nn.Module) -> bool:
+        """A classification head that is one linear layer on the first token (in eval mode its dropout is none)."""
+        return not self.training and type(head) is ClassificationHead and head.pooler is None and not head.last_token
+
+    @staticmethod
+    def _linear_heads(hidden: torch.Tensor, heads: list[tuple[nn.Module, list[int]]], rows_out: list) -> None:
+        """Plain linear heads of one label count applied to their rows at once: each row by its own head's weights
+        (one batched product instead of a call per head)."""
+        rows = [row for _, head_rows in heads for row in head_rows]
+        owner = torch.tensor([number for number, (_, head_rows) in enumerate(heads) for _ in head_rows])
+        weight = torch.stack([head.linear.weight for head, _ in heads])  # (heads, labels, hidden)
+        bias = torch.stack([head.linear.bias for head, _ in heads])
+        owner = owner.to(weight.device)
+        features = hidden[torch.tensor(rows, device=hidden.device), 0].to(weight.dtype)
+        out = torch.einsum("rh,rlh->rl", features, weight[owner]) + bias[owner]
+        for position, row in enumerate(rows):
+            rows_out[row] = out[position]
 
     def generate(self, batch: dict, head: str, **options) -> torch.Tensor:
         """Greedy answers of the served generation task `head` (see PromptModel.generate)."""
