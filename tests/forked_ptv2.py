@@ -85,6 +85,9 @@ class ForkedProcess:
         )
         self._process.start()
 
+    def send_signal(self, number: int) -> None:
+        os.kill(self._process.pid, number)
+
     def wait(self, timeout: float = 300) -> subprocess.CompletedProcess:
         self._process.join(timeout)
         if self._process.exitcode is None:

@@ -71,6 +71,26 @@ def test_mixed_batch_equals_each_task_alone(family):
     assert mixed[2].shape == (3,) and mixed[1].shape == (9, 3)
 
 
+def test_mixed_batch_of_equal_prompts_gathers_each_rows_own_prefix():
+    """Prompts of one length on the same layers (a server's usual set) take the gathered path, with no padding mask:
+    every row still equals its prompt run alone, and a row given another prompt changes."""
+    prompts = {name: prompt_cfg(4) for name in ("a", "b", "c")}
+    server, models = make_server("bert", prompts, head_types={"c": "tagging"})
+    input_ids, mask = padded_batch(lengths=(9, 6, 4, 8, 5))
+    tasks = ["b", "a", "c", "a", "b"]
+    with torch.no_grad():
+        prefix = server._mixed_prefix(server._groups(tasks), len(tasks))
+        assert all(len(kv) == 2 for kv in prefix.values())  # no visibility mask: no padded column
+        mixed = server({"input_ids": input_ids, "attention_mask": mask}, tasks=tasks)
+        for row, name in enumerate(tasks):
+            alone = models[name]({"input_ids": input_ids[[row]], "attention_mask": mask[[row]]}, head=name)[0]
+            real = int(mask[row].sum())
+            got, expected = (mixed[row][:real], alone[:real]) if alone.dim() == 2 else (mixed[row], alone)
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+        swapped = server({"input_ids": input_ids, "attention_mask": mask}, tasks=["a", "b", "c", "a", "b"])
+    assert not torch.allclose(swapped[0], mixed[0])
+
+
 def test_mixed_batch_with_shifted_positions():
     prompts = {"s": prompt_cfg(5, shift=True), "n": prompt_cfg(3)}
     server, models = make_server("bert", prompts)

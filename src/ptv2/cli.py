@@ -72,6 +72,7 @@ COMMANDS = {
         "bench",
         "time train steps, eval throughput and peak memory per prompt method",
     ),
+    "serve": ("ptv2.commands.serve:run", "serve", "serve trained prompts over HTTP, batched on one backbone"),
     "export": ("ptv2.commands.export:main", None, "write a trained prompt as a PEFT adapter (RUN --to peft OUT)"),
     "import": ("ptv2.commands.export:import_main", None, "a PEFT prefix adapter as a checkpoint (DIR --from peft OUT)"),
     "table": (
@@ -277,7 +278,7 @@ LEXER_ERRORS = ("LexerNoViableAltException", "missing EQUAL", "token recognition
 
 
 # Commands whose run folder may be named positionally, as `ckpt=`: `ptv2 eval RUN_DIR` = `ptv2 eval ckpt=RUN_DIR`.
-CHECKPOINT_COMMANDS = ("eval", "predict")
+CHECKPOINT_COMMANDS = ("eval", "predict", "serve")
 SAFE_VALUE = re.compile(r"[\w./~-]+")
 
 
@@ -378,6 +379,8 @@ def command_line(command: str, argv: list[str]) -> tuple[list[str], str | None, 
     if lacking:
         what = "job, hydra or all" if lacking[0] in ("-c", "--cfg") else "a value"
         return args, None, f"{lacking[0]} needs {what} after it (e.g. --cfg job)"
+    if command == "bench":  # `ptv2 bench serve`: the server's load test
+        args = ["bench.serve=true" if arg == "serve" else arg for arg in args]
     if command in CHECKPOINT_COMMANDS:
         args, problem = positional_checkpoints(args)
     problem = problem or unwritable_run_dir(args) or linked_run_dir(args) or launcher_knobs(args)

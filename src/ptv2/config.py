@@ -223,6 +223,27 @@ class BenchConfig:
     # (wall time and peak memory for the same steps; see pack_bench.py)
     pack: Optional[int] = None
     jobs_per_forward: Optional[int] = None  # bench.pack: jobs per backbone forward (None: as the packed launcher)
+    # `ptv2 bench serve` (= bench.serve=true): an HTTP load test of `ptv2 serve` (see serve_bench.py)
+    serve: bool = False
+    prompts: int = 64  # M: prompts mixed in the mixed-prompt run
+    connections: int = 16  # N: concurrent HTTP connections
+    requests: int = 400  # requests per run (one record each)
+    resident: int = 1000  # prompts loaded for the memory figure (resident memory per 100 prompts)
+
+
+@dataclass
+class ServeConfig:
+    """`ptv2 serve`: many prompts behind one HTTP endpoint (see commands/serve.py)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_batch: int = 32  # examples per backbone forward
+    max_wait_ms: float = 5.0  # how long the first request of a batch waits for others
+    max_tokens: int = 2048  # tokens of one record's texts (before the task's truncation)
+    max_records: int = 64  # records per request
+    max_body_bytes: int = 1048576  # request body size
+    threads: Optional[int] = None  # torch CPU threads (None: torch's default)
+    shutdown_seconds: float = 30.0  # on SIGTERM: how long in-flight requests may take to finish
 
 
 @dataclass
@@ -235,6 +256,8 @@ class RunConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = tagged(None, FREE, PER_JOB, factory=LoggerConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
+    serve: ServeConfig = tagged(None, COMMAND, factory=ServeConfig)
+    runs: Optional[str] = tagged(None, COMMAND)  # `ptv2 serve`: a folder of run folders, each checkpoint served
     ckpt: Any = tagged(
         None, COMMAND
     )  # `ptv2 eval` / `predict`: checkpoint file or run directory (predict: also a list of them)
@@ -351,6 +374,18 @@ RANGES = {
     "bench.threads": SOME_COUNT,
     "bench.pack": SOME_COUNT,
     "bench.jobs_per_forward": SOME_COUNT,
+    "bench.prompts": COUNT,
+    "bench.connections": COUNT,
+    "bench.requests": COUNT,
+    "bench.resident": COUNT,
+    "serve.port": Range(1, 65535, integer=True),
+    "serve.max_batch": COUNT,
+    "serve.max_wait_ms": Range(0, 10000),
+    "serve.max_tokens": COUNT,
+    "serve.max_records": COUNT,
+    "serve.max_body_bytes": Range(1024, integer=True),
+    "serve.threads": SOME_COUNT,
+    "serve.shutdown_seconds": Range(0),
 }
 CHOICES = {
     "backbone.dtype": DTYPES,

@@ -268,6 +268,10 @@ def table(results: dict[str, dict]) -> str:
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     bench = cfg.bench
+    if bench.serve:  # `ptv2 bench serve`: an HTTP load test of ptv2 serve
+        from ptv2.commands import serve_bench
+
+        return serve_bench.run(cfg, run_dir)
     if bench.pack:  # packed sweeps: K jobs on one backbone vs one after another
         from ptv2.commands import pack_bench
 

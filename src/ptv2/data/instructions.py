@@ -16,10 +16,16 @@ def local_files(task) -> dict[str, dict[str, list[str]]]:
 
 
 def load(task, split: str) -> list[dict]:
+    return examples_of(task, jsonl_records(task, split), split)
+
+
+def examples_of(task, records, split: str) -> list[dict]:
+    """Canonical examples of (where, record) pairs: a file's lines, or the records a server is sent (split "test":
+    the response optional)."""
     options = task.get("options") or {}
     prompt_field, response_field = options.get("prompt_field", "prompt"), options.get("response_field", "response")
     examples = []
-    for where, record in jsonl_records(task, split):
+    for where, record in records:
         prompt = field(record, prompt_field, where)
         response = record.get(response_field, "") if split == "test" else field(record, response_field, where)
         if not isinstance(prompt, str) or not isinstance(response, str):

@@ -302,16 +302,29 @@ def read_conll04_json(path: str | Path, scheme: str = "auto") -> list[dict]:
     """CoNLL04 in SpERT's JSON form (array or JSON lines) of {tokens, entities|tags} records."""
     examples = []
     for where, record in _json_records(path):
-        tokens = _string_list(field(record, "tokens", where), where, "tokens")
-        if "entities" in record:
-            tags = spans_to_bio(len(tokens), _entity_spans(record["entities"], where), where)
-        elif "tags" in record:
-            tags = to_bio(_string_list(record["tags"], where, "tags"), where, scheme)
-        else:
-            raise UserError(f"{where}: missing field 'entities' or 'tags' (fields present: {', '.join(record)})")
-        _check_lengths(tokens, tags, where)
-        examples.append(_example(len(examples), tokens, tags))
+        examples.append(json_example(where, record, len(examples), scheme))
     return examples
+
+
+def json_example(where: str, record: dict, idx: int, scheme: str = "auto", labelled: bool = True) -> dict:
+    """The canonical example of one {tokens, entities|tags} record; unlabelled (a server's request): the tags may
+    be left out (all "O"), and an SRL record names its predicate word by index ("predicate")."""
+    if not isinstance(record, dict):
+        raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    tokens = _string_list(field(record, "tokens", where), where, "tokens")
+    if "entities" in record:
+        tags = spans_to_bio(len(tokens), _entity_spans(record["entities"], where), where)
+    elif "tags" in record:
+        tags = to_bio(_string_list(record["tags"], where, "tags"), where, scheme)
+    elif not labelled:
+        tags = ["O"] * len(tokens)
+    else:
+        raise UserError(f"{where}: missing field 'entities' or 'tags' (fields present: {', '.join(record)})")
+    _check_lengths(tokens, tags, where)
+    predicate = -1 if labelled else record.get("predicate", -1)
+    if isinstance(predicate, bool) or not isinstance(predicate, int) or not -1 <= predicate < len(tokens):
+        raise UserError(f"{where}: 'predicate' must be the index of a word (0 to {len(tokens) - 1}), got {predicate!r}")
+    return _example(idx, tokens, tags, predicate)
 
 
 def _json_records(path: str | Path):

@@ -18,12 +18,18 @@ def local_files(task) -> dict[str, dict[str, list[str]]]:
 
 
 def load(task, split: str) -> list[dict]:
+    return examples_of(task, jsonl_records(task, split), split)
+
+
+def examples_of(task, records, split: str) -> list[dict]:
+    """Canonical examples of (where, record) pairs: a file's lines, or the records a server is sent (split "test":
+    labels optional)."""
     options = task.get("options") or {}
     text_a, text_b = options.get("text_a_field", "text_a"), options.get("text_b_field", "text_b")
     label_field = options.get("label_field", "label")
     labels = [str(label) for label in task.labels]
     examples = []
-    for where, record in jsonl_records(task, split):
+    for where, record in records:
         first, second = field(record, text_a, where), record.get(text_b, "") if text_b else ""
         if not isinstance(first, str) or not isinstance(second, str):
             raise UserError(f"{where}: '{text_a}' and '{text_b}' must be strings")

@@ -28,7 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open
 
 from ptv2 import __version__
-from ptv2.config import COMMAND, PATH, RunConfig, keys_with
+from ptv2.config import COMMAND, PATH, RunConfig, has_role, keys_with
 from ptv2.errors import UserError
 from ptv2.io import write_safetensors
 
@@ -298,7 +298,7 @@ def checkpoint_config(cfg: DictConfig) -> DictConfig:
     parser = OverridesParser.create()
     for override in parser.parse_overrides(list(HydraConfig.get().overrides.task)):
         key = override.key_or_group
-        if key in OWN_KEYS:
+        if has_role(key, OWN_KEYS):
             continue
         if key in COMMAND_GROUPS:
             with open_dict(saved):
