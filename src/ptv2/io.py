@@ -152,3 +152,13 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def open_stream(path: str | Path):
+    """A file another process streams into (a server's output), opened for writing in binary: the one output that
+    cannot be atomic. Never through a link: a link in its place is refused (O_NOFOLLOW)."""
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o666)
+    except OSError as error:
+        raise UserError(f"cannot write {path} ({error.strerror or error}); remove what is there and retry") from None
+    return os.fdopen(descriptor, "wb")

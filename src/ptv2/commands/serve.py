@@ -19,11 +19,12 @@ from omegaconf import DictConfig, OmegaConf
 from ptv2.commands.predict import checkpoint_paths
 from ptv2.config import check_name
 from ptv2.errors import UserError
-from ptv2.io import write_json
+from ptv2.io import declare, write_json
 from ptv2.runs import checkpoint
 from ptv2.runs.checkpoint import checkpoint_config
 
 log = logging.getLogger("ptv2")
+OUTPUTS = declare("serve", "config.yaml", ".hydra/*.yaml", "serve.log", "serve.json")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 

@@ -26,10 +26,11 @@ import torch
 from omegaconf import DictConfig
 
 from ptv2.errors import UserError
-from ptv2.io import write_json
+from ptv2.io import declare, open_stream, write_json
 from ptv2.runs import checkpoint
 
 log = logging.getLogger("ptv2")
+OUTPUTS = declare("bench", "server-output.txt", "server/*", "server/.hydra/*.yaml", "prompts/*", "prompts/*/*")
 ROUNDS = 4  # one-prompt and mixed runs, alternating which goes first; the figures are the medians
 WORDS = "the a man woman child dog city river market old new small large red quiet walks sees holds near under".split()
 
@@ -123,7 +124,7 @@ class ServerProcess:
         args += [f"serve.max_wait_ms={serve.max_wait_ms}", f"hydra.run.dir={run_dir / 'server'}"]
         if cfg.bench.threads:
             args.append(f"serve.threads={cfg.bench.threads}")
-        self.log = open(run_dir / "server-output.txt", "wb")  # noqa: SIM115 (the process writes it until stop)
+        self.log = open_stream(run_dir / "server-output.txt")  # the server process writes it until it stops
         self.process = subprocess.Popen(
             [sys.executable, "-m", "ptv2", "serve", *args], stdout=self.log, stderr=self.log
         )
