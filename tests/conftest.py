@@ -182,7 +182,7 @@ def compose_config(*overrides: str, config_name: str = "train"):
 def _composed(overrides: tuple[str, ...], config_name: str):
     from hydra import compose, initialize_config_module
 
-    from ptv2.cli import register
+    from ptv2.command_line import register
 
     register()
     with initialize_config_module(config_module="ptv2.conf", version_base="1.3"):

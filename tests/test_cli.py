@@ -128,11 +128,11 @@ def _parse_records(payloads: list[bytes]) -> list:
     ],
 )
 def test_the_sweep_expansion_equals_hydras_basic_sweeper(overrides):
-    """cli.expanded_sweep uses only Hydra's public override API; Hydra's own BasicSweeper is the reference."""
+    """command_line.expanded_sweep uses only Hydra's public override API; Hydra's own BasicSweeper is the reference."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from ptv2.cli import expanded_sweep
+    from ptv2.command_line import expanded_sweep
 
     parsed = OverridesParser.create().parse_overrides(overrides)
     reference = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]

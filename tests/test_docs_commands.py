@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import compose_config
 
-from ptv2 import cli
+from ptv2 import cli, command_line
 from ptv2.commands import export, table
 from ptv2.config import check_values
 
@@ -75,11 +75,11 @@ def words(line: str) -> tuple[str, list[str]]:
 def check_hydra_command(command: str, args: list[str]) -> int:
     """Compose and check what `ptv2 COMMAND ARGS` would run; the number of configs checked."""
     _, config_name, _ = cli.COMMANDS[command]
-    args, _, problem = cli.command_line(command, args)
+    args, _, problem = command_line.command_line(command, config_name, args)
     assert problem is None, problem
-    flags, overrides, _ = cli.split_flags(args)
+    flags, overrides, _ = command_line.split_flags(args)
     settings = [arg for arg in overrides if not arg.lstrip("+").startswith("hydra")]
-    jobs = cli.expanded_sweep(config_name, settings) if "-m" in flags or "--multirun" in flags else [settings]
+    jobs = command_line.expanded_sweep(config_name, settings) if "-m" in flags or "--multirun" in flags else [settings]
     for job in jobs[:MOST_JOBS]:
         check_values(compose_config(*job, config_name=config_name))
     return len(jobs[:MOST_JOBS])

@@ -17,7 +17,7 @@ from conftest import TINY, compose_config, padded_batch
 from transformers import AutoModel, BertConfig, DynamicCache, RobertaConfig, RobertaForMaskedLM
 
 import ptv2.config
-from ptv2.cli import with_official_preset
+from ptv2.command_line import with_official_preset
 from ptv2.engine import Member, head_spec
 from ptv2.errors import UserError
 from ptv2.modeling import backbone, injection

@@ -327,7 +327,7 @@ def test_a_local_model_folder_without_weights_is_named_not_the_hub(tmp_path):
 def test_positional_run_folders_become_ckpt_and_parse_back_to_the_paths():
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from ptv2.cli import positional_checkpoints
+    from ptv2.command_line import positional_checkpoints
 
     assert positional_checkpoints(["--cfg", "job", "runs/a", "split=dev"]) == (
         ["--cfg", "job", "ckpt=runs/a", "split=dev"],
@@ -392,7 +392,7 @@ def test_a_sweep_with_cfg_is_one_line_and_hydra_sweep_functions_pass_the_option_
     result = ptv2("train", "-m", "prompt.length=4,8", "--cfg", "job", check=False)
     assert result.returncode == 2
     assert result.stderr.strip() == "ptv2: error: -m and --cfg cannot go together; drop -m to see one job's config"
-    from ptv2.cli import missing_optional_option
+    from ptv2.command_line import missing_optional_option
 
     assert missing_optional_option("train", ["-m", "arm=glob(fidelity-lora*)", "experiment=fidelity"]) is None
     assert missing_optional_option("train", ["-m", "arm=fidelity-lora,fidelity-lorb"]).startswith("arm=fidelity-lorb")

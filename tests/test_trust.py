@@ -339,7 +339,7 @@ def test_an_unquoted_space_hints_to_quote(tmp_path):
     ],
 )
 def test_flags_go_before_the_overrides_with_their_values(args, expected):
-    from ptv2.cli import flags_first
+    from ptv2.command_line import flags_first
 
     assert flags_first(args) == expected
 
