@@ -173,7 +173,7 @@ def test_eval_without_data_names_the_folder_it_trained_on(trained, tmp_path):
         f"the checkpoint was trained on task.data_dir={RTE}: add task.data_dir={RTE} to the command "
         "(ptv2 never takes a path from a checkpoint)"
     )
-    assert "packaged backbone=minilm" not in line  # the data is missing, not a backbone
+    assert "or use the packaged backbone=minilm" not in line  # the data is missing: no backbone is the fix
 
 
 @pytest.mark.parametrize("style", [["DIR"], ["dir=DIR"], ["dir=DIR", "out=OUT"]])

@@ -170,7 +170,8 @@ def label_id(value: Any, labels: list[str], where: str) -> int:
 
 
 LOCAL_DATA = (
-    "the task files with task.data_dir=DIR (and, for a hub backbone, a local model with backbone.name_or_path=DIR)"
+    "the task files with task.data_dir=DIR (and, for a hub backbone, a local model with backbone.name_or_path=DIR "
+    "or the packaged backbone=minilm)"
 )
 
 
