@@ -137,3 +137,26 @@ def test_the_sweep_expansion_equals_hydras_basic_sweeper(overrides):
     parsed = OverridesParser.create().parse_overrides(overrides)
     reference = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
     assert expanded_sweep("train", overrides) == reference
+
+
+@pytest.mark.parametrize(
+    ("override", "line"),
+    [
+        ("task=rtee", "task=rtee is unknown; did you mean rte?"),
+        ("backbone=roberta-larg", "backbone=roberta-larg is unknown; did you mean roberta-large or roberta-base?"),
+    ],
+)
+def test_a_misspelt_option_gets_the_close_names(override, line, tmp_path):
+    result = ptv2("train", override, f"hydra.run.dir={tmp_path / 'run'}", check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"ptv2: error: {line}; `ptv2 train --help` lists the options"
+
+
+def test_a_sweep_over_a_missing_data_folder_starts_no_job(tmp_path):
+    sweep = tmp_path / "sweep"
+    args = ["backbone=tiny", "trainer=smoke", "logger=none", "task.data_dir=DIR/RTE", "prompt.length=1,4"]
+    result = ptv2("train", "-m", *args, f"hydra.sweep.dir={sweep}", check=False)
+    assert result.returncode == 2 and not sweep.exists()
+    assert result.stderr.strip().endswith(
+        "task.data_dir=DIR/RTE is not a directory: pass the folder that holds the task's files; no job was started"
+    )

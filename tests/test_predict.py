@@ -158,7 +158,7 @@ def test_predict_writes_submission_and_serves_several_checkpoints(two_runs, tmp_
     submission = json.loads((one / "RTE.jsonl").read_text())
     assert submission == {"idx": 0, "label": json.loads(alone["a"][0])["label"]}
     scores = json.loads((one / "rte-scores.jsonl").read_text())
-    assert scores["record"] == 1 and scores["label"] == submission["label"]
+    assert scores["record"] == submission["idx"] == 0 and scores["label"] == submission["label"]
     assert set(scores["scores"]) == {"entailment", "not_entailment"}
     assert sum(scores["scores"].values()) == pytest.approx(1.0, abs=1e-5)
     assert max(scores["scores"], key=scores["scores"].get) == submission["label"]

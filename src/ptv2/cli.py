@@ -9,6 +9,7 @@ every one of them takes overrides, `--help`, `--cfg job` and `-m/--multirun`.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.resources
 import logging
@@ -80,6 +81,11 @@ def config_error_line(error: Exception) -> str:
     # refuses it); name the close key instead.
     parts = [part for part in parts if not part.lower().startswith("to append to your config use")]
     line = "; ".join([parts[0], *(part[0].lower() + part[1:] for part in parts[1:])])
+    option = re.search(r"Could not find '([\w/-]+)/([^'/]+)'; available options in '[^']+': ([^;]+)", line)
+    if option:  # a misspelt option of a group: the close names first
+        close = difflib.get_close_matches(option.group(2), option.group(3).split(", "), n=2, cutoff=0.6)
+        if close:
+            line = f"{option.group(1)}={option.group(2)} is unknown; did you mean {' or '.join(close)}?"
     missing = re.search(r"Could not override '([^']+)'", line)
     if missing and "not in '" in line and not missing.group(1).startswith("hydra."):
         line += f"; {unknown_key_hint(missing.group(1))}"

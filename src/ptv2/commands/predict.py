@@ -86,7 +86,8 @@ def write_generic(member: Member, split: str, outputs: list[np.ndarray], folder:
 
 
 def write_scores(member: Member, split: str, outputs: list[np.ndarray], folder: Path) -> list[Path]:
-    """<name>-scores.jsonl for a user's file (input=FILE): one line per input record, in file order, with the
+    """<name>-scores.jsonl for a user's file (input=FILE): one line per input record, in file order (numbered from 0,
+    as the task's own prediction file numbers them), with the
     predicted label and every label's probability (softmax of the head's scores). Only for one score vector per
     record (classification, multiple choice); per-token and generated outputs have their own files."""
     labels = list(member.task.labels)
@@ -94,7 +95,7 @@ def write_scores(member: Member, split: str, outputs: list[np.ndarray], folder: 
     if len(outputs) != len(examples) or any(np.ndim(o) != 1 or len(o) != len(labels) for o in outputs):
         return []
     lines = []
-    for number, scores in enumerate(outputs, start=1):
+    for number, scores in enumerate(outputs):  # from 0, as the task's own file numbers the records (idx)
         scores = np.asarray(scores, dtype=np.float64)
         probabilities = np.exp(scores - scores.max())
         probabilities /= probabilities.sum()
@@ -128,7 +129,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                 hint = checkpoint.trained_data_hint(path) if not task.get("data_dir") else ""
                 raise UserError(f"{error}{hint}" if "task.data_dir" in str(error) else str(error)) from None
             member = Member(served, task, kind, {split: prepared})
-            log.info("%s: predicting %d examples of %s ...", served, len(prepared.examples), split)
+            shown = f"input={cfg.input}" if cfg.input else split  # a user's file is read as the test split
+            log.info("%s: predicting %d examples of %s ...", served, len(prepared.examples), shown)
             outputs = predict(
                 model, member, split, server.tokenizer, accelerator, saved.trainer.eval_batch_size, progress=True
             )
@@ -153,7 +155,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                 }
             )
             log.info(
-                "%s: %d predictions on %s -> %s", served, len(prepared.examples), split, ", ".join(map(str, files))
+                "%s: %d predictions on %s -> %s", served, len(prepared.examples), shown, ", ".join(map(str, files))
             )
     written = write_json(folder / "predict.json", summary)
     log.info("predict.json (what was written) in %s", written.absolute())
