@@ -38,6 +38,7 @@ class Split:
     name: str
     examples: list[dict]
     features: datasets.Dataset
+    frozen: object = None  # its cached hidden states (frozen.FrozenStates) when the run caches the frozen layers
 
 
 def readers() -> list[str]:

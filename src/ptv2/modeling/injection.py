@@ -415,3 +415,97 @@ def positions_used(config: PretrainedConfig, length: int, shift: int) -> int:
         return 0
     offset = config.pad_token_id + 1 if family.positions == "padding_offset" else 0
     return offset + shift + length
+
+
+# ----------------------------------------------------------------------------------------------- frozen layers
+# A run whose lowest prompted layer is k computes the hidden states entering layer k once per example (frozen.py)
+# and trains from them: the stack of layers is cut for the length of one forward, and the first layer kept takes
+# the given hidden states in place of what the embeddings (and the layers cut) would hand it. Masks, rotary
+# embeddings and the final norm are computed by the model's own forward as always.
+
+
+def layer_stack(encoder: torch.nn.Module) -> tuple[torch.nn.Module, str]:
+    """(module holding the layer list, its attribute name): BERT-style encoder.layer, GPT-2's h, the decoders'
+    layers."""
+    for holder, name in ((getattr(encoder, "encoder", None), "layer"), (encoder, "h"), (encoder, "layers")):
+        if holder is not None and isinstance(getattr(holder, name, None), torch.nn.ModuleList):
+            return holder, name
+    raise UserError(f"trainer.cache_frozen: {type(encoder).__name__} has no layer list ptv2 knows")
+
+
+class _Stop(Exception):
+    """Carries the hidden states entering the layer a bottom forward stops at."""
+
+    def __init__(self, hidden: torch.Tensor):
+        self.hidden = hidden
+
+
+def _stop_before(module, args, kwargs):
+    raise _Stop(args[0] if args else kwargs["hidden_states"])
+
+
+def hidden_entering(encoder: torch.nn.Module, layer: int, **inputs) -> torch.Tensor:
+    """The hidden states (B, L, hidden) entering `layer` (the last hidden states when `layer` is the layer count):
+    the embeddings and layers below it, no prefix; call in eval mode for the cache."""
+    holder, name = layer_stack(encoder)
+    layers = getattr(holder, name)
+    if layer >= len(layers):
+        return run_encoder(encoder, None, **inputs)
+    handle = layers[layer].register_forward_pre_hook(_stop_before, with_kwargs=True)
+    try:
+        run_encoder(encoder, None, **inputs)
+    except _Stop as stop:
+        return stop.hidden
+    finally:
+        handle.remove()
+    raise RuntimeError(f"layer {layer} of the encoder never ran")
+
+
+def _replace_input(hidden: torch.Tensor):
+    def hook(module, args, kwargs):
+        if args:
+            return (hidden, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
+
+    return hook
+
+
+def run_encoder_from(encoder: torch.nn.Module, prefix: Prefix | None, start: int, hidden: torch.Tensor, **inputs):
+    """Last hidden states of `encoder` run from layer `start` on, `hidden` (B, L, hidden) entering it: what
+    run_encoder gives when the layers below compute `hidden`. The embeddings still run (for their shapes; their
+    dropout is switched off, so they draw no random numbers) and their output is dropped."""
+    holder, name = layer_stack(encoder)
+    layers = getattr(holder, name)
+    if start >= len(layers):
+        return hidden
+    kept = torch.nn.ModuleList(list(layers)[start:])
+    dropouts = [m for m in encoder.modules() if isinstance(m, torch.nn.Dropout) and m.training]
+    inside = {id(m) for m in kept.modules()}
+    paused = [m for m in dropouts if id(m) not in inside]
+    handle = kept[0].register_forward_pre_hook(_replace_input(hidden), with_kwargs=True)
+    setattr(holder, name, kept)
+    for module in paused:
+        module.eval()
+    try:
+        return run_encoder(encoder, prefix, **inputs)
+    finally:
+        handle.remove()
+        setattr(holder, name, layers)
+        for module in paused:
+            module.train()
+
+
+def dropout_below(encoder: torch.nn.Module, layer: int) -> float:
+    """The largest dropout rate the embeddings and the layers below `layer` apply in training: dropout modules and
+    the decoders' attention_dropout rates (a float the attention function reads)."""
+    holder, name = layer_stack(encoder)
+    above = {id(m) for block in list(getattr(holder, name))[layer:] for m in block.modules()}
+    rates = [0.0]
+    for module in encoder.modules():
+        if id(module) in above:
+            continue
+        if isinstance(module, torch.nn.Dropout):
+            rates.append(module.p)
+        elif isinstance(getattr(module, "attention_dropout", None), float):
+            rates.append(module.attention_dropout)
+    return max(rates)

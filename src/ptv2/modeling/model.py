@@ -6,7 +6,14 @@ import torch
 from torch import nn
 
 from ptv2.modeling.heads import LanguageModelHead, VerbalizerHead
-from ptv2.modeling.injection import encoder_shape, family_of, generate_greedy, run_encoder, shifted_position_ids
+from ptv2.modeling.injection import (
+    encoder_shape,
+    family_of,
+    generate_greedy,
+    run_encoder,
+    run_encoder_from,
+    shifted_position_ids,
+)
 from ptv2.modeling.methods import method, parse_layers
 from ptv2.modeling.peft_methods import add_lora, add_peft_prefix
 from ptv2.modeling.prompts import InputPrompt, PrefixEncoder, official_init_
@@ -115,7 +122,10 @@ class PromptModel(nn.Module):
         else:
             inputs["input_ids"] = input_ids
 
-        hidden = run_encoder(self.encoder, prefix, **inputs)
+        if batch.get("frozen_layer") is not None:  # the layers below come from the run's frozen cache
+            hidden = run_encoder_from(self.encoder, prefix, batch["frozen_layer"], batch["frozen_hidden"], **inputs)
+        else:
+            hidden = run_encoder(self.encoder, prefix, **inputs)
         if isinstance(self.prompt, InputPrompt):
             # Drop the prompt positions so heads see the original token positions.
             hidden = torch.cat([hidden[:, :1], hidden[:, 1 + self.prompt.embedding.num_embeddings :]], dim=1)

@@ -1,0 +1,218 @@
+"""The frozen cache (`trainer.cache_frozen`): the hidden states entering the lowest prompted layer, once per example.
+
+The layers below the lowest prompted layer k see no prompt and never change, so with no dropout in them an
+example's hidden states entering layer k are the same at every epoch. They are computed once per split (eval mode,
+no prefix), stored beside the tokenized-data cache as safetensors, and every later batch reads them back
+(engine.make_collate adds them as `frozen_hidden`); the model runs from layer k on (injection.run_encoder_from).
+A linear probe prompts no layer: its cache is the encoder's output, and training runs the heads alone.
+
+The key covers everything the hidden states depend on: the token ids themselves (so the tokenizer, max length and
+data), the backbone's config and a hash of the weights below layer k, k, the weights' dtype, the attention function
+and the autocast precision. An entry that fits in a quarter of the free memory is read into memory; a larger one is
+memory-mapped and each batch reads its rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save
+
+from ptv2.config import frozen_cache_refusal, lowest_prompted_layer
+from ptv2.data import cache_dir, sorted_batches
+from ptv2.engine import IndexedFeatures, Member, feature_lengths, make_collate
+from ptv2.io import atomic_write
+from ptv2.modeling.injection import dropout_below, encoder_shape, hidden_entering, layer_stack
+
+log = logging.getLogger("ptv2")
+CACHE_VERSION = 1
+TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+@dataclass
+class Plan:
+    """Whether a run (or a packed group) trains from cached hidden states, and why: `layer` is the layer they enter
+    (None: not cached); `dropout` the largest dropout rate in the layers below it (which a cached run does not
+    apply)."""
+
+    layer: int | None
+    reason: str
+    dropout: float = 0.0
+
+    def record(self) -> dict:
+        """results.json's `frozen_cache`."""
+        return {"layer": self.layer, "reason": self.reason, "dropout_in_cached_layers": self.dropout}
+
+
+def plan(cfgs: list, backbone_config, encoder: torch.nn.Module) -> Plan:
+    """The cache of a group of jobs on one backbone (a single run is a group of one): the lowest k of its jobs, so
+    jobs of different depths share one cache. `auto` caches only where it is exact (no dropout below k)."""
+    setting = cfgs[0].trainer.get("cache_frozen", "auto")
+    if setting is False:
+        return Plan(None, "trainer.cache_frozen=false")
+    for cfg in cfgs:
+        if refusal := frozen_cache_refusal(cfg, backbone_config):
+            return Plan(None, f"not cached: {refusal}")
+    num_layers = encoder_shape(backbone_config)[0]
+    layer = min(lowest_prompted_layer(cfg.prompt, num_layers) for cfg in cfgs)
+    dropout = dropout_below(encoder, layer)
+    below = f"the embeddings and layers 0-{layer - 1}" if layer > 1 else "the embeddings and layer 0"
+    if dropout and setting == "auto":
+        return Plan(
+            None,
+            f"not cached: {below} apply dropout {dropout:g} (trainer.cache_frozen=true caches them without it)",
+            dropout,
+        )
+    what = "the encoder's output" if layer == num_layers else f"the hidden states entering layer {layer}"
+    without = f", without their dropout {dropout:g}" if dropout else " (no dropout there: exact)"
+    return Plan(layer, f"cached: {what} of {num_layers}, computed once per example by {below}{without}", dropout)
+
+
+class FrozenStates:
+    """The cached hidden states of one split: feature i's tokens are rows offsets[i]:offsets[i+1] of `hidden`
+    (tokens, hidden size), in memory or memory-mapped."""
+
+    def __init__(self, layer: int, path: Path, in_memory: bool):
+        self.layer, self.path = layer, path
+        if in_memory:
+            tensors = load_file(str(path))
+            self.offsets, self._hidden, self._file = tensors["offsets"], tensors["hidden"], None
+        else:
+            self._file = safe_open(str(path), framework="pt")
+            self.offsets, self._hidden = self._file.get_tensor("offsets"), None
+
+    def _tokens(self, start: int, end: int) -> torch.Tensor:
+        if self._hidden is not None:
+            return self._hidden[start:end]
+        return self._file.get_slice("hidden")[start:end]
+
+    def rows(self, indices: list[int], length: int) -> torch.Tensor:
+        """(B, length, hidden) for the features `indices` of a right-padded batch; padded positions are zeros (no
+        real token attends to them)."""
+        parts = [self._tokens(int(self.offsets[i]), int(self.offsets[i + 1])) for i in indices]
+        batch = parts[0].new_zeros(len(parts), length, parts[0].shape[-1])
+        for row, part in enumerate(parts):
+            batch[row, : part.shape[0]] = part
+        return batch
+
+
+def weights_hash(encoder: torch.nn.Module, layer: int) -> str:
+    """sha256 of every weight and buffer the hidden states entering `layer` depend on (all but the layers above)."""
+    holder, name = layer_stack(encoder)
+    above = {id(t) for module in list(getattr(holder, name))[layer:] for t in [*module.parameters(), *module.buffers()]}
+    digest = hashlib.sha256()
+    for key, tensor in sorted({**dict(encoder.named_parameters()), **dict(encoder.named_buffers())}.items()):
+        if id(tensor) in above:
+            continue
+        digest.update(key.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def tokens_hash(features) -> str:
+    """sha256 of the token columns of a split's features (their values and lengths, in order)."""
+    digest = hashlib.sha256()
+    for key in TOKEN_KEYS:
+        if key in features.column_names:
+            column = features.data.column(key).combine_chunks()
+            digest.update(key.encode())
+            digest.update(column.value_lengths().to_numpy(zero_copy_only=False).tobytes())
+            digest.update(column.flatten().to_numpy(zero_copy_only=False).tobytes())
+    return digest.hexdigest()
+
+
+def free_memory() -> int:
+    """Bytes of memory free now (what the operating system reports available)."""
+    try:
+        import psutil
+
+        return psutil.virtual_memory().available
+    except ImportError:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def prepare(
+    encoder: torch.nn.Module,
+    members: list[Member],
+    tokenizer,
+    layer: int,
+    cfg,
+    device: torch.device,
+    autocast,
+) -> dict[str, FrozenStates]:
+    """The cached hidden states of every prepared split of every member, built where missing (and logged with their
+    size), set as each split's `frozen`; returns them by "member/split"."""
+    common = {
+        "version": CACHE_VERSION,
+        "layer": layer,
+        "config": encoder.config.to_json_string(use_diff=False),
+        "weights": weights_hash(encoder, layer),
+        "dtype": str(next(encoder.parameters()).dtype),
+        "attention": encoder.config._attn_implementation,
+        "precision": cfg.trainer.precision,
+    }
+    folder = cache_dir(cfg.trainer.cache_dir) / "frozen"
+    found = {}
+    for member in members:
+        for split_name, split in member.splits.items():
+            key = {**common, "tokens": tokens_hash(split.features)}
+            digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+            path = folder / f"{member.task.name}-{split_name}-k{layer}-{digest}.safetensors"
+            started = time.perf_counter()
+            built = not path.is_file()
+            if built:
+                tensors = compute(encoder, member, split_name, tokenizer, layer, cfg, device, autocast)
+                atomic_write(path, lambda temporary, tensors=tensors: temporary.write_bytes(save(tensors)))
+            size = path.stat().st_size
+            in_memory = size <= free_memory() // 4
+            split.frozen = found[f"{member.name}/{split_name}"] = FrozenStates(layer, path, in_memory)
+            log.info(
+                "frozen cache %s/%s: %d examples, %.1f MB %s in %.1f s (%s) %s",
+                member.name,
+                split_name,
+                len(split.features),
+                size / 1e6,
+                "built" if built else "read",
+                time.perf_counter() - started,
+                "in memory" if in_memory else "memory-mapped",
+                path,
+            )
+    return found
+
+
+@torch.inference_mode()
+def compute(encoder, member: Member, split: str, tokenizer, layer: int, cfg, device, autocast) -> dict:
+    """{"hidden": (tokens, hidden size), "offsets": (features + 1,)} of one split, in feature order: the encoder in
+    eval mode, no prefix, batches sorted by length."""
+    features = member.splits[split].features
+    lengths = feature_lengths(member.kind, features)
+    offsets = torch.zeros(len(lengths) + 1, dtype=torch.long)
+    offsets[1:] = torch.tensor(lengths, dtype=torch.long).cumsum(0)
+    # Batches collated by hand, not by a DataLoader, whose iterator draws a seed from torch's generator: building the
+    # cache must leave the run's random numbers as they were.
+    rows, collate = IndexedFeatures(features), make_collate(member.kind, tokenizer)
+    loader = (collate(rows.__getitems__(indices)) for indices in sorted_batches(lengths, cfg.trainer.eval_batch_size))
+    hidden = None
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        for batch in loader:
+            inputs = {key: batch[key].to(device) for key in TOKEN_KEYS if batch.get(key) is not None}
+            with autocast():
+                states = hidden_entering(encoder, layer, **inputs).cpu()
+            if hidden is None:
+                hidden = states.new_empty(int(offsets[-1]), states.shape[-1])
+            for row, index in enumerate(batch["index"].tolist()):
+                start, end = int(offsets[index]), int(offsets[index + 1])
+                hidden[start:end] = states[row, : end - start]
+    finally:
+        encoder.train(was_training)
+    return {"hidden": hidden.contiguous(), "offsets": offsets}
