@@ -509,3 +509,14 @@ def dropout_below(encoder: torch.nn.Module, layer: int) -> float:
         elif isinstance(getattr(module, "attention_dropout", None), float):
             rates.append(module.attention_dropout)
     return max(rates)
+
+
+def config_dropout(config: PretrainedConfig) -> float:
+    """The largest dropout rate a backbone config sets for its encoder (hidden_dropout_prob, attention_dropout,
+    GPT-2's *_pdrop, ...; not a classifier's), for decisions taken before the model is built."""
+    rates = [
+        value
+        for name, value in config.to_dict().items()
+        if ("drop" in name and "classifier" not in name) and isinstance(value, float)
+    ]
+    return max(rates, default=0.0)
