@@ -227,6 +227,11 @@ class BenchConfig:
     # (wall time and peak memory for the same steps; see pack_bench.py)
     pack: Optional[int] = None
     jobs_per_forward: Optional[int] = None  # bench.pack: jobs per backbone forward (None: as the packed launcher)
+    # [K, ...]: instead, top:K trained from the frozen cache vs through the whole backbone (see cache_bench.py), on
+    # the command's backbone and a random-init copy of its shape with cache_layers layers (null: none)
+    cache: Optional[list[int]] = None
+    cache_layers: Optional[int] = 24
+    cache_examples: int = 128  # the synthetic epoch of each side, and the examples the one-time cache cost covers
 
 
 @dataclass
@@ -355,6 +360,8 @@ RANGES = {
     "bench.threads": SOME_COUNT,
     "bench.pack": SOME_COUNT,
     "bench.jobs_per_forward": SOME_COUNT,
+    "bench.cache_layers": SOME_COUNT,
+    "bench.cache_examples": COUNT,
 }
 CHOICES = {
     "backbone.dtype": DTYPES,
@@ -504,6 +511,9 @@ def check_values(cfg) -> None:
     betas = OmegaConf.select(cfg, "optimizer.betas", default=None)
     if betas is not None and (len(betas) != 2 or not all(PROBABILITY.admits(beta) for beta in betas)):
         raise UserError(f"optimizer.betas={list(betas)} is out of range; use two numbers in [0, 1)")
+    for top in OmegaConf.select(cfg, "bench.cache", default=None) or []:
+        if not COUNT.admits(top):
+            raise UserError(f"bench.cache: {top} is not a layer count; give top:K depths as [K, ...] with K {COUNT}")
     for name in OmegaConf.select(cfg, "bench.methods", default=None) or []:
         if name not in METHODS:
             raise UserError(f"bench.methods: {name} is unknown; choose from {', '.join(METHODS)}")
