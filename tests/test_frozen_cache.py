@@ -97,13 +97,15 @@ def loss_and_gradients(model: PromptModel, batch: dict) -> tuple[torch.Tensor, d
 
 
 CASES = [("ptv2", "top:2"), ("ptv2", [1, 2]), ("ptv2", [2]), ("linear_probe", "all")]
+FAMILIES = [("bert", False), ("roberta", False), ("roberta", True), ("llama", False), ("gpt2", False)]
 
 
-@pytest.mark.parametrize("family", ["bert", "roberta", "llama", "gpt2"])
+@pytest.mark.parametrize(("family", "shifted"), FAMILIES)
 @pytest.mark.parametrize(("method", "layers"), CASES)
-def test_cached_forward_and_backward_equal_the_uncached_ones_without_dropout_below(family, method, layers):
+def test_cached_forward_and_backward_equal_the_uncached_ones_without_dropout_below(family, shifted, method, layers):
     encoder = encoder_with_dropout(family)
     cfg = prompt_cfg(method, layers)
+    cfg.shift_positions = shifted  # tokens numbered from P on (encoders; the official numbering)
     model = PromptModel(encoder, cfg, {"t": (ClassificationHead, 3)}, head_dropout=DROPOUT)
     num_layers = injection.encoder_shape(encoder.config)[0]
     layer = lowest_prompted_layer(cfg, num_layers)
@@ -111,9 +113,13 @@ def test_cached_forward_and_backward_equal_the_uncached_ones_without_dropout_bel
     batch = right_padded(encoder.config.vocab_size)
     mask = batch["attention_mask"]
 
+    positions = injection.shifted_position_ids(encoder.config, mask, cfg.length) if model.shift_positions else None
     model.eval()
     with torch.inference_mode():
-        entering = injection.hidden_entering(encoder, layer, input_ids=batch["input_ids"], attention_mask=mask)
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": mask}
+        if positions is not None:
+            inputs["position_ids"] = positions
+        entering = injection.hidden_entering(encoder, layer, **inputs)
     # the cache keeps real tokens only; padded positions come back as zeros
     cached = {**batch, "frozen_hidden": entering.clone() * mask[..., None], "frozen_layer": layer}
     model.train()
@@ -158,7 +164,6 @@ def run_cfg(*overrides: str):
         (["prompt=finetune"], "trains the backbone"),
         (["prompt=prompt_tuning"], "puts its prompt into the input"),
         (["prompt=lora"], "the lowest ones included"),
-        (["prompt.layers=top:1", "prompt.shift_positions=true"], "prompt.shift_positions"),
     ],
 )
 def test_cache_frozen_true_is_refused_with_the_reason(overrides, reason):
@@ -245,7 +250,15 @@ def assert_same_run(ours: Path, theirs: Path) -> None:
         torch.testing.assert_close(tensor, other_trained[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("overrides", [["prompt.layers=top:1"], ["prompt.layers=[1]"], ["prompt=linear_probe"]])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["prompt.layers=top:1"],
+        ["prompt.layers=[1]"],
+        ["prompt=linear_probe"],
+        ["prompt.layers=top:1", "prompt.shift_positions=true"],  # the official numbering: tokens from P on
+    ],
+)
 def test_a_cached_run_equals_the_uncached_run(overrides, tmp_path):
     cached, uncached = tmp_path / "cached", tmp_path / "uncached"
     cache = f"trainer.cache_dir={tmp_path / 'cache'}"  # a cache of this test's own: the first run builds it

@@ -7,9 +7,9 @@ no prefix), stored beside the tokenized-data cache as safetensors, and every lat
 A linear probe prompts no layer: its cache is the encoder's output, and training runs the heads alone.
 
 The key covers everything the hidden states depend on: the token ids themselves (so the tokenizer, max length and
-data), the backbone's config and a hash of the weights below layer k, k, the weights' dtype, the attention function
-and the autocast precision. An entry that fits in a quarter of the free memory is read into memory; a larger one is
-memory-mapped and each batch reads its rows.
+data), where the tokens are numbered from (prompt.shift_positions), the backbone's config and a hash of the weights
+below layer k, k, the weights' dtype, the attention function and the autocast precision. An entry that fits in a
+quarter of the free memory is read into memory; a larger one is memory-mapped and each batch reads its rows.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ from ptv2.config import frozen_cache_refusal, lowest_prompted_layer
 from ptv2.data import cache_dir, sorted_batches
 from ptv2.engine import IndexedFeatures, Member, feature_lengths, make_collate
 from ptv2.io import atomic_write
-from ptv2.modeling.injection import dropout_below, encoder_shape, hidden_entering, layer_stack
+from ptv2.modeling.injection import dropout_below, encoder_shape, hidden_entering, layer_stack, shifted_position_ids
+from ptv2.modeling.methods import method
 
 log = logging.getLogger("ptv2")
 CACHE_VERSION = 1
@@ -46,10 +47,18 @@ class Plan:
     layer: int | None
     reason: str
     dropout: float = 0.0
+    shift: int = 0  # prompt.shift_positions: the tokens are numbered from this prompt length on
 
     def record(self) -> dict:
         """results.json's `frozen_cache`."""
         return {"layer": self.layer, "reason": self.reason, "dropout_in_cached_layers": self.dropout}
+
+
+def position_shift(cfg) -> int:
+    """Where a job numbers its tokens from: its prompt length with prompt.shift_positions (as the official code did),
+    else 0. The embeddings below the prompt depend on it, so the cache does too."""
+    shifted = cfg.prompt.get("shift_positions") and method(cfg.prompt.method).prompt == "prefix"
+    return int(cfg.prompt.length) if shifted else 0
 
 
 def plan(cfgs: list, backbone_config, encoder: torch.nn.Module) -> Plan:
@@ -61,6 +70,9 @@ def plan(cfgs: list, backbone_config, encoder: torch.nn.Module) -> Plan:
     for cfg in cfgs:
         if refusal := frozen_cache_refusal(cfg, backbone_config):
             return Plan(None, f"not cached: {refusal}")
+    shifts = {position_shift(cfg) for cfg in cfgs}
+    if len(shifts) > 1:
+        return Plan(None, "not cached: the jobs number their tokens from different prompt lengths (shift_positions)")
     num_layers = encoder_shape(backbone_config)[0]
     layer = min(lowest_prompted_layer(cfg.prompt, num_layers) for cfg in cfgs)
     dropout = dropout_below(encoder, layer)
@@ -70,10 +82,12 @@ def plan(cfgs: list, backbone_config, encoder: torch.nn.Module) -> Plan:
             None,
             f"not cached: {below} apply dropout {dropout:g} (trainer.cache_frozen=true caches them without it)",
             dropout,
+            shifts.pop(),
         )
     what = "the encoder's output" if layer == num_layers else f"the hidden states entering layer {layer}"
     without = f", without their dropout {dropout:g}" if dropout else " (no dropout there: exact)"
-    return Plan(layer, f"cached: {what} of {num_layers}, computed once per example by {below}{without}", dropout)
+    reason = f"cached: {what} of {num_layers}, computed once per example by {below}{without}"
+    return Plan(layer, reason, dropout, shifts.pop())
 
 
 class FrozenStates:
@@ -143,15 +157,17 @@ def prepare(
     encoder: torch.nn.Module,
     members: list[Member],
     tokenizer,
-    layer: int,
+    plan: Plan,
     cfg,
     device: torch.device,
     autocast,
 ) -> dict[str, FrozenStates]:
     """The cached hidden states of every prepared split of every member, built where missing (and logged with their
     size), set as each split's `frozen`; returns them by "member/split"."""
+    layer = plan.layer
     common = {
         "version": CACHE_VERSION,
+        "shift": plan.shift,
         "layer": layer,
         "config": encoder.config.to_json_string(use_diff=False),
         "weights": weights_hash(encoder, layer),
@@ -169,7 +185,7 @@ def prepare(
             started = time.perf_counter()
             built = not path.is_file()
             if built:
-                tensors = compute(encoder, member, split_name, tokenizer, layer, cfg, device, autocast)
+                tensors = compute(encoder, member, split_name, tokenizer, plan, cfg, device, autocast)
                 atomic_write(path, lambda temporary, tensors=tensors: temporary.write_bytes(save(tensors)))
             size = path.stat().st_size
             in_memory = size <= free_memory() // 4
@@ -189,7 +205,7 @@ def prepare(
 
 
 @torch.inference_mode()
-def compute(encoder, member: Member, split: str, tokenizer, layer: int, cfg, device, autocast) -> dict:
+def compute(encoder, member: Member, split: str, tokenizer, plan: Plan, cfg, device, autocast) -> dict:
     """{"hidden": (tokens, hidden size), "offsets": (features + 1,)} of one split, in feature order: the encoder in
     eval mode, no prefix, batches sorted by length."""
     features = member.splits[split].features
@@ -206,8 +222,11 @@ def compute(encoder, member: Member, split: str, tokenizer, layer: int, cfg, dev
     try:
         for batch in loader:
             inputs = {key: batch[key].to(device) for key in TOKEN_KEYS if batch.get(key) is not None}
+            positions = shifted_position_ids(encoder.config, inputs["attention_mask"], plan.shift)
+            if positions is not None:
+                inputs["position_ids"] = positions
             with autocast():
-                states = hidden_entering(encoder, layer, **inputs).cpu()
+                states = hidden_entering(encoder, plan.layer, **inputs).cpu()
             if hidden is None:
                 hidden = states.new_empty(int(offsets[-1]), states.shape[-1])
             for row, index in enumerate(batch["index"].tolist()):

@@ -217,9 +217,8 @@ class Group:
         self.frozen_plan = frozen.plan([job.cfg for job in jobs], self.backbone_config, self.encoder)
         log.info("frozen layers: %s", self.frozen_plan.reason)
         if self.frozen_plan.layer is not None:
-            autocast = self.accelerator.autocast
-            layer, device = self.frozen_plan.layer, self.accelerator.device
-            frozen.prepare(self.encoder, self.members, self.tokenizer, layer, self.cfg, device, autocast)
+            autocast, device = self.accelerator.autocast, self.accelerator.device
+            frozen.prepare(self.encoder, self.members, self.tokenizer, self.frozen_plan, self.cfg, device, autocast)
 
     def total_steps(self) -> int:
         """The optimizer steps of the whole run (the scheduler's horizon): every batch of every epoch, or max_steps."""

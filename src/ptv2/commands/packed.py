@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from ptv2 import loop
 from ptv2.config import PER_JOB, flat_keys, frozen_cache_refusal, has_role, keys_with, task_members
 from ptv2.errors import UserError
+from ptv2.frozen import position_shift
 from ptv2.loop import Job, fail
 from ptv2.modeling import backbone
 from ptv2.modeling.injection import config_dropout
@@ -64,7 +65,8 @@ def group_key(cfg: DictConfig) -> str | None:
         return None
     flat = flat_keys(OmegaConf.to_container(cfg, resolve=True))
     shared = {k: v for k, v in flat.items() if not has_role(k, PER_JOB_KEYS)}
-    shared["frozen cache"] = frozen_cacheable(cfg)
+    # jobs that number their tokens from different prompt lengths (shift_positions) cannot share one cache either
+    shared["frozen cache"] = (True, position_shift(cfg)) if frozen_cacheable(cfg) else (False, 0)
     return repr(sorted(shared.items()))
 
 
