@@ -26,7 +26,7 @@ from ptv2.config import frozen_cache_refusal, lowest_prompted_layer, validate
 from ptv2.errors import UserError
 from ptv2.modeling import injection
 from ptv2.modeling.heads import ClassificationHead
-from ptv2.modeling.model import PromptModel
+from ptv2.modeling.model import PromptModel, cached_start
 from ptv2.runs import resume as state
 
 DECODERS = Path(__file__).parent / "fixtures" / "decoders"
@@ -119,9 +119,9 @@ def test_cached_forward_and_backward_equal_the_uncached_ones_without_dropout_bel
         inputs = {"input_ids": batch["input_ids"], "attention_mask": mask}
         if positions is not None:
             inputs["position_ids"] = positions
-        entering = injection.hidden_entering(encoder, layer, **inputs)
+        entering = injection.hidden_entering(encoder, [layer], **inputs)[layer]
     # the cache keeps real tokens only; padded positions come back as zeros
-    cached = {**batch, "frozen_hidden": entering.clone() * mask[..., None], "frozen_layer": layer}
+    cached = {**batch, "frozen_hidden": {layer: entering.clone() * mask[..., None]}}
     model.train()
     with_dropout, _ = loss_and_gradients(model, batch)
     cached_logits, cached_grads = loss_and_gradients(model, cached)
@@ -138,6 +138,22 @@ def test_cached_forward_and_backward_equal_the_uncached_ones_without_dropout_bel
     holder, name = injection.layer_stack(encoder)
     assert len(getattr(holder, name)) == num_layers
     assert all(m.training for m in encoder.modules() if isinstance(m, torch.nn.Dropout))
+
+
+def test_each_model_runs_from_the_highest_cached_layer_it_may_use():
+    encoder = encoder_with_dropout("bert")
+    model = PromptModel(encoder, prompt_cfg(layers="top:1"), {"t": (ClassificationHead, 3)}, head_dropout=0.0).eval()
+    assert model.lowest_layer == 2 and cached_start({1: None, 2: None}, 2) == 2 and cached_start({3: None}, 2) is None
+    batch = right_padded(encoder.config.vocab_size)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.inference_mode():
+        entering = injection.hidden_entering(encoder, [1, 2], **inputs)
+        whole = model(batch)
+        from_two = model({**batch, "frozen_hidden": {1: torch.zeros_like(entering[1]), 2: entering[2]}})
+        from_one = model({**batch, "frozen_hidden": {1: entering[1]}})
+    torch.testing.assert_close(from_two, whole)  # layer 1's (wrong) states unused: the model starts at 2
+    torch.testing.assert_close(from_one, whole)  # only layer 1 cached: layer 1 runs again
+    assert injection.hidden_entering(encoder, [3], **inputs)[3].shape == entering[1].shape  # the encoder's output
 
 
 def test_dropout_below_reads_modules_and_decoder_rates():
@@ -192,14 +208,14 @@ def test_auto_caches_only_without_dropout_below():
     config = AutoConfig.from_pretrained(run_cfg().backbone.name_or_path)
     encoder = AutoModel.from_config(config)
     on = frozen.plan([run_cfg("prompt.layers=top:1")], config, encoder)
-    assert on.layer is None and "apply dropout 0.1" in on.reason and on.dropout == 0.1
+    assert on.layers == () and "apply dropout 0.1" in on.reason and on.dropout == 0.1
     forced = frozen.plan([run_cfg("prompt.layers=top:1", "trainer.cache_frozen=true")], config, encoder)
-    assert forced.layer == 1 and "without their dropout 0.1" in forced.reason
+    assert forced.layers == (1,) and "without their dropout 0.1" in forced.reason
     switch_off_dropout_below(encoder, 2)
     exact = frozen.plan([run_cfg("prompt.layers=top:1"), run_cfg("prompt=linear_probe")], config, encoder)
-    assert exact.layer == 1 and "exact" in exact.reason  # the group's lowest k
-    assert frozen.plan([run_cfg("prompt=linear_probe")], config, encoder).layer == 2
-    assert frozen.plan([run_cfg("prompt.layers=top:1", "trainer.cache_frozen=false")], config, encoder).layer is None
+    assert exact.layers == (1, 2) and "exact" in exact.reason  # each job's own k
+    assert frozen.plan([run_cfg("prompt=linear_probe")], config, encoder).layers == (2,)
+    assert frozen.plan([run_cfg("prompt.layers=top:1", "trainer.cache_frozen=false")], config, encoder).layers == ()
 
 
 def test_packed_groups_split_jobs_that_cannot_use_the_cache():
@@ -266,9 +282,9 @@ def test_a_cached_run_equals_the_uncached_run(overrides, tmp_path):
     ptv2("train", *RUN, *NO_DROPOUT, *overrides, "trainer.cache_frozen=false", f"hydra.run.dir={uncached}")
     assert_same_run(cached, uncached)
     record = figures(cached)[2]
-    assert record["layer"] == (2 if overrides == ["prompt=linear_probe"] else 1)
+    assert record["layers"] == ([2] if overrides == ["prompt=linear_probe"] else [1])
     assert record["dropout_in_cached_layers"] == 0.0 and "exact" in record["reason"]
-    off = {"layer": None, "reason": "trainer.cache_frozen=false", "dropout_in_cached_layers": 0}
+    off = {"layers": [], "reason": "trainer.cache_frozen=false", "dropout_in_cached_layers": 0}
     assert figures(uncached)[2] == off
     built = [line for line in (cached / "train.log").read_text().splitlines() if "frozen cache rte/" in line]
     assert len(built) == 2 and all(" built in " in line for line in built)
@@ -296,12 +312,12 @@ def test_a_packed_group_of_two_depths_shares_one_cache_and_equals_separate_runs(
     ptv2("train", "-m", *RUN, *exact, "hydra/launcher=packed", "prompt.layers=top:1,top:2,[0,3]",
          f"hydra.sweep.dir={sweep}")  # fmt: skip
     log = (sweep / "multirun.log").read_text() if (sweep / "multirun.log").exists() else ""
-    expected = {"top:1": 2, "top:2": 2, "[0, 3]": None}  # top:1 (k=3) reads top:2's cache (k=2); [0, 3] prompts layer 0
+    expected = {"top:1": [2, 3], "top:2": [2, 3], "[0, 3]": []}  # one cache of both depths; [0, 3] prompts layer 0
     seen = {}
     for job in sorted(p for p in sweep.iterdir() if p.is_dir()):
         cfg = OmegaConf.load(job / "config.yaml")
         layers = str(cfg.prompt.layers if isinstance(cfg.prompt.layers, str) else list(cfg.prompt.layers))
-        seen[layers] = figures(job)[2]["layer"]
+        seen[layers] = figures(job)[2]["layers"]
         alone = tmp_path / f"alone-{job.name}"
         override = f"prompt.layers={layers}".replace(" ", "")
         ptv2("train", *RUN, *exact, override, "trainer.cache_frozen=false", f"hydra.run.dir={alone}")
@@ -322,7 +338,7 @@ def test_a_resumed_cached_run_equals_the_uninterrupted_one(tmp_path):
 def test_dropout_forced_off_is_recorded(tmp_path):
     ptv2("train", *RUN, "prompt.layers=top:1", "trainer.cache_frozen=true", f"hydra.run.dir={tmp_path}")
     record = figures(tmp_path)[2]
-    assert record["layer"] == 1 and record["dropout_in_cached_layers"] == 0.1
+    assert record["layers"] == [1] and record["dropout_in_cached_layers"] == 0.1
     assert "without their dropout 0.1" in record["reason"]
 
 

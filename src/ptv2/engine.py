@@ -57,7 +57,7 @@ class IndexedFeatures(torch.utils.data.Dataset):
 def make_collate(kind: TaskType, tokenizer, pad_to: int | None = None, split: Split | None = None):
     """Batches of features; pad_to right-pads the token dimension to a fixed length (trainer.pad_to_max_length).
     When the split has cached hidden states (split.frozen, set once the run has built them), each batch carries its
-    rows' as `frozen_hidden` (B, L, hidden) and the layer they enter as `frozen_layer`."""
+    rows' as `frozen_hidden`: {layer they enter: (B, L, hidden)}."""
     per_token = getattr(kind, "PER_TOKEN", ())
 
     def collate(items: list[dict]) -> dict:
@@ -65,9 +65,9 @@ def make_collate(kind: TaskType, tokenizer, pad_to: int | None = None, split: Sp
         batch = kind.collate(items, tokenizer)
         padded = pad_to_length(batch, pad_to, tokenizer.pad_token_id, per_token) if pad_to else batch
         frozen = split.frozen if split is not None else None
-        if frozen is not None:
-            padded["frozen_hidden"] = frozen.rows(indices.tolist(), padded["input_ids"].shape[1])
-            padded["frozen_layer"] = frozen.layer
+        if frozen:
+            width = padded["input_ids"].shape[1]
+            padded["frozen_hidden"] = {layer: states.rows(indices.tolist(), width) for layer, states in frozen.items()}
         return {**padded, "index": indices}
 
     return collate

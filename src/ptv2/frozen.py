@@ -40,18 +40,18 @@ TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 
 @dataclass
 class Plan:
-    """Whether a run (or a packed group) trains from cached hidden states, and why: `layer` is the layer they enter
-    (None: not cached); `dropout` the largest dropout rate in the layers below it (which a cached run does not
-    apply)."""
+    """Whether a run (or a packed group) trains from cached hidden states, and why: `layers` are the layers they
+    enter, each job's lowest prompted layer (empty: not cached); `dropout` the largest dropout rate below the highest
+    of them (which a cached run does not apply)."""
 
-    layer: int | None
+    layers: tuple[int, ...]
     reason: str
     dropout: float = 0.0
     shift: int = 0  # prompt.shift_positions: the tokens are numbered from this prompt length on
 
     def record(self) -> dict:
         """results.json's `frozen_cache`."""
-        return {"layer": self.layer, "reason": self.reason, "dropout_in_cached_layers": self.dropout}
+        return {"layers": list(self.layers), "reason": self.reason, "dropout_in_cached_layers": self.dropout}
 
 
 def position_shift(cfg) -> int:
@@ -62,32 +62,38 @@ def position_shift(cfg) -> int:
 
 
 def plan(cfgs: list, backbone_config, encoder: torch.nn.Module) -> Plan:
-    """The cache of a group of jobs on one backbone (a single run is a group of one): the lowest k of its jobs, so
-    jobs of different depths share one cache. `auto` caches only where it is exact (no dropout below k)."""
+    """The cache of a group of jobs on one backbone (a single run is a group of one): the hidden states entering each
+    job's lowest prompted layer k, all from one forward per batch when it is built; each job trains from its own k
+    (jobs that share one backbone forward, from the lowest k among them). `auto` caches only where it is exact (no
+    dropout below the highest k)."""
     setting = cfgs[0].trainer.get("cache_frozen", "auto")
     if setting is False:
-        return Plan(None, "trainer.cache_frozen=false")
+        return Plan((), "trainer.cache_frozen=false")
     for cfg in cfgs:
         if refusal := frozen_cache_refusal(cfg, backbone_config):
-            return Plan(None, f"not cached: {refusal}")
+            return Plan((), f"not cached: {refusal}")
     shifts = {position_shift(cfg) for cfg in cfgs}
     if len(shifts) > 1:
-        return Plan(None, "not cached: the jobs number their tokens from different prompt lengths (shift_positions)")
+        return Plan((), "not cached: the jobs number their tokens from different prompt lengths (shift_positions)")
     num_layers = encoder_shape(backbone_config)[0]
-    layer = min(lowest_prompted_layer(cfg.prompt, num_layers) for cfg in cfgs)
+    layers = tuple(sorted({lowest_prompted_layer(cfg.prompt, num_layers) for cfg in cfgs}))
+    layer = layers[-1]
     dropout = dropout_below(encoder, layer)
-    below = f"the embeddings and layers 0-{layer - 1}" if layer > 1 else "the embeddings and layer 0"
     if dropout and setting == "auto":
         return Plan(
-            None,
-            f"not cached: {below} apply dropout {dropout:g} (trainer.cache_frozen=true caches them without it)",
+            (),
+            f"not cached: {below(layer)} apply dropout {dropout:g} (trainer.cache_frozen=true caches them without it)",
             dropout,
             shifts.pop(),
         )
-    what = "the encoder's output" if layer == num_layers else f"the hidden states entering layer {layer}"
+    entering = ", ".join("the encoder's output" if k == num_layers else f"layer {k}" for k in layers)
     without = f", without their dropout {dropout:g}" if dropout else " (no dropout there: exact)"
-    reason = f"cached: {what} of {num_layers}, computed once per example by {below}{without}"
-    return Plan(layer, reason, dropout, shifts.pop())
+    reason = f"cached: the hidden states entering {entering} of {num_layers}, computed once per example{without}"
+    return Plan(layers, reason, dropout, shifts.pop())
+
+
+def below(layer: int) -> str:
+    return f"the embeddings and layers 0-{layer - 1}" if layer > 1 else "the embeddings and layer 0"
 
 
 class FrozenStates:
@@ -164,50 +170,57 @@ def prepare(
 ) -> dict[str, FrozenStates]:
     """The cached hidden states of every prepared split of every member, built where missing (and logged with their
     size), set as each split's `frozen`; returns them by "member/split"."""
-    layer = plan.layer
     common = {
         "version": CACHE_VERSION,
         "shift": plan.shift,
-        "layer": layer,
         "config": encoder.config.to_json_string(use_diff=False),
-        "weights": weights_hash(encoder, layer),
         "dtype": str(next(encoder.parameters()).dtype),
         "attention": encoder.config._attn_implementation,
         "precision": cfg.trainer.precision,
     }
+    weights = {layer: weights_hash(encoder, layer) for layer in plan.layers}
     folder = cache_dir(cfg.trainer.cache_dir) / "frozen"
     found = {}
     for member in members:
         for split_name, split in member.splits.items():
-            key = {**common, "tokens": tokens_hash(split.features)}
-            digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-            path = folder / f"{member.task.name}-{split_name}-k{layer}-{digest}.safetensors"
+            tokens = tokens_hash(split.features)
+            paths = {}
+            for layer in plan.layers:
+                key = {**common, "layer": layer, "weights": weights[layer], "tokens": tokens}
+                digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+                paths[layer] = folder / f"{member.task.name}-{split_name}-k{layer}-{digest}.safetensors"
             started = time.perf_counter()
-            built = not path.is_file()
-            if built:
-                tensors = compute(encoder, member, split_name, tokenizer, plan, cfg, device, autocast)
-                atomic_write(path, lambda temporary, tensors=tensors: temporary.write_bytes(save(tensors)))
-            size = path.stat().st_size
-            in_memory = size <= free_memory() // 4
-            split.frozen = found[f"{member.name}/{split_name}"] = FrozenStates(layer, path, in_memory)
-            log.info(
-                "frozen cache %s/%s: %d examples, %.1f MB %s in %.1f s (%s) %s",
-                member.name,
-                split_name,
-                len(split.features),
-                size / 1e6,
-                "built" if built else "read",
-                time.perf_counter() - started,
-                "in memory" if in_memory else "memory-mapped",
-                path,
-            )
+            missing = [layer for layer, path in paths.items() if not path.is_file()]
+            if missing:  # every missing layer from one bottom forward per batch
+                computed = compute(encoder, member, split_name, tokenizer, missing, plan.shift, cfg, device, autocast)
+                for layer, tensors in computed.items():
+                    atomic_write(paths[layer], lambda temporary, tensors=tensors: temporary.write_bytes(save(tensors)))
+            seconds = time.perf_counter() - started
+            split.frozen = {}
+            for layer, path in paths.items():
+                size = path.stat().st_size
+                in_memory = size <= free_memory() // 4
+                states = FrozenStates(layer, path, in_memory)
+                split.frozen[layer] = found[f"{member.name}/{split_name}/{layer}"] = states
+                log.info(
+                    "frozen cache %s/%s, layer %d: %d examples, %.1f MB %s in %.1f s (%s) %s",
+                    member.name,
+                    split_name,
+                    layer,
+                    len(split.features),
+                    size / 1e6,
+                    "built" if layer in missing else "read",
+                    seconds,
+                    "in memory" if in_memory else "memory-mapped",
+                    path,
+                )
     return found
 
 
 @torch.inference_mode()
-def compute(encoder, member: Member, split: str, tokenizer, plan: Plan, cfg, device, autocast) -> dict:
-    """{"hidden": (tokens, hidden size), "offsets": (features + 1,)} of one split, in feature order: the encoder in
-    eval mode, no prefix, batches sorted by length."""
+def compute(encoder, member: Member, split: str, tokenizer, layers: list[int], shift: int, cfg, device, autocast):
+    """{layer: {"hidden": (tokens, hidden size), "offsets": (features + 1,)}} of one split, in feature order: the
+    encoder in eval mode, no prefix, batches sorted by length, tokens numbered from `shift`."""
     features = member.splits[split].features
     lengths = feature_lengths(member.kind, features)
     offsets = torch.zeros(len(lengths) + 1, dtype=torch.long)
@@ -216,22 +229,24 @@ def compute(encoder, member: Member, split: str, tokenizer, plan: Plan, cfg, dev
     # cache must leave the run's random numbers as they were.
     rows, collate = IndexedFeatures(features), make_collate(member.kind, tokenizer)
     loader = (collate(rows.__getitems__(indices)) for indices in sorted_batches(lengths, cfg.trainer.eval_batch_size))
-    hidden = None
+    hidden: dict[int, torch.Tensor] = {}
     was_training = encoder.training
     encoder.eval()
     try:
         for batch in loader:
             inputs = {key: batch[key].to(device) for key in TOKEN_KEYS if batch.get(key) is not None}
-            positions = shifted_position_ids(encoder.config, inputs["attention_mask"], plan.shift)
+            positions = shifted_position_ids(encoder.config, inputs["attention_mask"], shift)
             if positions is not None:
                 inputs["position_ids"] = positions
             with autocast():
-                states = hidden_entering(encoder, plan.layer, **inputs).cpu()
-            if hidden is None:
-                hidden = states.new_empty(int(offsets[-1]), states.shape[-1])
-            for row, index in enumerate(batch["index"].tolist()):
-                start, end = int(offsets[index]), int(offsets[index + 1])
-                hidden[start:end] = states[row, : end - start]
+                states = hidden_entering(encoder, layers, **inputs)
+            for layer, entering in states.items():
+                entering = entering.cpu()
+                if layer not in hidden:
+                    hidden[layer] = entering.new_empty(int(offsets[-1]), entering.shape[-1])
+                for row, index in enumerate(batch["index"].tolist()):
+                    start, end = int(offsets[index]), int(offsets[index + 1])
+                    hidden[layer][start:end] = entering[row, : end - start]
     finally:
         encoder.train(was_training)
-    return {"hidden": hidden.contiguous(), "offsets": offsets}
+    return {layer: {"hidden": tensor.contiguous(), "offsets": offsets} for layer, tensor in hidden.items()}

@@ -216,7 +216,7 @@ class Group:
         jobs = self.running()
         self.frozen_plan = frozen.plan([job.cfg for job in jobs], self.backbone_config, self.encoder)
         log.info("frozen layers: %s", self.frozen_plan.reason)
-        if self.frozen_plan.layer is not None:
+        if self.frozen_plan.layers:
             autocast, device = self.accelerator.autocast, self.accelerator.device
             frozen.prepare(self.encoder, self.members, self.tokenizer, self.frozen_plan, self.cfg, device, autocast)
 

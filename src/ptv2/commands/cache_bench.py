@@ -45,9 +45,9 @@ def cached_batch(model, batch: dict, layer: int) -> dict:
     model.eval()
     with torch.inference_mode():
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
-        hidden = hidden_entering(model.encoder, layer, **inputs)
+        hidden = hidden_entering(model.encoder, [layer], **inputs)[layer]
     model.train()
-    return {**batch, "frozen_hidden": hidden.clone(), "frozen_layer": layer}
+    return {**batch, "frozen_hidden": {layer: hidden.clone()}}
 
 
 def measure_shape(cfg: DictConfig, top: int, device: torch.device) -> dict:
@@ -79,7 +79,8 @@ def measure_shape(cfg: DictConfig, top: int, device: torch.device) -> dict:
     start = clock.now()
     cached_batches = [cached_batch(cached_model, b, layer) for b in batches]
     build_seconds = clock.now() - start
-    cache_bytes = sum(b["frozen_hidden"].numel() * b["frozen_hidden"].element_size() for b in cached_batches)
+    cached_states = [b["frozen_hidden"][layer] for b in cached_batches]
+    cache_bytes = sum(states.numel() * states.element_size() for states in cached_states)
     epoch = {}
     for name, side_batches in (("uncached", batches), ("cached", cached_batches)):
         start = clock.now()

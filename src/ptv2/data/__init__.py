@@ -38,7 +38,7 @@ class Split:
     name: str
     examples: list[dict]
     features: datasets.Dataset
-    frozen: object = None  # its cached hidden states (frozen.FrozenStates) when the run caches the frozen layers
+    frozen: dict | None = None  # {layer: frozen.FrozenStates}: its cached hidden states when the run caches them
 
 
 def readers() -> list[str]:

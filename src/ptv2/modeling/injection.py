@@ -434,31 +434,38 @@ def layer_stack(encoder: torch.nn.Module) -> tuple[torch.nn.Module, str]:
 
 
 class _Stop(Exception):
-    """Carries the hidden states entering the layer a bottom forward stops at."""
-
-    def __init__(self, hidden: torch.Tensor):
-        self.hidden = hidden
+    """Ends a bottom forward at the highest layer it was asked for."""
 
 
-def _stop_before(module, args, kwargs):
-    raise _Stop(args[0] if args else kwargs["hidden_states"])
-
-
-def hidden_entering(encoder: torch.nn.Module, layer: int, **inputs) -> torch.Tensor:
-    """The hidden states (B, L, hidden) entering `layer` (the last hidden states when `layer` is the layer count):
-    the embeddings and layers below it, no prefix; call in eval mode for the cache."""
+def hidden_entering(encoder: torch.nn.Module, layers: list[int], **inputs) -> dict[int, torch.Tensor]:
+    """{layer: the hidden states (B, L, hidden) entering it} for each of `layers` (the layer count: the last hidden
+    states), from one forward that stops at the highest: the embeddings and layers below, no prefix; call in eval
+    mode for the cache."""
     holder, name = layer_stack(encoder)
-    layers = getattr(holder, name)
-    if layer >= len(layers):
-        return run_encoder(encoder, None, **inputs)
-    handle = layers[layer].register_forward_pre_hook(_stop_before, with_kwargs=True)
+    stack = getattr(holder, name)
+    found: dict[int, torch.Tensor] = {}
+
+    def capture(layer: int, last: bool):
+        def hook(module, args, kwargs):
+            found[layer] = args[0] if args else kwargs["hidden_states"]
+            if last:
+                raise _Stop
+
+        return hook
+
+    inside = sorted(layer for layer in set(layers) if layer < len(stack))
+    stop_at = inside[-1] if len(inside) == len(set(layers)) else None  # the encoder's output asked for: no stop
+    hooks = [(stack[layer], capture(layer, layer == stop_at)) for layer in inside]
+    handles = [module.register_forward_pre_hook(hook, with_kwargs=True) for module, hook in hooks]
     try:
-        run_encoder(encoder, None, **inputs)
-    except _Stop as stop:
-        return stop.hidden
+        output = run_encoder(encoder, None, **inputs)
+        found[len(stack)] = output
+    except _Stop:
+        pass
     finally:
-        handle.remove()
-    raise RuntimeError(f"layer {layer} of the encoder never ran")
+        for handle in handles:
+            handle.remove()
+    return {layer: found[layer] for layer in layers}
 
 
 def _replace_input(hidden: torch.Tensor):

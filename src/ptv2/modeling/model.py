@@ -29,6 +29,13 @@ def prompt_layers(spec, num_layers: int) -> list[int]:
     return list(range(num_layers - count, num_layers)) if side == "top" else list(range(count))
 
 
+def cached_start(cached: dict | None, lowest: int) -> int | None:
+    """The layer to run from when a batch carries cached hidden states ({layer they enter: hidden}) and the lowest
+    layer that sees a prompt is `lowest`: the highest cached layer at or below it (None: run the whole encoder)."""
+    usable = [layer for layer in cached or () if layer <= lowest]
+    return max(usable) if usable else None
+
+
 class PromptModel(nn.Module):
     """Encoder + prompt + heads.
 
@@ -53,7 +60,11 @@ class PromptModel(nn.Module):
         num_layers, num_heads, head_dim = encoder_shape(config)
 
         self.prompt: nn.Module | None = None
+        # the lowest layer whose computation the prompt (or a trained backbone) changes; the layers below it are the
+        # frozen layers a run may cache (frozen.py)
+        self.lowest_layer = 0 if (chosen.prompt == "input" or chosen.peft or not chosen.frozen) else num_layers
         if chosen.prompt == "prefix":
+            self.lowest_layer = min(prompt_layers(prompt_cfg.layers, num_layers))
             prefix_module = chosen.prefix_module() if chosen.prefix_module else PrefixEncoder
             self.prompt = prefix_module(
                 layers=prompt_layers(prompt_cfg.layers, num_layers),
@@ -122,8 +133,9 @@ class PromptModel(nn.Module):
         else:
             inputs["input_ids"] = input_ids
 
-        if batch.get("frozen_layer") is not None:  # the layers below come from the run's frozen cache
-            hidden = run_encoder_from(self.encoder, prefix, batch["frozen_layer"], batch["frozen_hidden"], **inputs)
+        start = cached_start(batch.get("frozen_hidden"), self.lowest_layer)
+        if start is not None:  # the layers below come from the run's frozen cache
+            hidden = run_encoder_from(self.encoder, prefix, start, batch["frozen_hidden"][start], **inputs)
         else:
             hidden = run_encoder(self.encoder, prefix, **inputs)
         if isinstance(self.prompt, InputPrompt):

@@ -10,7 +10,7 @@ import torch
 from torch.nn import functional as F
 
 from ptv2.modeling.injection import Gate, Prefix, position_ids, run_encoder, run_encoder_from
-from ptv2.modeling.model import PromptModel
+from ptv2.modeling.model import PromptModel, cached_start
 from ptv2.modeling.prompts import PrefixEncoder
 
 
@@ -85,10 +85,10 @@ def packed_hidden(encoder, models: list[PromptModel], batch: dict) -> list[torch
         if blocks[0] is not None:  # None: relative positions, nothing to number
             inputs["position_ids"] = torch.cat(blocks)
     prefixes = [model.prompt(rows) if isinstance(model.prompt, PrefixEncoder) else None for model in models]
-    if batch.get("frozen_layer") is not None:  # the frozen cache's hidden states, one copy per block
-        hidden = batch["frozen_hidden"].repeat(count, 1, 1)
-        packed = pack_prefixes(prefixes)
-        return list(run_encoder_from(encoder, packed, batch["frozen_layer"], hidden, **inputs).split(rows))
+    start = cached_start(batch.get("frozen_hidden"), min(model.lowest_layer for model in models))
+    if start is not None:  # the frozen cache's hidden states, one copy per block
+        hidden = batch["frozen_hidden"][start].repeat(count, 1, 1)
+        return list(run_encoder_from(encoder, pack_prefixes(prefixes), start, hidden, **inputs).split(rows))
     return list(run_encoder(encoder, pack_prefixes(prefixes), **inputs).split(rows))
 
 
