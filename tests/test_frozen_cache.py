@@ -354,3 +354,14 @@ def test_memory_mapped_entries_give_the_same_rows(tmp_path, monkeypatch):
     assert torch.equal(rows, mapped.rows([2, 0], 6))
     assert torch.equal(rows[0, :2], hidden[8:10]) and torch.equal(rows[1, :3], hidden[0:3])
     assert not rows[0, 2:].any() and not rows[1, 3:].any()
+
+
+def test_a_damaged_entry_is_built_again(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "entry.safetensors"
+    save_file({"hidden": torch.randn(10, 4), "offsets": torch.tensor([0, 3, 8, 10])}, str(path))
+    assert frozen.readable(path, 3)
+    assert not frozen.readable(path, 4) and not path.exists()  # offsets of another split
+    path.write_bytes(b"not safetensors")
+    assert not frozen.readable(path, 3) and not path.exists()

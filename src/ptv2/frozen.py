@@ -124,6 +124,23 @@ class FrozenStates:
         return batch
 
 
+def readable(path: Path, features: int) -> bool:
+    """Whether `path` holds a whole cache entry for `features` features; a damaged one (truncated, foreign) is
+    removed with a warning, so it is built again."""
+    if not path.is_file():
+        return False
+    try:
+        with safe_open(str(path), framework="pt") as entry:
+            offsets, tokens = entry.get_tensor("offsets"), entry.get_slice("hidden").get_shape()[0]
+        if offsets.shape != (features + 1,) or int(offsets[-1]) != tokens:
+            raise ValueError("its offsets do not fit the split")
+        return True
+    except Exception as error:  # safetensors' and the OS's errors of a damaged file: all mean "build it again"
+        log.warning("the frozen cache entry %s is unreadable (%s); building it again", path, str(error)[:160])
+        path.unlink(missing_ok=True)
+        return False
+
+
 def weights_hash(encoder: torch.nn.Module, layer: int) -> str:
     """sha256 of every weight and buffer the hidden states entering `layer` depend on (all but the layers above)."""
     holder, name = layer_stack(encoder)
@@ -190,7 +207,7 @@ def prepare(
                 digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
                 paths[layer] = folder / f"{member.task.name}-{split_name}-k{layer}-{digest}.safetensors"
             started = time.perf_counter()
-            missing = [layer for layer, path in paths.items() if not path.is_file()]
+            missing = [layer for layer, path in paths.items() if not readable(path, len(split.features))]
             if missing:  # every missing layer from one bottom forward per batch
                 computed = compute(encoder, member, split_name, tokenizer, missing, plan.shift, cfg, device, autocast)
                 for layer, tensors in computed.items():
