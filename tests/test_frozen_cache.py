@@ -97,7 +97,7 @@ def loss_and_gradients(model: PromptModel, batch: dict) -> tuple[torch.Tensor, d
 
 
 CASES = [("ptv2", "top:2"), ("ptv2", [1, 2]), ("ptv2", [2]), ("linear_probe", "all")]
-FAMILIES = [("bert", False), ("roberta", False), ("roberta", True), ("llama", False), ("gpt2", False)]
+FAMILIES = [("bert", False), ("roberta", False), ("roberta", True), ("llama", False), ("gpt2", False), ("qwen2", False)]
 
 
 @pytest.mark.parametrize(("family", "shifted"), FAMILIES)
@@ -154,6 +154,14 @@ def test_each_model_runs_from_the_highest_cached_layer_it_may_use():
     torch.testing.assert_close(from_two, whole)  # layer 1's (wrong) states unused: the model starts at 2
     torch.testing.assert_close(from_one, whole)  # only layer 1 cached: layer 1 runs again
     assert injection.hidden_entering(encoder, [3], **inputs)[3].shape == entering[1].shape  # the encoder's output
+
+
+def test_backbones_whose_layers_differ_in_attention_type_are_refused():
+    config = copy.deepcopy(AutoConfig.from_pretrained(DECODERS / "qwen2"))
+    cfg = run_cfg("prompt.layers=top:1")
+    assert frozen_cache_refusal(cfg, config) is None
+    config.layer_types = ["full_attention", "sliding_attention", "full_attention"]
+    assert "layer_types" in frozen_cache_refusal(cfg, config)
 
 
 def test_dropout_below_reads_modules_and_decoder_rates():

@@ -645,6 +645,8 @@ def frozen_cache_refusal(cfg, backbone_config) -> str | None:
         return f"prompt.method={chosen.name} {what}, the lowest ones included"
     if family_of(backbone_config).injection != "attention_interface":
         return f"the {backbone_config.model_type} encoder mixes its first layer's output with its input (no layer cut)"
+    if len(set(getattr(backbone_config, "layer_types", None) or ())) > 1:
+        return "the backbone's layers differ in attention type (layer_types), which its forward reads by position"
     kinds = sorted({task.type for _, task in task_members(cfg.task)} & {"multiple_choice", "generation"})
     if kinds:
         return f"task.type={kinds[0]} runs several sequences per example or decodes token by token"
