@@ -224,6 +224,12 @@ def test_auto_caches_only_without_dropout_below():
     assert exact.layers == (1, 2) and "exact" in exact.reason  # each job's own k
     assert frozen.plan([run_cfg("prompt=linear_probe")], config, encoder).layers == (2,)
     assert frozen.plan([run_cfg("prompt.layers=top:1", "trainer.cache_frozen=false")], config, encoder).layers == ()
+    # worth it: not for a run that ends before one pass over its training data (unless asked for)
+    short = [run_cfg("prompt.layers=top:1", "trainer.max_steps=2", "trainer.batch_size=4")]
+    assert "trainer.max_steps=2" in frozen.plan(short, config, encoder, train_features=9).reason
+    assert frozen.plan(short, config, encoder, train_features=8).layers == (1,)
+    short[0].trainer.cache_frozen = True
+    assert frozen.plan(short, config, encoder, train_features=9).layers == (1,)
 
 
 def test_packed_groups_split_jobs_that_cannot_use_the_cache():

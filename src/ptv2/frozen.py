@@ -61,14 +61,18 @@ def position_shift(cfg) -> int:
     return int(cfg.prompt.length) if shifted else 0
 
 
-def plan(cfgs: list, backbone_config, encoder: torch.nn.Module) -> Plan:
+def plan(cfgs: list, backbone_config, encoder: torch.nn.Module, train_features: int | None = None) -> Plan:
     """The cache of a group of jobs on one backbone (a single run is a group of one): the hidden states entering each
     job's lowest prompted layer k, all from one forward per batch when it is built; each job trains from its own k
     (jobs that share one backbone forward, from the lowest k among them). `auto` caches only where it is exact (no
-    dropout below the highest k)."""
-    setting = cfgs[0].trainer.get("cache_frozen", "auto")
+    dropout below the highest k) and where it is worth it: a run that ends (trainer.max_steps) before one pass over
+    its `train_features` would pay for more of the cache than it reads."""
+    setting, trainer = cfgs[0].trainer.get("cache_frozen", "auto"), cfgs[0].trainer
     if setting is False:
         return Plan((), "trainer.cache_frozen=false")
+    steps = trainer.max_steps
+    if setting == "auto" and train_features and steps and steps * trainer.batch_size < train_features:
+        return Plan((), f"not cached: trainer.max_steps={steps} ends the run before one pass over the training data")
     for cfg in cfgs:
         if refusal := frozen_cache_refusal(cfg, backbone_config):
             return Plan((), f"not cached: {refusal}")

@@ -214,7 +214,8 @@ class Group:
         """trainer.cache_frozen: the hidden states entering the group's lowest prompted layer, computed once per
         example of every split (frozen.py) on the prepared encoder, which then runs from that layer on."""
         jobs = self.running()
-        self.frozen_plan = frozen.plan([job.cfg for job in jobs], self.backbone_config, self.encoder)
+        features = sum(len(member.splits["train"].features) for member in self.members)
+        self.frozen_plan = frozen.plan([job.cfg for job in jobs], self.backbone_config, self.encoder, features)
         log.info("frozen layers: %s", self.frozen_plan.reason)
         if self.frozen_plan.layers:
             autocast, device = self.accelerator.autocast, self.accelerator.device
