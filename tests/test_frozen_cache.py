@@ -379,3 +379,20 @@ def test_a_damaged_entry_is_built_again(tmp_path):
     assert not frozen.readable(path, 4) and not path.exists()  # offsets of another split
     path.write_bytes(b"not safetensors")
     assert not frozen.readable(path, 3) and not path.exists()
+
+
+def test_bench_times_top_k_cached_against_uncached_on_two_depths(tmp_path):
+    result = ptv2(
+        "bench", "backbone=tiny", "bench.cache=[1,3]", "bench.cache_layers=3", "bench.steps=2",
+        "bench.warmup_steps=0", "bench.batch_size=2", "bench.seq_length=8", "bench.cache_examples=4",
+        f"hydra.run.dir={tmp_path}",
+    )  # fmt: skip
+    report = json.loads((tmp_path / "bench.json").read_text())
+    rows = [(row["backbone"], row["layers"], row["top"]) for row in report["rows"]]
+    assert rows == [("tiny", 2, 1), ("tiny-3L", 3, 1)]  # top:3 prompts layer 0 of both: nothing to cache
+    for row in report["rows"]:
+        assert row["cached_from_layer"] == row["layers"] - 1
+        assert row["predicted_ratio"] == pytest.approx(3 / (row["layers"] + 2))
+        assert row["cache_bytes"] == 4 * 8 * 32 * 4  # examples x tokens x hidden x float32
+        assert row["uncached_step_seconds"] > 0 and row["cached_step_seconds"] > 0 and row["epoch_examples"] == 4
+    assert "| tiny-3L | 3 | 1 |" in result.stdout
