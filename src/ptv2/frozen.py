@@ -36,6 +36,7 @@ from ptv2.modeling.methods import method
 log = logging.getLogger("ptv2")
 CACHE_VERSION = 1
 TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+PADDING_READ = {"span"}  # task types whose loss reads the padded positions too (see padded_width)
 
 
 @dataclass
@@ -119,12 +120,12 @@ class FrozenStates:
         return self._file.get_slice("hidden")[start:end]
 
     def rows(self, indices: list[int], length: int) -> torch.Tensor:
-        """(B, length, hidden) for the features `indices` of a right-padded batch; padded positions are zeros (no
-        real token attends to them)."""
+        """(B, length, hidden) for the features `indices` of a right-padded batch; padded positions not cached are
+        zeros (no real token attends to them)."""
         parts = [self._tokens(int(self.offsets[i]), int(self.offsets[i + 1])) for i in indices]
         batch = parts[0].new_zeros(len(parts), length, parts[0].shape[-1])
         for row, part in enumerate(parts):
-            batch[row, : part.shape[0]] = part
+            batch[row, : part.shape[0]] = part[:length]
         return batch
 
 
@@ -204,7 +205,7 @@ def prepare(
     found = {}
     for member in members:
         for split_name, split in member.splits.items():
-            tokens = tokens_hash(split.features)
+            tokens = tokens_hash(split.features), padded_width(member)
             paths = {}
             for layer in plan.layers:
                 key = {**common, "layer": layer, "weights": weights[layer], "tokens": tokens}
@@ -239,16 +240,24 @@ def prepare(
 
 
 @torch.inference_mode()
+def padded_width(member: Member) -> int | None:
+    """task.max_length for the task types whose loss reads padded positions too (span: a softmax over every
+    position of a row), whose hidden states are then cached up to that length; None: real tokens only (every other
+    head reads real tokens, and padded keys get no attention)."""
+    return member.task.max_length if member.task.type in PADDING_READ else None
+
+
 def compute(encoder, member: Member, split: str, tokenizer, layers: list[int], shift: int, cfg, device, autocast):
     """{layer: {"hidden": (tokens, hidden size), "offsets": (features + 1,)}} of one split, in feature order: the
     encoder in eval mode, no prefix, batches sorted by length, tokens numbered from `shift`."""
     features = member.splits[split].features
     lengths = feature_lengths(member.kind, features)
+    width = padded_width(member)
     offsets = torch.zeros(len(lengths) + 1, dtype=torch.long)
-    offsets[1:] = torch.tensor(lengths, dtype=torch.long).cumsum(0)
+    offsets[1:] = torch.tensor([width or length for length in lengths], dtype=torch.long).cumsum(0)
     # Batches collated by hand, not by a DataLoader, whose iterator draws a seed from torch's generator: building the
     # cache must leave the run's random numbers as they were.
-    rows, collate = IndexedFeatures(features), make_collate(member.kind, tokenizer)
+    rows, collate = IndexedFeatures(features), make_collate(member.kind, tokenizer, pad_to=width)
     loader = (collate(rows.__getitems__(indices)) for indices in sorted_batches(lengths, cfg.trainer.eval_batch_size))
     hidden: dict[int, torch.Tensor] = {}
     was_training = encoder.training
