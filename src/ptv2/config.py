@@ -189,6 +189,10 @@ class TrainerConfig:
     # trained a fixed number of epochs).
     early_stopping_patience: Optional[int] = tagged(None, PER_JOB)
     cache_dir: Optional[str] = tagged(None, PATH, FREE)  # tokenized-data cache; default $PTV2_CACHE or ~/.cache/ptv2
+    # Compute the hidden states entering the lowest prompted layer once per example and train from them (see
+    # frozen.py): auto (where it is exact: no dropout in the layers below) | true (also with dropout there, which the
+    # cached layers then lose) | false
+    cache_frozen: Any = "auto"
 
 
 @dataclass
@@ -223,6 +227,11 @@ class BenchConfig:
     # (wall time and peak memory for the same steps; see pack_bench.py)
     pack: Optional[int] = None
     jobs_per_forward: Optional[int] = None  # bench.pack: jobs per backbone forward (None: as the packed launcher)
+    # [K, ...]: instead, top:K trained from the frozen cache vs through the whole backbone (see cache_bench.py), on
+    # the command's backbone and a random-init copy of its shape with cache_layers layers (null: none)
+    cache: Optional[list[int]] = None
+    cache_layers: Optional[int] = 24
+    cache_examples: int = 128  # the synthetic epoch of each side, and the examples the one-time cache cost covers
     # `ptv2 bench serve` (= bench.serve=true): an HTTP load test of `ptv2 serve` (see serve_bench.py)
     serve: bool = False
     prompts: int = 64  # M: prompts mixed in the mixed-prompt run
@@ -374,6 +383,8 @@ RANGES = {
     "bench.threads": SOME_COUNT,
     "bench.pack": SOME_COUNT,
     "bench.jobs_per_forward": SOME_COUNT,
+    "bench.cache_layers": SOME_COUNT,
+    "bench.cache_examples": COUNT,
     "bench.prompts": COUNT,
     "bench.connections": COUNT,
     "bench.requests": COUNT,
@@ -395,6 +406,7 @@ CHOICES = {
     "prompt.encoder": ("lstm", "mlp"),
     "task.head": HEADS,
     "trainer.precision": ("no", "bf16", "fp16"),
+    "trainer.cache_frozen": ("auto", True, False),
     "logger.name": ("wandb", "none"),
     "logger.mode": ("auto", "online", "offline", "disabled"),
     "bench.device": ("auto", "cpu", "cuda"),
@@ -538,6 +550,9 @@ def check_values(cfg) -> None:
     betas = OmegaConf.select(cfg, "optimizer.betas", default=None)
     if betas is not None and (len(betas) != 2 or not all(PROBABILITY.admits(beta) for beta in betas)):
         raise UserError(f"optimizer.betas={list(betas)} is out of range; use two numbers in [0, 1)")
+    for top in OmegaConf.select(cfg, "bench.cache", default=None) or []:
+        if not COUNT.admits(top):
+            raise UserError(f"bench.cache: {top} is not a layer count; give top:K depths as [K, ...] with K {COUNT}")
     for name in OmegaConf.select(cfg, "bench.methods", default=None) or []:
         if name not in METHODS:
             raise UserError(f"bench.methods: {name} is unknown; choose from {', '.join(METHODS)}")
@@ -622,6 +637,8 @@ def validate(cfg, backbone_config) -> None:
     task = cfg.task
     if chosen.peft:
         _check_peft_method(cfg, backbone_config)
+    if cfg.trainer.get("cache_frozen") is True and (refusal := frozen_cache_refusal(cfg, backbone_config)):
+        raise UserError(f"trainer.cache_frozen=true cannot hold: {refusal}; use trainer.cache_frozen=auto or false")
     # Input prompts occupy positions like tokens; the official-style shift moves every token by P, and PEFT's
     # prefix (a key/value cache) always does.
     shifted = (chosen.prompt == "prefix" and prompt.shift_positions) or chosen.peft == "prefix"
@@ -635,6 +652,47 @@ def validate(cfg, backbone_config) -> None:
             f"backbone has {available}; lower task.max_length or prompt.length"
             + (" or set prompt.shift_positions=false" if shift and chosen.prompt == "prefix" else "")
         )
+
+
+def lowest_prompted_layer(prompt, num_layers: int) -> int:
+    """The first layer that sees the prompt: 0 for an input prompt, `num_layers` when nothing is prompted (the linear
+    probe: every layer is frozen and sees no prompt)."""
+    from ptv2.modeling.methods import parse_layers
+
+    chosen = method(prompt.method)
+    if chosen.prompt == "input" or chosen.peft == "prefix":
+        return 0
+    if chosen.prompt != "prefix":
+        return num_layers
+    side, count = parse_layers(prompt.layers)
+    if side == "top":
+        return num_layers - count
+    return min(count) if side == "list" else 0
+
+
+def frozen_cache_refusal(cfg, backbone_config) -> str | None:
+    """Why the hidden states entering the lowest prompted layer cannot be cached for this run, or None."""
+    from ptv2.modeling.injection import encoder_shape, family_of
+
+    prompt, chosen = cfg.prompt, method(cfg.prompt.method)
+    if not chosen.frozen:
+        return f"prompt.method={chosen.name} trains the backbone, so no layer gives the same output twice"
+    if chosen.prompt == "input":
+        return f"prompt.method={chosen.name} puts its prompt into the input, which every layer then sees"
+    if chosen.peft:
+        what = "adapts the attention of every layer" if chosen.peft == "lora" else "puts a prefix on every layer"
+        return f"prompt.method={chosen.name} {what}, the lowest ones included"
+    if family_of(backbone_config).injection != "attention_interface":
+        return f"the {backbone_config.model_type} encoder mixes its first layer's output with its input (no layer cut)"
+    if len(set(getattr(backbone_config, "layer_types", None) or ())) > 1:
+        return "the backbone's layers differ in attention type (layer_types), which its forward reads by position"
+    kinds = sorted({task.type for _, task in task_members(cfg.task)} & {"multiple_choice", "generation"})
+    if kinds:
+        return f"task.type={kinds[0]} runs several sequences per example or decodes token by token"
+    layers = prompt.layers if isinstance(prompt.layers, str) else list(prompt.layers)
+    if lowest_prompted_layer(prompt, encoder_shape(backbone_config)[0]) == 0:
+        return f"prompt.layers={layers} prompts layer 0, so no layer lies below the prompt"
+    return None
 
 
 def _check_peft_method(cfg, backbone_config) -> None:

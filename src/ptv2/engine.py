@@ -54,14 +54,20 @@ class IndexedFeatures(torch.utils.data.Dataset):
         return [{**{k: v[i] for k, v in rows.items()}, "index": index} for i, index in enumerate(indices)]
 
 
-def make_collate(kind: TaskType, tokenizer, pad_to: int | None = None):
-    """Batches of features; pad_to right-pads the token dimension to a fixed length (trainer.pad_to_max_length)."""
+def make_collate(kind: TaskType, tokenizer, pad_to: int | None = None, split: Split | None = None):
+    """Batches of features; pad_to right-pads the token dimension to a fixed length (trainer.pad_to_max_length).
+    When the split has cached hidden states (split.frozen, set once the run has built them), each batch carries its
+    rows' as `frozen_hidden`: {layer they enter: (B, L, hidden)}."""
     per_token = getattr(kind, "PER_TOKEN", ())
 
     def collate(items: list[dict]) -> dict:
         indices = torch.tensor([item.pop("index") for item in items])
         batch = kind.collate(items, tokenizer)
         padded = pad_to_length(batch, pad_to, tokenizer.pad_token_id, per_token) if pad_to else batch
+        frozen = split.frozen if split is not None else None
+        if frozen:
+            width = padded["input_ids"].shape[1]
+            padded["frozen_hidden"] = {layer: states.rows(indices.tolist(), width) for layer, states in frozen.items()}
         return {**padded, "index": indices}
 
     return collate
@@ -90,7 +96,7 @@ def train_loaders(cfg: DictConfig, members: list[Member], tokenizer) -> dict[str
         lengths = feature_lengths(member.kind, features)
         batches = LengthGroupedBatches(lengths, cfg.trainer.batch_size, cfg.trainer.seed, cfg.trainer.group_by_length)
         pad_to = member.task.max_length if cfg.trainer.pad_to_max_length else None
-        collate = make_collate(member.kind, tokenizer, pad_to)
+        collate = make_collate(member.kind, tokenizer, pad_to, member.splits["train"])
         loaders[member.name] = DataLoader(IndexedFeatures(features), batch_sampler=batches, collate_fn=collate)
     return loaders
 
@@ -197,7 +203,7 @@ def eval_loader(member: Member, split: str, tokenizer, accelerator: Accelerator,
     loader = DataLoader(
         IndexedFeatures(features),
         batch_sampler=sorted_batches(feature_lengths(member.kind, features), batch_size),
-        collate_fn=make_collate(member.kind, tokenizer),
+        collate_fn=make_collate(member.kind, tokenizer, split=member.splits[split]),
     )
     return accelerator.prepare_data_loader(loader)
 

@@ -30,7 +30,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from ptv2 import engine
+from ptv2 import engine, frozen
 from ptv2.config import validate
 from ptv2.errors import UserError
 from ptv2.io import write_json, write_text
@@ -150,6 +150,7 @@ class Group:
                 if cfg.task.members:
                     job.cfg.task.members = cfg.task.members
         encoder, parts = engine.load_encoder(cfg, backbone_config)
+        self.encoder, self.backbone_config = encoder, backbone_config
         built = training_state.rng_states()
         for job in self.running():
             training_state.set_rng_states(built)
@@ -214,6 +215,17 @@ class Group:
             others,
         )
 
+    def cache_frozen(self) -> None:
+        """trainer.cache_frozen: the hidden states entering the group's lowest prompted layer, computed once per
+        example of every split (frozen.py) on the prepared encoder, which then runs from that layer on."""
+        jobs = self.running()
+        features = sum(len(member.splits["train"].features) for member in self.members)
+        self.frozen_plan = frozen.plan([job.cfg for job in jobs], self.backbone_config, self.encoder, features)
+        log.info("frozen layers: %s", self.frozen_plan.reason)
+        if self.frozen_plan.layers:
+            autocast, device = self.accelerator.autocast, self.accelerator.device
+            frozen.prepare(self.encoder, self.members, self.tokenizer, self.frozen_plan, self.cfg, device, autocast)
+
     def total_steps(self) -> int:
         """The optimizer steps of the whole run (the scheduler's horizon): every batch of every epoch, or max_steps."""
         steps = sum(len(loader) for loader in self.loaders.values()) * self.cfg.trainer.epochs
@@ -234,6 +246,7 @@ class Group:
                 fail(job, error)
         if not self.running():
             return
+        self.cache_frozen()
         stop = training_state.StopRequests().install()  # SIGTERM/SIGINT: save the state, then stop
         try:
             self.epochs(stop)
@@ -394,7 +407,7 @@ class Group:
             test = self.evaluate(done, lambda m: m.task.test_split)
         for job, scores in zip(done, test, strict=True):
             progress = job.progress
-            extra = {**job.counts, "stopped_early": stopped_early}
+            extra = {**job.counts, "stopped_early": stopped_early, "frozen_cache": self.frozen_plan.record()}
             results = results_of(job.cfg, self.members, progress, extra, self.prep_seconds, scores)
             results["wall_time_seconds"] = time.perf_counter() - self.started
             job.tracker.summary(

@@ -276,6 +276,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         from ptv2.commands import pack_bench
 
         return pack_bench.run(cfg, variant_config(cfg, cfg.prompt.method), run_dir)
+    if bench.cache:  # the frozen cache: top:K cached vs uncached
+        from ptv2.commands import cache_bench
+
+        return cache_bench.run(variant_config(cfg, cfg.prompt.method), run_dir)
     if not bench.methods:
         raise UserError("bench.methods is empty")
     if bench.device == "cuda" and not torch.cuda.is_available():  # before a worker per method finds out

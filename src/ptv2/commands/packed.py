@@ -18,6 +18,8 @@ save, every job at the same step.
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
 import logging
 from pathlib import Path
 
@@ -25,9 +27,12 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from ptv2 import loop
-from ptv2.config import PER_JOB, flat_keys, has_role, keys_with, task_members
+from ptv2.config import PER_JOB, flat_keys, frozen_cache_refusal, has_role, keys_with, task_members
 from ptv2.errors import UserError
+from ptv2.frozen import position_shift
 from ptv2.loop import Job, fail
+from ptv2.modeling import backbone
+from ptv2.modeling.injection import config_dropout
 from ptv2.modeling.methods import method, mixable
 from ptv2.runs import resume as training_state
 from ptv2.runs import rundir, session
@@ -55,12 +60,35 @@ def unpacked_reason(cfg: DictConfig) -> str | None:
 
 
 def group_key(cfg: DictConfig) -> str | None:
-    """The settings a job shares with every job of its group (as JSON), or None when it must run alone."""
+    """The settings a job shares with every job of its group (as JSON), or None when it must run alone. With the
+    frozen cache on, jobs that can use it (no prompt at layer 0) and jobs that cannot go to different groups: one
+    job prompting layer 0 would leave the whole group without the cache."""
     if unpacked_reason(cfg):
         return None
     flat = flat_keys(OmegaConf.to_container(cfg, resolve=True))
     shared = {k: v for k, v in flat.items() if not has_role(k, PER_JOB_KEYS)}
+    # jobs that number their tokens from different prompt lengths (shift_positions) cannot share one cache either
+    shared["frozen cache"] = (True, position_shift(cfg)) if frozen_cacheable(cfg) else (False, 0)
     return repr(sorted(shared.items()))
+
+
+def frozen_cacheable(cfg: DictConfig) -> bool:
+    """Whether the job could train from the frozen cache (trainer.cache_frozen not false, and nothing refuses it)."""
+    setting = cfg.trainer.get("cache_frozen", "auto")
+    if setting is False:
+        return False
+    try:
+        config = _backbone_config(json.dumps(OmegaConf.to_container(cfg.backbone)))
+        if setting == "auto" and config_dropout(config):  # auto caches only without dropout
+            return False
+        return frozen_cache_refusal(cfg, config) is None
+    except (UserError, ValueError, TypeError):  # a backbone or prompt.layers that is wrong fails in its own job
+        return False
+
+
+@functools.lru_cache(maxsize=8)
+def _backbone_config(backbone_cfg: str):
+    return backbone.load_config(OmegaConf.create(json.loads(backbone_cfg)))
 
 
 def groups(keys: list[str | None], max_pack: int) -> list[list[int]]:

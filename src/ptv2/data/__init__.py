@@ -39,6 +39,7 @@ class Split:
     examples: list[dict]
     features: datasets.Dataset
     total: int | None = None  # the split's examples before trainer.limit_* cut it (None: not cut)
+    frozen: dict | None = None  # {layer: frozen.FrozenStates}: its cached hidden states when the run caches them
 
 
 def readers() -> list[str]:

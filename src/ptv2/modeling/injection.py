@@ -415,3 +415,115 @@ def positions_used(config: PretrainedConfig, length: int, shift: int) -> int:
         return 0
     offset = config.pad_token_id + 1 if family.positions == "padding_offset" else 0
     return offset + shift + length
+
+
+# ----------------------------------------------------------------------------------------------- frozen layers
+# A run whose lowest prompted layer is k computes the hidden states entering layer k once per example (frozen.py)
+# and trains from them: the stack of layers is cut for the length of one forward, and the first layer kept takes
+# the given hidden states in place of what the embeddings (and the layers cut) would hand it. Masks, rotary
+# embeddings and the final norm are computed by the model's own forward as always.
+
+
+def layer_stack(encoder: torch.nn.Module) -> tuple[torch.nn.Module, str]:
+    """(module holding the layer list, its attribute name): BERT-style encoder.layer, GPT-2's h, the decoders'
+    layers."""
+    for holder, name in ((getattr(encoder, "encoder", None), "layer"), (encoder, "h"), (encoder, "layers")):
+        if holder is not None and isinstance(getattr(holder, name, None), torch.nn.ModuleList):
+            return holder, name
+    raise UserError(f"trainer.cache_frozen: {type(encoder).__name__} has no layer list ptv2 knows")
+
+
+class _Stop(Exception):
+    """Ends a bottom forward at the highest layer it was asked for."""
+
+
+def hidden_entering(encoder: torch.nn.Module, layers: list[int], **inputs) -> dict[int, torch.Tensor]:
+    """{layer: the hidden states (B, L, hidden) entering it} for each of `layers` (the layer count: the last hidden
+    states), from one forward that stops at the highest: the embeddings and layers below, no prefix; call in eval
+    mode for the cache."""
+    holder, name = layer_stack(encoder)
+    stack = getattr(holder, name)
+    found: dict[int, torch.Tensor] = {}
+
+    def capture(layer: int, last: bool):
+        def hook(module, args, kwargs):
+            found[layer] = args[0] if args else kwargs["hidden_states"]
+            if last:
+                raise _Stop
+
+        return hook
+
+    inside = sorted(layer for layer in set(layers) if layer < len(stack))
+    stop_at = inside[-1] if len(inside) == len(set(layers)) else None  # the encoder's output asked for: no stop
+    hooks = [(stack[layer], capture(layer, layer == stop_at)) for layer in inside]
+    handles = [module.register_forward_pre_hook(hook, with_kwargs=True) for module, hook in hooks]
+    try:
+        output = run_encoder(encoder, None, **inputs)
+        found[len(stack)] = output
+    except _Stop:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {layer: found[layer] for layer in layers}
+
+
+def _replace_input(hidden: torch.Tensor):
+    def hook(module, args, kwargs):
+        if args:
+            return (hidden, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
+
+    return hook
+
+
+def run_encoder_from(encoder: torch.nn.Module, prefix: Prefix | None, start: int, hidden: torch.Tensor, **inputs):
+    """Last hidden states of `encoder` run from layer `start` on, `hidden` (B, L, hidden) entering it: what
+    run_encoder gives when the layers below compute `hidden`. The embeddings still run (for their shapes; their
+    dropout is switched off, so they draw no random numbers) and their output is dropped."""
+    holder, name = layer_stack(encoder)
+    layers = getattr(holder, name)
+    if start >= len(layers):
+        return hidden
+    kept = torch.nn.ModuleList(list(layers)[start:])
+    dropouts = [m for m in encoder.modules() if isinstance(m, torch.nn.Dropout) and m.training]
+    inside = {id(m) for m in kept.modules()}
+    paused = [m for m in dropouts if id(m) not in inside]
+    handle = kept[0].register_forward_pre_hook(_replace_input(hidden), with_kwargs=True)
+    setattr(holder, name, kept)
+    for module in paused:
+        module.eval()
+    try:
+        return run_encoder(encoder, prefix, **inputs)
+    finally:
+        handle.remove()
+        setattr(holder, name, layers)
+        for module in paused:
+            module.train()
+
+
+def dropout_below(encoder: torch.nn.Module, layer: int) -> float:
+    """The largest dropout rate the embeddings and the layers below `layer` apply in training: dropout modules and
+    the decoders' attention_dropout rates (a float the attention function reads)."""
+    holder, name = layer_stack(encoder)
+    above = {id(m) for block in list(getattr(holder, name))[layer:] for m in block.modules()}
+    rates = [0.0]
+    for module in encoder.modules():
+        if id(module) in above:
+            continue
+        if isinstance(module, torch.nn.Dropout):
+            rates.append(module.p)
+        elif isinstance(getattr(module, "attention_dropout", None), float):
+            rates.append(module.attention_dropout)
+    return max(rates)
+
+
+def config_dropout(config: PretrainedConfig) -> float:
+    """The largest dropout rate a backbone config sets for its encoder (hidden_dropout_prob, attention_dropout,
+    GPT-2's *_pdrop, ...; not a classifier's), for decisions taken before the model is built."""
+    rates = [
+        value
+        for name, value in config.to_dict().items()
+        if ("drop" in name and "classifier" not in name) and isinstance(value, float)
+    ]
+    return max(rates, default=0.0)

@@ -6,7 +6,14 @@ import torch
 from torch import nn
 
 from ptv2.modeling.heads import LanguageModelHead, VerbalizerHead
-from ptv2.modeling.injection import encoder_shape, family_of, generate_greedy, run_encoder, shifted_position_ids
+from ptv2.modeling.injection import (
+    encoder_shape,
+    family_of,
+    generate_greedy,
+    run_encoder,
+    run_encoder_from,
+    shifted_position_ids,
+)
 from ptv2.modeling.methods import method, parse_layers
 from ptv2.modeling.peft_methods import add_lora, add_peft_prefix
 from ptv2.modeling.prompts import InputPrompt, PrefixEncoder, official_init_
@@ -20,6 +27,13 @@ def prompt_layers(spec, num_layers: int) -> list[int]:
     if side == "list":
         return count
     return list(range(num_layers - count, num_layers)) if side == "top" else list(range(count))
+
+
+def cached_start(cached: dict | None, lowest: int) -> int | None:
+    """The layer to run from when a batch carries cached hidden states ({layer they enter: hidden}) and the lowest
+    layer that sees a prompt is `lowest`: the highest cached layer at or below it (None: run the whole encoder)."""
+    usable = [layer for layer in cached or () if layer <= lowest]
+    return max(usable) if usable else None
 
 
 class PromptModel(nn.Module):
@@ -46,7 +60,11 @@ class PromptModel(nn.Module):
         num_layers, num_heads, head_dim = encoder_shape(config)
 
         self.prompt: nn.Module | None = None
+        # the lowest layer whose computation the prompt (or a trained backbone) changes; the layers below it are the
+        # frozen layers a run may cache (frozen.py)
+        self.lowest_layer = 0 if (chosen.prompt == "input" or chosen.peft or not chosen.frozen) else num_layers
         if chosen.prompt == "prefix":
+            self.lowest_layer = min(prompt_layers(prompt_cfg.layers, num_layers))
             prefix_module = chosen.prefix_module() if chosen.prefix_module else PrefixEncoder
             self.prompt = prefix_module(
                 layers=prompt_layers(prompt_cfg.layers, num_layers),
@@ -115,7 +133,11 @@ class PromptModel(nn.Module):
         else:
             inputs["input_ids"] = input_ids
 
-        hidden = run_encoder(self.encoder, prefix, **inputs)
+        start = cached_start(batch.get("frozen_hidden"), self.lowest_layer)
+        if start is not None:  # the layers below come from the run's frozen cache
+            hidden = run_encoder_from(self.encoder, prefix, start, batch["frozen_hidden"][start], **inputs)
+        else:
+            hidden = run_encoder(self.encoder, prefix, **inputs)
         if isinstance(self.prompt, InputPrompt):
             # Drop the prompt positions so heads see the original token positions.
             hidden = torch.cat([hidden[:, :1], hidden[:, 1 + self.prompt.embedding.num_embeddings :]], dim=1)

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from ptv2.modeling.injection import Gate, Prefix, position_ids, run_encoder
-from ptv2.modeling.model import PromptModel
+from ptv2.modeling.injection import Gate, Prefix, position_ids, run_encoder, run_encoder_from
+from ptv2.modeling.model import PromptModel, cached_start
 from ptv2.modeling.prompts import PrefixEncoder
 
 
@@ -85,6 +85,10 @@ def packed_hidden(encoder, models: list[PromptModel], batch: dict) -> list[torch
         if blocks[0] is not None:  # None: relative positions, nothing to number
             inputs["position_ids"] = torch.cat(blocks)
     prefixes = [model.prompt(rows) if isinstance(model.prompt, PrefixEncoder) else None for model in models]
+    start = cached_start(batch.get("frozen_hidden"), min(model.lowest_layer for model in models))
+    if start is not None:  # the frozen cache's hidden states, one copy per block
+        hidden = batch["frozen_hidden"][start].repeat(count, 1, 1)
+        return list(run_encoder_from(encoder, pack_prefixes(prefixes), start, hidden, **inputs).split(rows))
     return list(run_encoder(encoder, pack_prefixes(prefixes), **inputs).split(rows))
 
 
