@@ -20,9 +20,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from ptv2.commands.measure import Clock, build_model, device_name, make_step, resolve_device, synthetic_batch
 from ptv2.config import lowest_prompted_layer
-from ptv2.io import write_json, write_text
+from ptv2.io import declare, write_json, write_text
 from ptv2.modeling import backbone
 from ptv2.modeling.injection import encoder_shape, hidden_entering
+
+OUTPUTS = declare("bench", "bench.json", "*-layers/config.json")  # the random-init deep shape's config
 
 
 def shapes(cfg: DictConfig, run_dir: Path) -> list[DictConfig]:
