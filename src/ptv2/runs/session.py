@@ -108,14 +108,16 @@ def fail_job(error: Exception, cfg: DictConfig, run_dir: Path, job_num) -> None:
         print(f"ptv2: job {job_num}: {error}", file=sys.stderr)
         return
     line = short_line(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}".splitlines()[0]
+    if (Path(run_dir) / "results.json").exists():  # a finished job (a refused resume): its folder stays as it was
+        print(f"ptv2: job {job_num}: error: {line}", file=sys.stderr)
+        Outcome.failed.append(f"job {job_num} ({run_dir}: finished before)")
+        return
     if isinstance(error, UserError):
         log.error(f"ptv2: error: {line}")
     else:
         log.error("job %s failed:\n%s", job_num, "".join(traceback.format_exception(error)))
-    if isinstance(error, rundir.RunDirInUse) or (Path(run_dir) / "results.json").exists():
-        Outcome.failed.append(
-            f"job {job_num} ({run_dir}: {'in use' if isinstance(error, rundir.RunDirInUse) else 'finished before'})"
-        )
+    if isinstance(error, rundir.RunDirInUse):
+        Outcome.failed.append(f"job {job_num} ({run_dir}: in use)")
         return
     Outcome.failed.append(f"job {job_num} ({run_dir})")
     rundir.mark_failed(cfg, run_dir, line)
@@ -180,8 +182,10 @@ def run_job(function, cfg: DictConfig, command: str) -> Any:
             print(f"ptv2: error: {short_line(error)}", file=sys.stderr)
             if lock is not None:
                 lock.release()
-            if not isinstance(error, rundir.RunDirInUse):  # another run's folder (maybe being written): untouched
-                _close_log(run_dir)
+            _close_log(run_dir)
+            if isinstance(error, rundir.RunDirInUse):  # another run's folder (maybe being written): only our log
+                remove_own_log(run_dir)
+            else:
                 discard_unused_run_dir(run_dir)
             sys.exit(2)
         fail_job(error, cfg, run_dir, hydra_cfg.job.num)
@@ -194,6 +198,18 @@ def run_job(function, cfg: DictConfig, command: str) -> Any:
         if lock is not None:
             lock.release()
     return None
+
+
+def remove_own_log(run_dir: Path) -> None:
+    """The empty log Hydra made for this start in a folder the user named that holds another run: removed, so that
+    folder stays as it was (a log that was there before, or that holds lines, is another run's and stays)."""
+    before = Outcome.preexisting.get(Path(run_dir).absolute())
+    if before is None or not HydraConfig.initialized():
+        return
+    log_file = Path(run_dir) / f"{HydraConfig.get().job.name}.log"
+    if log_file.name not in before and log_file.is_file() and not log_file.is_symlink():
+        if log_file.stat().st_size == 0:
+            log_file.unlink()
 
 
 def _close_log(run_dir: Path) -> None:
