@@ -547,6 +547,12 @@ def check_values(cfg) -> None:
             check_files(shown, task)
             if task.get("type") == "generation":
                 check_generation(shown, task)
+    modules = OmegaConf.select(cfg, "prompt.target_modules", default=None)
+    if modules is not None and len(modules) == 0:  # would otherwise fall back to the family's default
+        raise UserError(
+            "prompt.target_modules=[] names no module; leave it out for the backbone family's default, or list the "
+            "modules (e.g. prompt.target_modules=[query,value])"
+        )
     betas = OmegaConf.select(cfg, "optimizer.betas", default=None)
     if betas is not None and (len(betas) != 2 or not all(PROBABILITY.admits(beta) for beta in betas)):
         raise UserError(f"optimizer.betas={list(betas)} is out of range; use two numbers in [0, 1)")

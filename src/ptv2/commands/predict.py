@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 from accelerate import Accelerator
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from ptv2.config import task_members
@@ -110,9 +111,18 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     configs = [checkpoint_config(OmegaConf.merge(cfg, {"ckpt": path})) for path in paths]
     split = cfg.split
     if cfg.input:
-        if len(paths) > 1:
-            raise UserError("input=FILE takes one checkpoint (its task's format); run predict once per checkpoint")
-        configs[0], split = with_input_file(configs[0], cfg.input), INPUT_SPLIT
+        overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
+        given = [item for item in overrides if item.lstrip("+").startswith("split=")]
+        if given:  # a user's file is read as the test split: a split of the task's own files would be ignored
+            raise UserError(
+                f"input=FILE and {given[-1]} do not go together: input= predicts the file; drop {given[-1]}"
+            )
+        tasks = sorted({str(saved.task.get("name")) for saved in configs})
+        if len(tasks) > 1:  # the file is in one task's format
+            raise UserError(
+                f"input=FILE takes checkpoints of one task (these are of {', '.join(tasks)}); run predict once per task"
+            )
+        configs, split = [with_input_file(saved, cfg.input) for saved in configs], INPUT_SPLIT
     folder = output_folder(cfg, run_dir)
     server = PromptServer.from_checkpoints(paths, configs)
     first = configs[0]

@@ -155,7 +155,8 @@ def read_json(path: str | Path) -> Any:
 def field(record: dict[str, Any], name: str, where: str) -> Any:
     """record[name], or a UserError naming the place (`file:line`) and the missing field."""
     if name not in record:
-        raise UserError(f"{where}: missing field '{name}' (fields present: {', '.join(sorted(record))})")
+        present = sorted(key for key, value in record.items() if value is not None)  # not the readers' defaults
+        raise UserError(f"{where}: missing field '{name}' (fields present: {', '.join(present)})")
     return record[name]
 
 

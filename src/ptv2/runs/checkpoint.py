@@ -260,6 +260,12 @@ def load(path: str | Path, model, strict_heads: bool = True, use_folded: bool = 
     folded = tensors.pop(FOLDED_KEY, None)
     own = dict(model.named_parameters())
     unknown = [name for name in tensors if name not in own]
+    unplaced = [name for name in unknown if not name.startswith("heads.")]
+    if unplaced and not strict_heads:  # prompt.init_from: another task's heads may stay behind, never its prompt
+        raise UserError(
+            f"{path} holds {metadata['method']} tensors this model has no place for ({', '.join(unplaced[:3])}); "
+            "prompt.init_from takes a run of the same prompt method"
+        )
     if unknown and strict_heads:
         raise UserError(
             f"{path} does not fit this model (unexpected tensors: {', '.join(unknown[:3])}); "
