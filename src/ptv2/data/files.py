@@ -126,10 +126,21 @@ def _format_of(path: Path, formats: dict[str, dict[str, list[str]]], sniff, wher
     raise UserError(f"{where}: which format is it? add {options}")
 
 
+# The longest record a JSON-lines file may hold: SuperGLUE's longest (a MultiRC passage with its questions) is tens
+# of kB, and a model reads at most task.max_length tokens of it; a larger line is a mistake that would take minutes
+# and gigabytes to tokenize.
+MAX_RECORD_CHARS = 1_000_000
+
+
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield (line number, object) for each non-empty line of a JSON-lines file."""
     with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
+        for line_number, line in enumerate(iter(lambda: handle.readline(MAX_RECORD_CHARS + 2), ""), start=1):
+            if len(line) > MAX_RECORD_CHARS and not line.endswith("\n") or len(line) > MAX_RECORD_CHARS + 1:
+                raise UserError(
+                    f"{path}:{line_number}: a record of over {MAX_RECORD_CHARS:,} characters; ptv2 reads records up "
+                    "to that size (the model sees task.max_length tokens of it): shorten or split that line"
+                )
             if not line.strip():
                 continue
             try:
