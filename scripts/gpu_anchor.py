@@ -1,5 +1,6 @@
-"""Performance anchor (issue 16): ptv2 deep prompts against what a user would pick instead, PEFT LoRA and PEFT prefix
-tuning, on a Llama-shaped random-init model (Llama-3.2-1B's shape: 1.24 B parameters) in bf16, batch 8 x 512.
+"""Performance anchor (the `decoder` part of scripts/gpu_evidence.sh): ptv2 deep prompts against what a user would
+pick instead, PEFT LoRA and PEFT prefix tuning, on a Llama-shaped random-init model (Llama-3.2-1B's shape: 1.24 B
+parameters) in bf16, batch 8 x 512, so ptv2's step time and peak memory on a decoder are read next to theirs.
 
 Every arm trains the same causal-LM loss over all tokens through the same frozen bf16 backbone and LM head; only the
 adaptation differs: ptv2 prefix 128 on every layer (fp32 prompt, AdamW), LoRA r=8 on q/k/v/o (alpha 16, no

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# P3 in one go on a lent GPU machine: `ptv2 bench` on a random-init RoBERTa-large shape (config.json only, no
-# weights, no tokenizer), bf16 autocast, batch 32 x length 128, prompt length 128, every method in its own process.
+# ptv2's step time and peak memory against fine-tuning and the other methods at the size of the task presets'
+# backbone, in one go on a lent GPU machine (the `bench` part of scripts/gpu_evidence.sh; with PACK=1, its `pack`
+# part): `ptv2 bench` on a random-init RoBERTa-large shape (config.json only, no weights, no tokenizer), bf16
+# autocast, batch 32 x length 128, prompt length 128, every method in its own process.
 # Run from the repository root; what the device lacks travels in $CARRY (scripts/gpu_env.sh). Figures land in $OUT
 # (the device tool brings that folder back).
 #
@@ -8,7 +10,7 @@
 #                                                  # outputs/gpu_carry_b is only needed for backbone=minilm)
 #   SMALL=1 scripts/gpu_bench.sh                   # here: the whole script on the CPU with tiny sizes
 #   scripts/gpu_bench.sh                           # there
-#   PACK=1 scripts/gpu_bench.sh                    # there: the packed-sweep benchmarks instead (issue 15, below)
+#   PACK=1 scripts/gpu_bench.sh                    # there: the packed-sweep benchmarks instead (below)
 set -euo pipefail
 OUT=${OUT:-outputs/gpu_bench}
 source "$(dirname "$0")/gpu_env.sh"

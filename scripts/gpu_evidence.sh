@@ -1,30 +1,35 @@
 #!/usr/bin/env bash
-# The GPU evidence in one prepared run (issue 25), in this order, each part within its time budget and the whole
-# within DEADLINE seconds; every part writes its figures to $OUT/<part>/ as it ends and a line to $OUT/status.md, so a
-# run cut short keeps what it finished:
-#   p6  packed sweeps against the same jobs one after another: `ptv2 bench bench.pack=K`, RoBERTa-large shape K=8 and
-#       MiniLM shape K=16 (scripts/gpu_bench.sh PACK=1)
-#   p7  the decoder anchor: ptv2 P 128 vs PEFT LoRA r 8 vs PEFT prefix, Llama-3.2-1B shape, bf16, batch 8 x 512
-#       (scripts/gpu_anchor.sh)
-#   p3  `ptv2 bench` on the RoBERTa-large shape, fp32 and bf16 frozen weights (scripts/gpu_bench.sh)
-#   study  the fidelity study at full CoNLL03 size to convergence (conf/experiment/fidelity_full.yaml): the prompt
-#       family as one packed sweep (ptv2 P 64 / P 128 x 3 seeds) next to fine-tuning (3 seeds), both at once on the
-#       one GPU, until the deadline; every run's epochs are in its history.json as they end. It needs MiniLM, whose
-#       weights travel in two parts (scripts/gpu_env.sh): without both, the part says so and is skipped.
+# The GPU evidence in one prepared run: every figure the project can only measure on a GPU, gathered in the one
+# short loan a task gets, in this order, each part within its time budget and the whole within DEADLINE seconds;
+# every part writes its figures to $OUT/<part>/ as it ends and a line to $OUT/status.md, so a run cut short keeps
+# what it finished. The parts (ONLY= names, $OUT subfolders and status.md keys):
+#   pack     packed sweeps against the same jobs one after another: `ptv2 bench bench.pack=K` (K prompt jobs
+#            sharing one frozen backbone), RoBERTa-large shape K=8 and MiniLM shape K=16, to measure how much wall
+#            time and memory packing saves a sweep (scripts/gpu_bench.sh PACK=1)
+#   decoder  the decoder anchor: ptv2 P 128 vs PEFT LoRA r 8 vs PEFT prefix, Llama-3.2-1B shape, bf16, batch 8 x 512,
+#            to place ptv2's step time and peak memory next to what a user would pick instead (scripts/gpu_anchor.sh)
+#   bench    `ptv2 bench` on the RoBERTa-large shape, fp32 and bf16 frozen weights: ptv2's step time and peak memory
+#            against fine-tuning at the size of the task presets' backbone (scripts/gpu_bench.sh)
+#   study    the fidelity study at full CoNLL03 size to convergence (conf/experiment/fidelity_full.yaml): the prompt
+#            family as one packed sweep (ptv2 P 64 / P 128 x 3 seeds) next to fine-tuning (3 seeds), both at once on
+#            the one GPU, until the deadline; every run's epochs are in its history.json as they end. It needs
+#            MiniLM, whose weights travel in two parts (scripts/gpu_env.sh): without both, the part says so and is
+#            skipped.
+# Each part has its own budget in seconds (BUDGET_PACK, BUDGET_DECODER, BUDGET_BENCH); the study takes what is left.
 #
-#   scripts/gpu_evidence.sh --prepare     # here: outputs/gpu_carry (+ outputs/gpu_carry_b, MiniLM's second half)
-#   SMALL=1 scripts/gpu_evidence.sh       # here: the whole plan on the CPU with tiny shapes and fixture data, seconds
-#                                         # (tests/test_gpu_evidence.py runs it in the default suite)
-#   scripts/gpu_evidence.sh               # there (one call carrying outputs/gpu_carry and outputs/gpu_carry_b)
-#   ONLY="p6 p7" scripts/gpu_evidence.sh  # some parts only
+#   scripts/gpu_evidence.sh --prepare          # here: outputs/gpu_carry (+ outputs/gpu_carry_b, MiniLM's second half)
+#   SMALL=1 scripts/gpu_evidence.sh            # here: the whole plan on the CPU with tiny shapes and fixture data,
+#                                              # seconds (tests/test_gpu_evidence.py runs it in the default suite)
+#   scripts/gpu_evidence.sh                    # there (one call carrying outputs/gpu_carry and outputs/gpu_carry_b)
+#   ONLY="pack decoder" scripts/gpu_evidence.sh  # some parts only
 # Then, here: python scripts/gpu_study_report.py OUT/study --out docs/results/fidelity/gpu
 set -uo pipefail
 OUT=${OUT:-outputs/gpu_evidence}
 DEADLINE=${DEADLINE:-660}    # 11 minutes: a 15-minute device budget less start-up and transfers
-BUDGET_P6=${BUDGET_P6:-150}
-BUDGET_P7=${BUDGET_P7:-120}
-BUDGET_P3=${BUDGET_P3:-120}
-ONLY=${ONLY:-p6 p7 p3 study}
+BUDGET_PACK=${BUDGET_PACK:-150}
+BUDGET_DECODER=${BUDGET_DECODER:-120}
+BUDGET_BENCH=${BUDGET_BENCH:-120}
+ONLY=${ONLY:-pack decoder bench study}
 here=$(cd "$(dirname "$0")" && pwd)
 source "$here/gpu_env.sh"
 if [[ "${1:-}" == "--prepare" ]]; then gpu_carry_prepare; exit 0; fi
@@ -58,9 +63,9 @@ part() {  # part NAME BUDGET COMMAND...: run it under min(BUDGET, time left); SI
     tail -n 3 "$OUT/$name/log.txt"
 }
 
-part p6 "$BUDGET_P6" env OUT="$OUT/p6" PACK=1 bash "$here/gpu_bench.sh"
-part p7 "$BUDGET_P7" env OUT="$OUT/p7" bash "$here/gpu_anchor.sh"
-part p3 "$BUDGET_P3" env OUT="$OUT/p3" bash "$here/gpu_bench.sh"
+part pack "$BUDGET_PACK" env OUT="$OUT/pack" PACK=1 bash "$here/gpu_bench.sh"
+part decoder "$BUDGET_DECODER" env OUT="$OUT/decoder" bash "$here/gpu_anchor.sh"
+part bench "$BUDGET_BENCH" env OUT="$OUT/bench" bash "$here/gpu_bench.sh"
 
 study() {  # both families at once, each its own sweep process; stopped by `part`'s timeout at the deadline
     gpu_activate "$OUT/study/environment.txt" || return 2

@@ -51,9 +51,9 @@ def test_the_study_part_runs_both_families_and_reports(tmp_path):
 
 def test_a_part_past_the_deadline_is_skipped_and_said_so(tmp_path):
     out = tmp_path / "evidence"
-    result = evidence(out, ONLY="p3", DEADLINE="5")
+    result = evidence(out, ONLY="bench", DEADLINE="5")
     assert result.returncode == 0
-    assert status(out) == {"p3": "skipped: the deadline (5 s) is reached"}
+    assert status(out) == {"bench": "skipped: the deadline (5 s) is reached"}
 
 
 @pytest.mark.slow  # every part, each python process importing torch: minutes on a 2-core CPU
@@ -62,7 +62,7 @@ def test_every_part_runs_in_order_and_writes_its_figures(tmp_path):
     out = tmp_path / "evidence"
     result = evidence(out)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    assert status(out) == {"p6": "ok", "p7": "ok", "p3": "ok", "study": "ok"}, (out / "status.md").read_text()
-    pack = json.loads((out / "p6" / "pack_roberta_large.json").read_text())
+    assert status(out) == {"pack": "ok", "decoder": "ok", "bench": "ok", "study": "ok"}, (out / "status.md").read_text()
+    pack = json.loads((out / "pack" / "pack_roberta_large.json").read_text())
     assert pack["pack"] == 2 and pack["wall_ratio"] > 0
-    assert (out / "p7" / "anchor.json").is_file() and (out / "p3" / "bench_all.json").is_file()
+    assert (out / "decoder" / "anchor.json").is_file() and (out / "bench" / "bench_all.json").is_file()
