@@ -462,13 +462,19 @@ def check_generation(shown: str, task) -> None:
         raise unknown(f"{shown}options.bleu_tokenize", tokenize, BLEU_TOKENIZERS)
 
 
+def check_data_dir(shown: str, data_dir: str) -> None:
+    """A task's data folder is there (checked before torch loads, and before any job of a sweep starts)."""
+    if not Path(data_dir).expanduser().is_dir():
+        raise UserError(f"{shown}data_dir={data_dir} is not a directory: pass the folder that holds the task's files")
+
+
 def check_files(shown: str, task) -> None:
     """task.files holds file names inside task.data_dir, never paths: a path is refused with the split into the two
     settings (it would otherwise be looked up, and reported missing, inside the data folder). A data folder that is
     not there is refused here, before torch loads (and before any job of a sweep starts)."""
     data_dir = task.get("data_dir")
-    if isinstance(data_dir, str) and data_dir and not Path(data_dir).expanduser().is_dir():
-        raise UserError(f"{shown}data_dir={data_dir} is not a directory: pass the folder that holds the task's files")
+    if isinstance(data_dir, str) and data_dir:
+        check_data_dir(shown, data_dir)
     for split, name in (task.get("files") or {}).items():
         if name is not None and (not isinstance(name, str) or "/" in name or name in ("", ".", "..")):
             path = Path(str(name)).expanduser()
