@@ -289,9 +289,17 @@ class PromptServer(nn.Module):
     def classify(self, texts: list, tasks: list[str]) -> list[str]:
         """Label names for raw texts (a string or a (text_a, text_b) pair each) of classification tasks, served in
         one mixed batch; each text is truncated to its own task's max_length."""
+        if len(texts) != len(tasks):
+            raise UserError(f"classify: {len(texts)} text(s) and {len(tasks)} task name(s); give one task per text")
+        if not texts:
+            return []
         rows = []
-        for text, name in zip(texts, tasks, strict=True):
-            pair = (text, None) if isinstance(text, str) else tuple(text)
+        for number, (text, name) in enumerate(zip(texts, tasks, strict=True)):
+            pair = (text, None) if isinstance(text, str) else tuple(text) if isinstance(text, (list, tuple)) else ()
+            if not 1 <= len(pair) <= 2 or not isinstance(pair[0], str) or not isinstance(pair[-1], (str, type(None))):
+                raise UserError(f"classify: text {number} is {text!r}; give a string or a (text_a, text_b) pair")
+            if name not in self.owner:
+                raise UserError(f"classify: task {name!r} is not served; served: {', '.join(sorted(self.owner))}")
             task = self._task_config(name)
             rows.append(self.tokenizer(*pair, truncation=True, max_length=task.max_length))
         batch = dict(self.tokenizer.pad(rows, return_tensors="pt"))

@@ -5,6 +5,7 @@ several prompts of one task predicting a user's file."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from conftest import SMOKE, ptv2
@@ -65,3 +66,21 @@ def test_init_from_a_run_of_another_method_is_refused(runs, tmp_path):
 def test_init_from_a_run_of_the_same_method_starts_from_its_prompt(runs, tmp_path):
     ptv2("train", *SMOKE, "logger=none", f"prompt.init_from={runs / 'a'}", f"hydra.run.dir={tmp_path / 'run'}")
     assert (tmp_path / "run" / "results.json").is_file()
+
+
+def test_classify_refuses_what_it_cannot_serve_in_one_line(runs):
+    """PromptServer.classify (the library call beside `ptv2 serve`): an unknown task, texts and tasks of different
+    lengths and a None text are one line each; an empty batch is an empty answer; a good pair gets a label."""
+    from ptv2.errors import UserError
+    from ptv2.serving import PromptServer
+
+    server = PromptServer.from_checkpoints([str(runs / "a")]).eval()
+    assert server.classify([], []) == []
+    assert server.classify([("A man sleeps.", "He is awake.")], ["rte"])[0] in ("entailment", "not_entailment")
+    for texts, tasks, says in [
+        (["a text"], ["nope"], "task 'nope' is not served; served: rte"),
+        (["a", "b"], ["rte"], "2 text(s) and 1 task name(s)"),
+        ([None], ["rte"], "text 0 is None"),
+    ]:
+        with pytest.raises(UserError, match=re.escape(says)):
+            server.classify(texts, tasks)
