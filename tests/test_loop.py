@@ -196,6 +196,7 @@ def uninterrupted_group(tmp_path_factory) -> Path:
 # state, rename job 1's. Saves come at steps 4 and 8: events 1-4 are the first save, 5-8 the second.
 KILL_POINTS = [
     pytest.param(1, "true", id="first-save-one-written", marks=pytest.mark.slow),
+    pytest.param(1, "auto", id="first-save-one-written-auto", marks=pytest.mark.slow),
     pytest.param(2, "true", id="first-save-both-written", marks=pytest.mark.slow),
     pytest.param(3, "auto", id="first-save-one-renamed-auto"),
     pytest.param(3, "true", id="first-save-one-renamed", marks=pytest.mark.slow),

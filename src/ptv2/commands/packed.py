@@ -169,14 +169,17 @@ def settle_group_saves(jobs: list[Job]) -> None:
     for job in jobs:
         with contextlib.suppress(UserError):  # a bad trainer.resume ends its job when it opens, with its own line
             source = training_state.source(job.cfg, job.run_dir)
-            if source is not None and (source / training_state.STATE_DIR).is_dir():
+            if source is None and str(job.cfg.trainer.get("resume")).strip().lower() == "auto":
+                source = job.run_dir  # auto with no state yet: still one of the group's points to agree on
+            if source is not None:  # a job with no state yet counts too: it holds no point the others could keep
                 folders.append(source)
-    if not folders:
+    if not any((folder / training_state.STATE_DIR).is_dir() for folder in folders):
         return
     locks = []
     try:
         for folder in folders:
-            locks.append(rundir.RunLock(folder))
+            if folder.is_dir():
+                locks.append(rundir.RunLock(folder))
         training_state.settle_group(folders)
     except UserError:  # a folder in use or unreadable: its job says so when it opens
         pass

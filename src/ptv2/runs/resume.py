@@ -190,8 +190,9 @@ def source(cfg, run_dir: Path) -> Path | None:
     word = resume.strip().lower()
     if word in RESUME_WORDS:
         return Path(run_dir) if RESUME_WORDS[word] else None
-    if word == "auto":
-        return Path(run_dir) if (Path(run_dir) / STATE_DIR / STATE_FILE).exists() else None
+    if word == "auto":  # a pending group save counts: settle_group finishes or undoes it before anything reads it
+        state = Path(run_dir) / STATE_DIR
+        return Path(run_dir) if (state / STATE_FILE).exists() or (state / NEXT_FILE).exists() else None
     return Path(resume).expanduser()
 
 
