@@ -64,6 +64,15 @@ def link_between(within: Path, path: Path) -> Path | None:
     return None
 
 
+def refuse_links(within: Path, path: Path) -> None:
+    """One line when a symbolic link stands in a folder between `within` and `path` (see link_between)."""
+    link = link_between(within, path)
+    if link is not None:
+        raise UserError(
+            f"{link} is a symbolic link (to {os.readlink(link)}); ptv2 never writes through links: remove it and retry"
+        )
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], Any], within: Path | None = None, keep: str = "") -> None:
     """Call write(temporary_path) in the target's folder, then rename over `path`: a killed run never leaves a
     half-written file, and a failed write leaves no temporary behind. A write the disk refuses (full, quota, file
@@ -73,11 +82,8 @@ def atomic_write(path: str | Path, write: Callable[[Path], Any], within: Path | 
     existing file at `path` is earlier work, kept (Exists) unless the user asks; the text says how (e.g.
     "pass overwrite=true to replace it")."""
     path = Path(path)
-    link = link_between(within, path) if within is not None else None
-    if link is not None:
-        raise UserError(
-            f"{link} is a symbolic link (to {os.readlink(link)}); ptv2 never writes through links: remove it and retry"
-        )
+    if within is not None:
+        refuse_links(within, path)
     if keep and (path.exists() or path.is_symlink()):
         raise Exists(f"{path} already exists; {keep}")
     temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")

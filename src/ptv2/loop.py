@@ -167,16 +167,6 @@ class Group:
         self.labels = {m.name: list(m.task.labels) for m in self.members}
         return bool(self.running())
 
-    def settle_saves(self) -> None:
-        """Before any job reads its state: a group save that a kill cut short is finished or undone
-        (runs.resume.settle_group), so every resuming job starts from the same point."""
-        sources = []
-        for job in self.running():
-            with contextlib.suppress(UserError):  # a bad trainer.resume ends its job in set_up, with its own line
-                sources.append(training_state.source(job.cfg, job.run_dir))
-        if any(sources):
-            training_state.settle_group([source for source in sources if source])
-
     def set_up(self, job: Job) -> None:
         """The job's optimizer, scheduler, step and tracker; its saved state when it resumes; its config file."""
         cfg, accelerator = job.cfg, self.accelerator
@@ -238,7 +228,6 @@ class Group:
             return
         if len(self.jobs) > 1:
             log.info("%d job(s) per backbone forward (hydra.launcher.jobs_per_forward)", self.per_forward)
-        self.settle_saves()
         for job in self.running():
             try:
                 self.set_up(job)

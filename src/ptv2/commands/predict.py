@@ -18,7 +18,7 @@ from ptv2.config import task_members
 from ptv2.data import prepare_split
 from ptv2.engine import Member, predict
 from ptv2.errors import UserError
-from ptv2.io import declare, link_between, write_json, write_jsonl
+from ptv2.io import declare, refuse_links, write_json, write_jsonl
 from ptv2.io import output_folder as output_folder_of
 from ptv2.runs import checkpoint
 from ptv2.runs.checkpoint import checkpoint_config
@@ -145,9 +145,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                 model, member, split, server.tokenizer, accelerator, saved.trainer.eval_batch_size, progress=True
             )
             target = folder / served if len(server.owner) > 1 else folder
-            link = link_between(folder, target / "file")
-            if link is not None:
-                raise UserError(f"{link} is a symbolic link; ptv2 never writes through links: remove it and retry")
+            refuse_links(folder, target / "file")
             target.mkdir(parents=True, exist_ok=True)
             if hasattr(kind, "write_predictions"):
                 files = kind.write_predictions(task, prepared, outputs, target)

@@ -26,6 +26,7 @@ from omegaconf import OmegaConf, open_dict
 
 from ptv2.data.files import local_split
 from ptv2.errors import UserError, unknown
+from ptv2.io import write_text
 
 log = logging.getLogger("ptv2")
 datasets.disable_progress_bars()  # tokenization is timed and logged instead
@@ -275,17 +276,18 @@ def prepare_split(task, split: str, tokenizer, task_type, cache_root: str | None
     try:
         shutil.rmtree(partial, ignore_errors=True)
         features.save_to_disk(str(partial))
-        (partial / EXAMPLES_FILE).write_text(text, encoding="utf-8")
+        write_text(partial / EXAMPLES_FILE, text)
         if total is not None:
-            (partial / TOTAL_FILE).write_text(str(total), encoding="utf-8")
+            write_text(partial / TOTAL_FILE, str(total))
         if path.exists():  # another job of a sweep finished the same features first
             shutil.rmtree(partial)
         else:
             os.replace(partial, path)
-    except OSError as error:  # a full disk, a cache folder taken away meanwhile
+    except (OSError, UserError) as error:  # a full disk, a cache folder taken away meanwhile
         shutil.rmtree(partial, ignore_errors=True)
+        reason = getattr(error, "strerror", None) or error
         raise UserError(
-            f"cannot write the data cache entry {path} ({error.strerror or error}); free some space or set "
+            f"cannot write the data cache entry {path} ({reason}); free some space or set "
             "trainer.cache_dir=DIR (or PTV2_CACHE) to another folder"
         ) from None
     return Split(split, examples, datasets.load_from_disk(str(path)), total)

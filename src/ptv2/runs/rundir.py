@@ -260,10 +260,12 @@ def open_run_dir(cfg: DictConfig, run_dir: Path, command: str) -> RunLock:
     refuse_finished_resume(cfg, run_dir, command)
     lock = RunLock(run_dir)
     try:
-        if command == "train" and (Path(run_dir) / STATE_DIR).is_dir():
+        if command == "train":
             from ptv2.runs import resume as state
 
-            state.settle_group([Path(run_dir)])  # a save cut short (a packed group settles all its jobs first)
+            source = state.source(cfg, run_dir)
+            if source is not None and (source / STATE_DIR).is_dir():
+                state.settle_group([source])  # a save cut short (a packed group settles all its jobs first)
         check_reuse(cfg, run_dir, command)
         lock.claim()
         # A sweep job that failed (a SIGTERM, an error) and now starts again: its old FAILED marker would make
