@@ -215,8 +215,7 @@ def forward_group(models: list, modules: list, batch: dict, head: str | None, lo
     models: as accelerate prepared them (device placement, mixed precision, several processes); modules: the
     PromptModels inside them (extract_model_from_parallel, taken once by the caller: it walks the model)."""
     if len(models) == 1:
-        output = models[0](batch, head=head)
-        return [modules[0].head_for(head).loss(output, batch) if loss else output]
+        return [models[0](batch, head=head, loss=True) if loss else models[0](batch, head=head)]
     blocks = packed_hidden(modules[0].encoder, modules, batch)
     outputs = [module.head_for(head)(hidden, batch) for module, hidden in zip(modules, blocks, strict=True)]
     if loss:

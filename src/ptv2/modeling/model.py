@@ -80,6 +80,10 @@ class PromptModel(nn.Module):
             encoder_kind = chosen.input_encoder or prompt_cfg.encoder
             self.prompt = InputPrompt(config.hidden_size, prompt_cfg.length, encoder_kind, prompt_cfg.dropout)
 
+        if hasattr(self.prompt, "attach"):  # a prompt that acts inside the backbone's layers (hooks on them)
+            self.prompt.attach(encoder)
+        # The method's training objective (objective(model, batch, head) -> loss), None: the head's loss
+        self.objective = chosen.objective() if chosen.objective else None
         self.heads = nn.ModuleDict({name: self._build_head(spec, config, head_dropout) for name, spec in heads.items()})
         if self.prompt is not None:
             official_init_(self.prompt, config.initializer_range, embedding_std=prompt_cfg.get("init_std"))
@@ -117,30 +121,38 @@ class PromptModel(nn.Module):
             elif getattr(head, "pooler", None) is not None:
                 head.pooler.requires_grad_(not self.frozen)
 
-    def forward(self, batch: dict, head: str | None = None) -> torch.Tensor:
+    def forward(self, batch: dict, head: str | None = None, loss: bool = False, perturb=None) -> torch.Tensor:
+        """The logits of `head` on `batch`; loss=True: the training loss instead (the method's own objective while
+        training, when it has one: `objective(model, batch, head)`). perturb (B, L, hidden): added to the input
+        tokens' word embeddings (perturbation-based objectives)."""
+        if loss:
+            if self.objective is not None and self.training:
+                return self.objective(self, batch, head)
+            return self.head_for(head).loss(self(batch, head=head, perturb=perturb), batch)
         input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
         inputs = {"attention_mask": attention_mask}
         if batch.get("token_type_ids") is not None:
             inputs["token_type_ids"] = batch["token_type_ids"]
         prefix = None
-        if isinstance(self.prompt, PrefixEncoder):
-            prefix = self.prompt(input_ids.shape[0])
-            inputs["input_ids"] = input_ids
-            if self.shift_positions:
-                inputs["position_ids"] = shifted_position_ids(self.encoder.config, attention_mask, self.prompt.length)
-        elif isinstance(self.prompt, InputPrompt):
-            inputs.update(self._with_input_prompt(input_ids, inputs))
+        extends = hasattr(self.prompt, "extend_inputs")  # the prompt takes token positions (input prompts)
+        if extends:
+            inputs.update(self.prompt.extend_inputs(self.encoder, input_ids, inputs, perturb))
+        elif perturb is not None:
+            inputs["inputs_embeds"] = self.encoder.get_input_embeddings()(input_ids) + perturb
         else:
             inputs["input_ids"] = input_ids
+        if isinstance(self.prompt, PrefixEncoder):
+            prefix = self.prompt(input_ids.shape[0])
+            if self.shift_positions:
+                inputs["position_ids"] = shifted_position_ids(self.encoder.config, attention_mask, self.prompt.length)
 
         start = cached_start(batch.get("frozen_hidden"), self.lowest_layer)
         if start is not None:  # the layers below come from the run's frozen cache
             hidden = run_encoder_from(self.encoder, prefix, start, batch["frozen_hidden"][start], **inputs)
         else:
             hidden = run_encoder(self.encoder, prefix, **inputs)
-        if isinstance(self.prompt, InputPrompt):
-            # Drop the prompt positions so heads see the original token positions.
-            hidden = torch.cat([hidden[:, :1], hidden[:, 1 + self.prompt.embedding.num_embeddings :]], dim=1)
+        if extends:
+            hidden = self.prompt.strip(hidden)
         return self.head_for(head)(hidden, batch)
 
     @torch.no_grad()
@@ -151,21 +163,6 @@ class PromptModel(nn.Module):
         lm_head = self.head_for(head).lm_head
         ids, mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
         return generate_greedy(self.encoder, lm_head, prefix, ids, mask, max_new_tokens, eos_token_ids)
-
-    def _with_input_prompt(self, input_ids: torch.Tensor, inputs: dict) -> dict:
-        """Insert the prompt vectors right after the first ([CLS]) token, so [CLS] keeps position 0."""
-        embeddings = self.encoder.get_input_embeddings()(input_ids)
-        prompt = self.prompt().to(embeddings.dtype).expand(input_ids.shape[0], -1, -1)
-        length = prompt.shape[1]
-        mask = inputs["attention_mask"]
-        out = {
-            "inputs_embeds": torch.cat([embeddings[:, :1], prompt, embeddings[:, 1:]], dim=1),
-            "attention_mask": torch.cat([mask[:, :1], mask.new_ones(mask.shape[0], length), mask[:, 1:]], dim=1),
-        }
-        if "token_type_ids" in inputs:
-            types = inputs["token_type_ids"]
-            out["token_type_ids"] = torch.cat([types[:, :1], types.new_zeros(types.shape[0], length), types[:, 1:]], 1)
-        return out
 
     def head_for(self, name: str | None) -> nn.Module:
         return self.heads[name] if name is not None else next(iter(self.heads.values()))

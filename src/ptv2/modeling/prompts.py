@@ -160,3 +160,27 @@ class InputPrompt(nn.Module):
         if self.encoder in ("lstm", "mlp"):
             prompt = self.mlp(prompt)
         return self.dropout(prompt)
+
+    # A prompt that takes token positions answers extend_inputs (the encoder's inputs with its positions) and strip
+    # (the encoder's output without them); PromptModel calls both.
+    def extend_inputs(self, encoder: nn.Module, input_ids: torch.Tensor, inputs: dict, perturb=None) -> dict:
+        """The prompt vectors inserted right after the first ([CLS]) token, so [CLS] keeps position 0; perturb
+        (B, L, hidden), when given, is added to the tokens' embeddings."""
+        embeddings = encoder.get_input_embeddings()(input_ids)
+        if perturb is not None:
+            embeddings = embeddings + perturb
+        prompt = self().to(embeddings.dtype).expand(input_ids.shape[0], -1, -1)
+        length = prompt.shape[1]
+        mask = inputs["attention_mask"]
+        out = {
+            "inputs_embeds": torch.cat([embeddings[:, :1], prompt, embeddings[:, 1:]], dim=1),
+            "attention_mask": torch.cat([mask[:, :1], mask.new_ones(mask.shape[0], length), mask[:, 1:]], dim=1),
+        }
+        if "token_type_ids" in inputs:
+            types = inputs["token_type_ids"]
+            out["token_type_ids"] = torch.cat([types[:, :1], types.new_zeros(types.shape[0], length), types[:, 1:]], 1)
+        return out
+
+    def strip(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The prompt positions dropped, so heads see the original token positions."""
+        return torch.cat([hidden[:, :1], hidden[:, 1 + self.embedding.num_embeddings :]], dim=1)
