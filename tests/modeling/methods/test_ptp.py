@@ -3,14 +3,14 @@
 The objective's loss and the parameter gradients it gives equal a reference written here from the formulas
 (src/ptv2/modeling/methods/ptp/objective.py's docstring): the same noise drawn from the same seed, the encoder run on
 inputs_embeds built by hand, the adversarial ascent done row by row. No perturbation gives (1 + lambda) x the plain
-loss; evaluation never perturbs and draws nothing; the inference forward is P-Tuning v2's.
+loss; evaluation never perturbs and draws nothing; the inference forward and the checkpoint are P-Tuning v2's; the
+command line trains, evaluates, predicts and tabulates a PTP run on the tiny BERT.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import json
 import math
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -22,13 +22,10 @@ from transformers import AutoModel, BertConfig
 
 from ptv2.modeling import injection
 from ptv2.modeling.heads import ClassificationHead
+from ptv2.modeling.methods import METHODS, method
+from ptv2.modeling.methods.ptp.objective import ptp_objective
 from ptv2.modeling.model import PromptModel
-
-_SOURCE = Path(injection.__file__).parent / "methods" / "ptp" / "objective.py"
-_spec = importlib.util.spec_from_file_location("ptp_objective_under_test", _SOURCE)
-objective_module = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(objective_module)
-ptp_objective = objective_module.ptp_objective
+from ptv2.modeling.prompts import PrefixEncoder
 
 TOLERANCE = 1e-6
 LABELS = torch.tensor([0, 2, 1])
@@ -51,18 +48,21 @@ def tiny_bert(dropout: float = 0.0):
     return encoder
 
 
-def ptv2_model(encoder, seed: int = 3) -> PromptModel:
-    """P-Tuning v2 on every layer, prefixes large enough to move a random tiny encoder's outputs."""
-    cfg = dict(method="ptv2", length=4, projection="none", projection_dim=16, dropout=0.0, layers="all")
-    cfg = OmegaConf.create({**cfg, "init_std": 1.0, "shift_positions": False, "encoder": "lstm"})
+def prompt_settings(name: str, **values):
+    """prompt=NAME's settings: a prefix of 4 on every layer, no dropout, vectors large enough to move the outputs of
+    a random tiny encoder."""
+    base = dict(method=name, length=4, projection="none", dropout=0.0, layers="all", init_std=1.0)
+    return OmegaConf.structured(METHODS[name].settings(**base, **values))
+
+
+def build(encoder, name: str, values: dict | None = None, seed: int = 3) -> PromptModel:
     torch.manual_seed(seed)
-    return PromptModel(encoder, cfg, {"t": (ClassificationHead, 3)}, head_dropout=0.0)
+    return PromptModel(encoder, prompt_settings(name, **(values or {})), {"t": (ClassificationHead, 3)}, 0.0)
 
 
 def ptp_model(values: dict, dropout: float = 0.0) -> PromptModel:
-    model = ptv2_model(tiny_bert(dropout))
-    model.objective = ptp_objective(settings(**values))
-    return model.train()
+    """prompt=ptp through the registry (its objective included), in training mode."""
+    return build(tiny_bert(dropout), "ptp", values).train()
 
 
 def make_batch() -> dict:
@@ -223,8 +223,11 @@ def test_no_perturbation_is_the_plain_loss_weighted(values):
 @pytest.mark.parametrize("values", [RN, ADV], ids=["rn", "adv"])
 def test_evaluation_never_perturbs_and_inference_is_ptv2(values):
     model, batch = ptp_model(values), make_batch()
-    twin = ptv2_model(tiny_bert())  # same seeds: the same prefix and head, no objective
+    assert type(model.prompt) is PrefixEncoder  # P-Tuning v2's prefix, nothing of PTP's in the checkpoint
+    twin = build(tiny_bert(), "ptv2")  # no objective
+    assert twin.objective is None
     twin.load_state_dict(model.state_dict())
+    assert model.prompt_state_dict().keys() == twin.prompt_state_dict().keys()
     model.eval(), twin.eval()
     state = torch.get_rng_state()
     with torch.no_grad():
@@ -234,13 +237,63 @@ def test_evaluation_never_perturbs_and_inference_is_ptv2(values):
     assert torch.equal(loss, twin_loss) and torch.equal(logits, twin_logits)
 
 
+def test_registry_entry_mixes_at_inference_and_refuses_packing():
+    row = method("ptp")
+    assert row.prompt == "prefix" and row.mixes_in_batch and row.objective is not None
+    assert not row.packs and "packed forward" in row.pack_refusal
+    settings_fields = set(METHODS["ptp"].settings.__dataclass_fields__)
+    assert set(METHODS["ptv2"].settings.__dataclass_fields__) < settings_fields  # P-Tuning v2's, and PTP's own
+    assert {"perturbation", "noise_std", "adv_steps", "adv_step_size", "adv_init", "adv_bound"} < settings_fields
+
+
 def test_settings_out_of_range_are_refused():
     for bad in ({**RN, "perturbation": "gaussian"}, {**RN, "noise_std": -1.0}, {**ADV, "adv_steps": 0}):
         with pytest.raises(ValueError):
             ptp_objective(settings(**bad))
 
 
-def test_a_frozen_cache_batch_is_refused():
+def test_frozen_cache_states_are_not_used():
+    """Hidden states cached from unperturbed embeddings would skip the perturbation: the objective runs the whole
+    encoder (the batch's cached states, garbage here, change nothing)."""
     model, batch = ptp_model(RN), make_batch()
-    with pytest.raises(RuntimeError, match="cache_frozen"):
-        model({**batch, "frozen_hidden": {1: torch.zeros(3, 9, 32)}}, loss=True)
+    torch.manual_seed(4)
+    alone = model(batch, loss=True).item()
+    torch.manual_seed(4)
+    cached = model({**batch, "frozen_hidden": {1: torch.full((3, 9, 32), 7.0)}}, loss=True).item()
+    assert cached == alone
+
+
+# ------------------------------------------------------------------------------------------------ the command line
+@pytest.mark.parametrize("perturbation", ["rn", "adv"])
+def test_train_eval_predict_and_table_list_ptp(tmp_path, perturbation):
+    """`ptv2 train prompt=ptp` on the tiny BERT and the RTE fixture: P-Tuning v2's trainable parameters, `ptv2 eval`
+    reproduces the best epoch from the checkpoint, `ptv2 predict` writes, `ptv2 table` lists the run as ptp."""
+    from conftest import RTE, SMOKE, ptv2
+
+    from ptv2.commands import table
+
+    run = tmp_path / "runs" / "ptp"
+    extra = ["prompt.adv_steps=2"] if perturbation == "adv" else []
+    ptv2(
+        "train",
+        *SMOKE,
+        "logger=none",
+        "prompt=ptp",
+        f"prompt.perturbation={perturbation}",
+        *extra,
+        "trainer.limit_eval=null",
+        f"hydra.run.dir={run}",
+    )
+    results = json.loads((run / "results.json").read_text())
+    prefix, hidden, layers, labels = 16, 32, 2, 2
+    assert results["method"] == "ptp"
+    assert results["trainable_params"] == prefix * layers * 2 * hidden + hidden * labels + labels
+    assert all(math.isfinite(epoch["train_loss"]) for epoch in results["history"])
+    evaluated = tmp_path / "eval"
+    ptv2("eval", f"ckpt={run}", f"task.data_dir={RTE}", f"hydra.run.dir={evaluated}")
+    assert json.loads((evaluated / "eval.json").read_text())["metrics"]["accuracy"] == results["best"]["accuracy"]
+    out = tmp_path / "predict"
+    ptv2("predict", f"ckpt={run}", "split=test", f"task.data_dir={RTE}", f"output_dir={out}", f"hydra.run.dir={out}")
+    assert [p for p in out.iterdir() if p.suffix == ".jsonl"]
+    assert table.main([str(tmp_path / "runs"), "--out", str(tmp_path / "table")]) == 0
+    assert "ptp" in (tmp_path / "table" / "table.md").read_text()

@@ -38,7 +38,8 @@ norm, projection onto a per-example Frobenius ball, gradients averaged over the 
 All randomness comes from torch's global generator (the run seeds it; a resumed run replays it): the noise is drawn
 before any forward, then each forward's dropout draws as it would. eps = 0 or sigma = 0 gives delta = 0, so the loss is
 (1 + lambda) times P-Tuning v2's. The objective runs only while the model trains (PromptModel.forward); evaluation,
-prediction and serving run P-Tuning v2's forward unchanged.
+prediction and serving run P-Tuning v2's forward unchanged. A batch's frozen-cache states (trainer.cache_frozen) hold
+unperturbed embeddings' hidden states, so the objective drops them and runs the whole encoder.
 """
 
 from __future__ import annotations
@@ -75,9 +76,9 @@ def ptp_objective(settings: Any) -> Callable:
         )
 
     def objective(model, batch: dict, head: str | None) -> torch.Tensor:
-        if batch.get("frozen_hidden") is not None:
-            # the cached hidden states were computed from unperturbed embeddings: the perturbation would be ignored
-            raise RuntimeError("prompt.method=ptp perturbs the input embeddings, which trainer.cache_frozen skips")
+        if "frozen_hidden" in batch:
+            # hidden states cached from unperturbed embeddings would skip the perturbation: run the whole encoder
+            batch = {key: value for key, value in batch.items() if key != "frozen_hidden"}
         mask, shape = _real_tokens(model, batch)
         delta = start(mask, shape)  # drawn before any forward: the noise never depends on dropout's draws
         clean = _loss(model, batch, head, None)

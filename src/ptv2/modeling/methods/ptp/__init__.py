@@ -1,0 +1,50 @@
+"""PTP (Chen et al., EMNLP 2023, arXiv 2305.02423): P-Tuning v2's deep prompt (prompts.PrefixEncoder, unchanged)
+trained on clean and perturbed input embeddings: random noise (PTP-RN) or a FreeLB-style adversarial ascent
+(PTP-ADV). Only the training loss changes (objective.py, with the formulas and what was and was not checked), so a
+checkpoint evaluates, predicts, serves and mixes in a batch as a P-Tuning v2 one does (`ptv2 export` takes ptv2 and
+lora runs only)."""
+
+from dataclasses import dataclass
+
+from ptv2.modeling.methods.base import DeepPromptSettings, Method, prefix_encoder
+from ptv2.schema import COUNT, PER_JOB, Range, tagged
+
+AT_LEAST_ZERO = Range(0)
+
+
+@dataclass
+class Settings(DeepPromptSettings):
+    method: str = "ptp"
+    perturbation: str = tagged("rn", PER_JOB, admits=("rn", "adv"))  # rn: Gaussian noise | adv: adversarial ascent
+    perturbed_weight: float = tagged(1.0, PER_JOB, admits=AT_LEAST_ZERO)  # lambda: loss = L(clean) + lambda R
+    noise_std: float = tagged(0.01, PER_JOB, admits=AT_LEAST_ZERO)  # rn: sigma of the noise on each embedding entry
+    adv_steps: int = tagged(3, PER_JOB, admits=COUNT)  # adv: K perturbed forwards (K - 1 ascent steps)
+    adv_step_size: float = tagged(0.1, PER_JOB, admits=AT_LEAST_ZERO)  # adv: alpha, Frobenius norm of each step
+    adv_init: float = tagged(0.1, PER_JOB, admits=AT_LEAST_ZERO)  # adv: scale of the uniform start delta_0
+    adv_bound: float = tagged(1.0, PER_JOB, admits=AT_LEAST_ZERO)  # adv: eps, per-example Frobenius bound on delta
+
+
+def _build(settings, config):
+    """P-Tuning v2's prefix, carrying the run's PTP objective: Method.objective() takes no settings, so the
+    objective below finds them on the prompt module (a plain attribute: nothing in the checkpoint)."""
+    from ptv2.modeling.methods.ptp.objective import ptp_objective
+
+    prompt = prefix_encoder(settings, config)
+    prompt.training_objective = ptp_objective(settings)
+    return prompt
+
+
+def _objective():
+    return lambda model, batch, head: model.prompt.training_objective(model, batch, head)
+
+
+METHOD = Method(
+    "ptp",
+    Settings,
+    prompt="prefix",
+    build=_build,
+    mixes_in_batch=True,
+    # a packed group's one backbone forward for several jobs has no room for each job's own extra forwards
+    pack_refusal="its loss needs forwards of its own on perturbed inputs, which a shared packed forward cannot run",
+    objective=_objective,
+)
