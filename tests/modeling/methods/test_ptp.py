@@ -267,7 +267,8 @@ def test_frozen_cache_states_are_not_used():
 @pytest.mark.parametrize("perturbation", ["rn", "adv"])
 def test_train_eval_predict_and_table_list_ptp(tmp_path, perturbation):
     """`ptv2 train prompt=ptp` on the tiny BERT and the RTE fixture: P-Tuning v2's trainable parameters, `ptv2 eval`
-    reproduces the best epoch from the checkpoint, `ptv2 predict` writes, `ptv2 table` lists the run as ptp."""
+    reproduces the best epoch from the checkpoint, `ptv2 predict` writes (alone and mixed with another prompt on one
+    backbone), `ptv2 table` lists the run as ptp."""
     from conftest import RTE, SMOKE, ptv2
 
     from ptv2.commands import table
@@ -294,6 +295,17 @@ def test_train_eval_predict_and_table_list_ptp(tmp_path, perturbation):
     assert json.loads((evaluated / "eval.json").read_text())["metrics"]["accuracy"] == results["best"]["accuracy"]
     out = tmp_path / "predict"
     ptv2("predict", f"ckpt={run}", "split=test", f"task.data_dir={RTE}", f"output_dir={out}", f"hydra.run.dir={out}")
-    assert [p for p in out.iterdir() if p.suffix == ".jsonl"]
+    alone = (out / "RTE.jsonl").read_text()
+    # at inference a PTP checkpoint mixes in a batch as a ptv2 one does: twice on one backbone, the same answers
+    mixed = tmp_path / "mixed"
+    ptv2(
+        "predict",
+        f"ckpt=[{run},{run}]",
+        "split=test",
+        f"task.data_dir={RTE}",
+        f"output_dir={mixed}",
+        f"hydra.run.dir={mixed}",
+    )
+    assert [(mixed / name / "RTE.jsonl").read_text() for name in ("rte", "rte-1")] == [alone, alone]
     assert table.main([str(tmp_path / "runs"), "--out", str(tmp_path / "table")]) == 0
     assert "ptp" in (tmp_path / "table" / "table.md").read_text()
