@@ -309,3 +309,17 @@ def test_train_eval_predict_and_table_list_ptp(tmp_path, perturbation):
     assert [(mixed / name / "RTE.jsonl").read_text() for name in ("rte", "rte-1")] == [alone, alone]
     assert table.main([str(tmp_path / "runs"), "--out", str(tmp_path / "table")]) == 0
     assert "ptp" in (tmp_path / "table" / "table.md").read_text()
+
+
+def test_a_killed_ptp_run_resumes_to_the_uninterrupted_run(tmp_path):
+    """The noise comes from torch's global generator, which a resumed run restores: killed mid-epoch (SIGKILL after
+    step 9 of 18, dropout on) and resumed, a PTP-ADV run ends as the uninterrupted one, bit for bit."""
+    from test_resume import assert_same_run, train
+
+    args = ["prompt=ptp", "prompt.perturbation=adv", "prompt.adv_steps=2"]
+    reference, run = tmp_path / "reference", tmp_path / "killed"
+    assert train(*args, f"hydra.run.dir={reference}").returncode == 0
+    assert train(*args, f"hydra.run.dir={run}", die_at=9).returncode == -9
+    resumed = train(*args, f"hydra.run.dir={run}", "trainer.resume=true")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert_same_run(run, reference)
