@@ -40,7 +40,6 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ptv2.errors import UserError
 from ptv2.modeling.generation import decoder_inputs
-from ptv2.modeling.generation import generate_greedy as generate_greedy  # re-exported: model.py imports it here
 
 ATTENTION_KEY = "ptv2_prefix_sdpa"
 # backbone.attention=eager: the same prefix handling with the attention written out (matmul, softmax, dropout,
