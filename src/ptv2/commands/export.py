@@ -23,6 +23,7 @@ from pathlib import Path
 
 from ptv2.errors import UserError
 from ptv2.io import declare
+from ptv2.modeling.methods import METHODS
 
 HEADS_FILE = "ptv2_heads.safetensors"
 ADAPTER_CONFIG, ADAPTER_MODEL = "adapter_config.json", "adapter_model.safetensors"
@@ -111,15 +112,17 @@ def export_peft(ckpt: str, out: Path, backbone: str | None = None) -> tuple[dict
     if checkpoint.backbone_hash(config) != metadata["backbone_hash"]:
         raise UserError(f"{path} was trained on backbone {metadata['backbone']}, not {location}; pass --backbone")
     method = saved.prompt.method
-    problem = None if method in ("ptv2", "lora") else f"prompt.method={method}: only ptv2 (prefix tuning) and lora do"
-    problem = problem or (prefix_refusal(saved.prompt, config) if method == "ptv2" else None)
+    exports = METHODS[method].exports if method in METHODS else None
+    exporting = " and ".join(f"{name} (as {row.exports})" for name, row in METHODS.items() if row.exports)
+    problem = None if exports else f"prompt.method={method}: only {exporting} export"
+    problem = problem or (prefix_refusal(saved.prompt, config) if exports == "prefix" else None)
     if problem:
         raise UserError(f"cannot export {path} to PEFT: {problem}")
 
     tensors = load_file(str(path))
     common = dict(task_type="FEATURE_EXTRACTION", base_model_name_or_path=portable_base(location), inference_mode=True)
     notes: list[str] = []
-    if method == "lora":
+    if exports == "lora":
         adapter = lora_to_peft(tensors)
         adapter_config = peft.LoraConfig(
             r=int(saved.prompt.r),
