@@ -16,13 +16,14 @@ Parameters: an embedding (P, layers * hidden), half of P-Tuning v2's (P, layers 
 `projection="mlp"` an embedding (P, hidden) and a two-layer tanh MLP to layers * hidden, as theirs. Dropout acts on
 the batch-expanded prefix, per example, as theirs (their prefix dropout is the backbone's hidden_dropout_prob).
 
-Positions: BERT-style families number the prefix 0..P-1 and the tokens from P on, as the authors did. RoBERTa-style
-families (positions from padding_idx + 1) number the prefix padding_idx + 1 .. padding_idx + P and the tokens from
-padding_idx + 1 + P on. The authors' RoBERTa kept the same token positions but gave the prefix arange(0, P): position
-0, a row RoBERTa never trained, and position padding_idx = 1, the padding row; here the prefix takes the first
-positions a real sequence has. Relative-position (DeBERTa) and causal (decoder) backbones are refused: the
-authors defined the method for bidirectional encoders with absolute positions, and behind a causal mask the prefix
-would never see the tokens it is meant to propagate.
+Positions: BERT-style families (positions from 0) number the prefix 0..P-1 and the tokens from P on; the authors
+have no BERT version (their propagated prefix exists for RoBERTa, Longformer and BigBird), so this is their scheme
+without RoBERTa's offset. RoBERTa-style families (positions from padding_idx + 1) number the prefix padding_idx + 1
+.. padding_idx + P and the tokens from padding_idx + 1 + P on. The authors' RoBERTa numbers the tokens the same way
+but gives the prefix arange(0, P): position 0, which RoBERTa's own numbering never uses, and position padding_idx =
+1, its padding row; here the prefix takes the first positions a real sequence has. Relative-position (DeBERTa) and
+causal (decoder) backbones are refused: the authors defined the method for bidirectional encoders with absolute
+positions, and behind a causal mask the prefix would never see the tokens it is meant to propagate.
 """
 
 from __future__ import annotations
