@@ -12,8 +12,8 @@ from test_decoders import padded_batch as decoder_batch
 from test_decoders import tiny_decoder
 
 from ptv2.modeling import injection
-from ptv2.modeling.apt import AdaptivePrefixEncoder
 from ptv2.modeling.heads import ClassificationHead
+from ptv2.modeling.methods.apt.module import AdaptivePrefixEncoder
 from ptv2.modeling.model import PromptModel
 from ptv2.modeling.packing import packed_hidden
 

@@ -71,8 +71,8 @@ def test_config_mistakes_get_one_line_like_every_user_error(override, expected, 
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
-        (["prompt.length=0"], "prompt.length=0 is out of range for prompt.method=ptv2; use an integer >= 1"),
-        (["prompt.length=-3"], "prompt.length=-3 is out of range for prompt.method=ptv2; use an integer >= 1"),
+        (["prompt.length=0"], "prompt.length=0 is out of range for prompt.method=ptv2; use an integer in [1, 4096]"),
+        (["prompt.length=-3"], "prompt.length=-3 is out of range for prompt.method=ptv2; use an integer in [1, 4096]"),
         (["prompt.layers=[0,7]"], "prompt.layers=[0, 7]: the backbone has layers 0..1 (bad: [7])"),
         (
             ["prompt.shift_positions=true", "task.max_length=600"],
@@ -115,7 +115,11 @@ BAD_VALUES = [
     ("optimizer.name=adam", "optimizer.name=adam is unknown; choose one of adamw, sgd"),
     ("logger.name=tensorboard", "logger.name=tensorboard is unknown; choose one of wandb, none"),
     ("task.name=../../elsewhere", "task.name='../../elsewhere' is not a valid name: use letters, digits, '_', "),
-    ("split=a/b", "split='a/b' is not a valid name"),
+    (
+        "split=dev",
+        "Could not override 'split' (Key 'split' not in 'TrainConfig'); it is a setting of `ptv2 eval` and "
+        "`ptv2 predict` only",
+    ),
 ]
 
 

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 from ptv2 import engine
 from ptv2.commands import bench
-from ptv2.config import RunConfig
+from ptv2.config import BenchRunConfig, over_schema
 from ptv2.engine import pad_to_length
 from ptv2.modeling import injection
 from ptv2.modeling.model import PromptModel
@@ -44,8 +44,7 @@ def run_ptv2(*args: str, launcher: list[str] | None = None) -> subprocess.Comple
 
 def tiny_cfg(method: str = "ptv2", **bench_keys):
     """A composed-like run config for the tiny backbone (schema defaults + the tiny backbone group)."""
-    cfg = OmegaConf.merge(
-        OmegaConf.structured(RunConfig),
+    cfg = over_schema(
         {
             "backbone": {
                 "name": "tiny",
@@ -56,6 +55,7 @@ def tiny_cfg(method: str = "ptv2", **bench_keys):
             "logger": {"name": "none"},
             "bench": {"batch_size": 2, "seq_length": 12, "steps": 2, "warmup_steps": 1, **bench_keys},
         },
+        BenchRunConfig,
     )
     return bench.variant_config(cfg, method)
 
@@ -132,11 +132,11 @@ def test_official_style_knobs_train(tmp_path, monkeypatch):
     seen = {"widths": set(), "attention": set(), "grouped": []}
     forward = PromptModel.forward
 
-    def recording_forward(self, batch, head=None):
+    def recording_forward(self, batch, head=None, **options):
         if self.training:
             seen["widths"].add(batch["input_ids"].shape[1])
             seen["attention"].add(self.encoder.config._attn_implementation)
-        return forward(self, batch, head)
+        return forward(self, batch, head, **options)
 
     batches = engine.LengthGroupedBatches
     monkeypatch.setattr(PromptModel, "forward", recording_forward)

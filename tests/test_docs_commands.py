@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from conftest import compose_config
 
-from ptv2 import cli, command_line, config
+from ptv2 import checks, cli, command_line, config
+from ptv2.checks import check_values
 from ptv2.commands import export, table
-from ptv2.config import check_values
 
 ROOT = Path(__file__).parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -108,7 +108,7 @@ def test_every_documented_command_is_one_ptv2_takes(where, line, tmp_path, monke
     assert command in cli.COMMANDS, f"{where}: `ptv2 {command}` is no command ({', '.join(cli.COMMANDS)})"
     monkeypatch.chdir(tmp_path)  # relative run folders and outputs/ stay in the test's folder
     folders = []  # the data folders are checked from the repository's root, where the docs' commands run
-    monkeypatch.setattr(config, "check_data_dir", lambda shown, folder: folders.append(folder))
+    monkeypatch.setattr(checks, "check_data_dir", lambda shown, folder: folders.append(folder))
     (tmp_path / RUN).mkdir(parents=True)
     (tmp_path / "outputs" / "multirun").mkdir(parents=True, exist_ok=True)
     try:

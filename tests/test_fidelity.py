@@ -44,7 +44,7 @@ def preset_model(family: str, folder, seed: int = 11) -> tuple[PromptModel, obje
     """PromptModel from the preset's config, built by the functions `ptv2 train` uses."""
     cfg = compose_config(f"preset={PRESETS[family]}", f"backbone.name_or_path={folder}")
     config = backbone.load_config(cfg.backbone)
-    ptv2.config.validate(cfg, config)
+    ptv2.checks.validate(cfg, config)
     torch.manual_seed(seed)
     encoder, parts = backbone.load_with_heads(cfg.backbone, config, {cfg.task.head})
     member = Member(cfg.task.name, cfg.task, task_type(cfg.task.type), {})

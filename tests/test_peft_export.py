@@ -56,7 +56,7 @@ def train_tiny(folder: Path, run_dir: Path, task: list[str], *overrides: str) ->
         "trainer=smoke",
         "logger=none",
         *task,
-        "prompt.length=4",
+        *([] if "prompt=lora" in overrides else ["prompt.length=4"]),  # LoRA has no prompt length
         "optimizer.lr=0.5",
         *overrides,
         f"hydra.run.dir={run_dir}",

@@ -15,10 +15,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModel
 
-from ptv2.config import PromptConfig
 from ptv2.errors import UserError
 from ptv2.modeling import injection
 from ptv2.modeling.heads import TokenClassificationHead
+from ptv2.modeling.methods import METHODS
 from ptv2.modeling.model import PromptModel
 from ptv2.modeling.peft_methods import require_peft
 from ptv2.optim import make_optimizer
@@ -34,7 +34,7 @@ CONLL03 = [
 
 
 def prompt_cfg(**values):
-    return OmegaConf.structured(PromptConfig(**values))
+    return OmegaConf.structured(METHODS[values["method"]].settings(**values))
 
 
 def tagger(encoder, **values) -> PromptModel:
@@ -51,7 +51,7 @@ def batch_of(lengths=(9, 6, 4), vocab_size=120) -> dict:
 @pytest.mark.parametrize("family", ["bert", "roberta", "deberta-v2"])
 def test_lora_equals_the_stock_model_with_merged_weights(family):
     stock, prepared = tiny_encoder(family)
-    model = tagger(prepared, method="lora", r=4, alpha=8.0, dropout=0.0, length=0)
+    model = tagger(prepared, method="lora", r=4, alpha=8.0, dropout=0.0)
     batch = batch_of()
     head = model.heads["tag"]
     # B starts at zero: an untrained adapter is the stock model.
@@ -77,7 +77,7 @@ def test_lora_targets_each_decoder_family_default(family):
     config = AutoConfig.from_pretrained(DECODERS / family)
     encoder = AutoModel.from_config(config, attn_implementation=injection.attention_key(config))
     injection.prepare_encoder(encoder)
-    model = tagger(encoder, method="lora", dropout=0.0, length=0)
+    model = tagger(encoder, method="lora", dropout=0.0)
     adapted = {name.rsplit(".", 1)[-1] for name, module in model.encoder.named_modules() if hasattr(module, "lora_A")}
     expected = {"c_attn", "c_proj"} if family == "gpt2" else {"q_proj", "k_proj", "v_proj", "o_proj"}
     assert adapted == expected
@@ -89,7 +89,7 @@ def test_lora_targets_each_decoder_family_default(family):
 
 def test_lora_trains_only_adapters_and_heads_and_the_optimizer_holds_nothing_else():
     _, prepared = tiny_encoder("bert")
-    model = tagger(prepared, method="lora", dropout=0.0, length=0).train()
+    model = tagger(prepared, method="lora", dropout=0.0).train()
     with torch.no_grad():  # B = 0 would leave A without gradient in the first step
         for module in model.encoder.modules():
             if hasattr(module, "lora_B"):
@@ -118,7 +118,7 @@ def test_lora_trains_only_adapters_and_heads_and_the_optimizer_holds_nothing_els
 def test_lora_with_a_target_the_backbone_lacks_fails_in_one_line():
     _, prepared = tiny_encoder("bert")
     with pytest.raises(UserError, match=r"prompt.target_modules=\['q_proj'\] does not fit backbone bert"):
-        tagger(prepared, method="lora", target_modules=["q_proj"], length=0)
+        tagger(prepared, method="lora", target_modules=["q_proj"])
 
 
 def test_a_missing_peft_is_one_line_with_the_install_command(monkeypatch):
@@ -135,7 +135,7 @@ def test_peft_prefix_equals_ptv2_with_shifted_positions(family):
     _, ours_encoder = tiny_encoder(family)
     _, peft_encoder = tiny_encoder(family)
     ours = tagger(ours_encoder, method="ptv2", length=4, dropout=0.0, shift_positions=True, init_std=1.0)
-    theirs = tagger(peft_encoder, method="peft_prefix", length=4, dropout=0.0)
+    theirs = tagger(peft_encoder, method="peft_prefix", length=4)
     with torch.no_grad():
         theirs.encoder.prompt_encoder["default"].embedding.weight.copy_(ours.prompt.embedding.weight)
         theirs.heads.load_state_dict(ours.heads.state_dict())
@@ -167,8 +167,6 @@ def refused(overrides: list[str], tmp_path) -> str:
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["prompt.dropout=0.1"], "PEFT's prefix tuning has no prefix dropout; set prompt.dropout=0"),
-        (["prompt.layers=top:1"], "PEFT's prefix tuning has a prefix on every layer; set prompt.layers=all"),
         (["backbone.gradient_checkpointing=true"], "drops the key/value cache, and PEFT's prefix with it"),
         (["backbone.dtype=bfloat16"], "use backbone.dtype=float32 with trainer.precision=bf16"),
     ],
@@ -178,14 +176,21 @@ def test_peft_prefix_refuses_what_peft_cannot_do_in_one_line(tmp_path, overrides
     assert line.startswith("ptv2: error: prompt.method=peft_prefix: ") and message in line
 
 
+@pytest.mark.parametrize("override", ["prompt.dropout=0.1", "prompt.layers=top:1"])
+def test_peft_prefix_has_no_prefix_dropout_or_depth(tmp_path, override):
+    line = refused(["prompt=peft_prefix", override], tmp_path)
+    key = override.split("=")[0]
+    assert line.startswith(f"ptv2: error: {key} is not a setting of prompt=peft_prefix; it is one of ptv2")
+
+
 def test_peft_prefix_refuses_deberta(tmp_path):
     from ptv2.modeling.peft_methods import peft_prefix_refusal
 
     config = FAMILY_CONFIGS["deberta-v2"]()
-    line = peft_prefix_refusal(prompt_cfg(method="peft_prefix", dropout=0.0), OmegaConf.create({}), {"linear"}, config)
+    line = peft_prefix_refusal(prompt_cfg(method="peft_prefix"), OmegaConf.create({}), {"linear"}, config)
     assert "which DeBERTa-v2 does not have" in line
     assert "task.head=lm" in peft_prefix_refusal(
-        prompt_cfg(dropout=0.0), OmegaConf.create({}), {"lm"}, FAMILY_CONFIGS["bert"]()
+        prompt_cfg(method="peft_prefix"), OmegaConf.create({}), {"lm"}, FAMILY_CONFIGS["bert"]()
     )
 
 

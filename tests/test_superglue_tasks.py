@@ -19,13 +19,14 @@ from omegaconf import OmegaConf
 from safetensors import safe_open
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-from ptv2.config import PromptConfig, validate
+from ptv2.checks import validate
 from ptv2.data import Split, superglue
 from ptv2.engine import Member, head_spec
 from ptv2.errors import UserError
 from ptv2.modeling import backbone, injection
 from ptv2.modeling.backbone import BackboneHeads
 from ptv2.modeling.heads import VerbalizerHead
+from ptv2.modeling.methods import METHODS as REGISTRY
 from ptv2.modeling.model import PromptModel
 from ptv2.tasks import classification, multiple_choice, tagging
 
@@ -191,7 +192,7 @@ def test_verbalizer_logits_are_the_stock_mlm_logits_of_the_label_words(family):
     encoder, lm_head = backbone.split_masked_lm(prepared)
     words = [7, 11, 30]
     model = PromptModel(
-        encoder, OmegaConf.structured(PromptConfig(method="linear_probe")), {"t": VerbalizerHead(lm_head, words)}, 0.0
+        encoder, OmegaConf.structured(REGISTRY["linear_probe"].settings()), {"t": VerbalizerHead(lm_head, words)}, 0.0
     ).eval()
     input_ids, mask = padded_batch((9, 6, 4), pad_id=stock.config.pad_token_id or 0)
     positions = torch.tensor([8, 3, 2])
@@ -206,7 +207,8 @@ def test_verbalizer_logits_are_the_stock_mlm_logits_of_the_label_words(family):
 def test_verbalizer_trains_only_what_the_method_trains(method):
     _, prepared = _masked_lm("bert")
     encoder, lm_head = backbone.split_masked_lm(prepared)
-    cfg = OmegaConf.structured(PromptConfig(method=method, length=4))
+    settings = REGISTRY[method].settings
+    cfg = OmegaConf.structured(settings(length=4) if "length" in settings.__dataclass_fields__ else settings())
     model = PromptModel(encoder, cfg, {"t": VerbalizerHead(lm_head, [7, 11])}, 0.0)
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     head_own = {n for n in trainable if n.startswith("heads.")}

@@ -26,7 +26,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ptv2 import __version__
 from ptv2.command_line import command_line, register, sweep_value_problem
-from ptv2.config import unknown_key_hint
+from ptv2.config import prompt_key_problem, unknown_key_hint
+from ptv2.modeling.methods import METHODS
 from ptv2.runs import rundir, session
 
 log = logging.getLogger("ptv2")
@@ -87,6 +88,10 @@ def config_error_line(error: Exception) -> str:
         if close:
             line = f"{option.group(1)}={option.group(2)} is unknown; did you mean {' or '.join(close)}?"
     missing = re.search(r"Could not override '([^']+)'", line)
+    settings = getattr(error.__cause__, "object_type", None)
+    chosen = next((name for name, row in METHODS.items() if row.settings is settings), None)
+    if missing and chosen and missing.group(1).startswith("prompt."):  # a key of another method, or of none
+        return prompt_key_problem(missing.group(1), chosen) or line
     if missing and "not in '" in line and not missing.group(1).startswith("hydra."):
         line += f"; {unknown_key_hint(missing.group(1))}"
     if any(marker in line for marker in LEXER_ERRORS):

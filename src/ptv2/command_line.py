@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ptv2 import config
-from ptv2.config import check_values
+from ptv2.checks import check_values
 from ptv2.errors import UserError, short_line
 from ptv2.runs import rundir
 

@@ -10,43 +10,31 @@ backbone's table) live in `validate`, which needs the backbone's HF config.
 from __future__ import annotations
 
 import importlib.util
-import math
-import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, ListConfig, OmegaConf
+from omegaconf import MISSING, OmegaConf
 
-from ptv2.errors import UserError, unknown
-from ptv2.modeling.methods import METHODS, method
+from ptv2.errors import UserError
+from ptv2.modeling.methods import METHODS, with_setting
+from ptv2.schema import ALIAS, COMMAND, COUNT, FREE, PATH, PER_JOB, REPLICATE, tagged
+
+__all__ = ["ALIAS", "COMMAND", "FREE", "PATH", "PER_JOB", "REPLICATE", "tagged"]  # the roles, for the modules here
 
 HEADS = ("linear", "pooler", "verbalizer", "lm")  # task.head
-
-# The roles of config keys, declared once on the schema's fields below (`tagged`) and read by every module that
-# treats a kind of key alike (`keys_with`): a role added to a field reaches all of them.
-PATH = "path"  # a path on the machine that wrote it: a checkpoint's is never used (cleared to the default)
-FREE = "free"  # changes nothing a run computes: a resume may change it, `ptv2 table` does not tell runs apart by it
-REPLICATE = "replicate"  # runs that differ only here are replicates: `ptv2 table` aggregates them (mean ± std)
-ALIAS = "alias"  # another key names the same thing (backbone.name; the data): `ptv2 table` reads that one
-PER_JOB = "per_job"  # may differ between the jobs of one packed group (it lives in a job's prompt, head, optimizer)
-COMMAND = "command"  # a key of `ptv2 eval` / `predict`, not of the run
-
-
-def tagged(default: Any = None, *roles: str, factory=None):
-    """A schema field with its roles (PATH, FREE, ...); factory: a default_factory instead of a default."""
-    metadata = {"roles": frozenset(roles)}
-    if factory is not None:
-        return field(default_factory=factory, metadata=metadata)
-    return field(default=default, metadata=metadata)
 
 
 def keys_with(*roles: str, schema=None) -> tuple[str, ...]:
     """The dotted keys of the schema's fields that have any of these roles; a tagged group ends with "." (all of its
-    keys). Nested groups are searched too."""
+    keys). Nested groups are searched too. Without a schema: every command's keys and every method's prompt.* keys."""
+    if schema is None:
+        found = [key for command in SCHEMAS.values() for key in keys_with(*roles, schema=command)]
+        found += [f"prompt.{key}" for row in METHODS.values() for key in keys_with(*roles, schema=row.settings)]
+        return tuple(dict.fromkeys(found))
     found = []
-    for item in fields(schema or RunConfig):
+    for item in fields(schema):
         nested = item.default_factory if is_dataclass(item.default_factory) else None
         if item.metadata.get("roles", frozenset()) & set(roles):
             found.append(item.name + ("." if nested else ""))
@@ -72,30 +60,6 @@ class BackboneConfig:
     attention: str = "sdpa"  # sdpa | eager (written-out attention, as the official code ran; speed comparisons)
     tokenizer: Optional[str] = None  # tokenizer hub id / folder when not name_or_path's (random-init shapes, tests)
     gradient_checkpointing: bool = False  # recompute layer activations in the backward: memory for big backbones
-
-
-@dataclass
-class PromptConfig:
-    # modeling.methods.METHODS: ptv2 | prompt_tuning | ptuning_v1 | finetune | linear_probe | apt | lora | peft_prefix
-    method: str = "ptv2"
-    # number of prompt vectors (per layer for the deep prompts); a deep prompt also takes a list, one length per
-    # prompted layer (bottom to top), e.g. [4, 8, 16]
-    length: Any = tagged(16, PER_JOB)
-    projection: str = tagged("none", PER_JOB)  # ptv2 reparameterization: none | mlp
-    projection_dim: int = tagged(512, PER_JOB)  # hidden width of the reparameterization MLP
-    # on the prompt vectors (lora: on LoRA's input) only, independent of the backbone's dropout
-    dropout: float = tagged(0.1, PER_JOB)
-    layers: Any = tagged("all", PER_JOB)  # ptv2 depth: all | top:K | bottom:K | [i, j, ...]
-    shift_positions: bool = tagged(False, PER_JOB)  # number tokens P..P+L-1 as the official cache-based code did
-    encoder: str = "lstm"  # ptuning_v1 prompt encoder: lstm | mlp
-    # std of the N(0, std) prompt embeddings; None: the backbone's initializer_range, as the official models started
-    init_std: Optional[float] = tagged(None, PER_JOB)
-    # run dir or checkpoint whose prompt (and matching heads) start training
-    init_from: Optional[str] = tagged(None, PATH, PER_JOB)
-    r: int = 8  # lora: rank of the low-rank update B A
-    alpha: float = 16.0  # lora: the update is scaled by alpha / r
-    # lora: module name suffixes to adapt; None: the backbone family's default (injection.FAMILIES lora_targets)
-    target_modules: Optional[list[str]] = None
 
 
 @dataclass
@@ -256,25 +220,63 @@ class ServeConfig:
 
 
 @dataclass
-class RunConfig:
+class TrainConfig:
+    """`ptv2 train`: what a run is. `prompt` holds the chosen method's settings (modeling/methods/NAME/: each
+    conf/prompt/NAME.yaml starts from its schema), so a run carries no other method's keys."""
+
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
-    prompt: PromptConfig = field(default_factory=PromptConfig)
+    prompt: Any = field(default_factory=lambda: {"method": "ptv2"})
     optimizer: OptimizerConfig = tagged(None, PER_JOB, factory=OptimizerConfig)
     scheduler: SchedulerConfig = tagged(None, PER_JOB, factory=SchedulerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = tagged(None, FREE, PER_JOB, factory=LoggerConfig)
+
+
+@dataclass
+class EvalConfig(TrainConfig):
+    """`ptv2 eval`: a checkpoint's run config, this command's keys on top."""
+
+    ckpt: Any = tagged(None, COMMAND)  # checkpoint file or run directory (predict: also a list of them)
+    split: str = tagged("dev", COMMAND)  # split to evaluate or predict
+
+
+@dataclass
+class PredictConfig(EvalConfig):
+    input: Optional[str] = tagged(None, COMMAND)  # a file in the task's own format instead of a split
+    output_dir: Optional[str] = tagged(None, COMMAND)  # where prediction files go (default: the run directory)
+
+
+@dataclass
+class BenchRunConfig(TrainConfig):
     bench: BenchConfig = field(default_factory=BenchConfig)
+
+
+@dataclass
+class ServeRunConfig(TrainConfig):
     serve: ServeConfig = tagged(None, COMMAND, factory=ServeConfig)
-    runs: Optional[str] = tagged(None, COMMAND)  # `ptv2 serve`: a folder of run folders, each checkpoint served
-    ckpt: Any = tagged(
-        None, COMMAND
-    )  # `ptv2 eval` / `predict`: checkpoint file or run directory (predict: also a list of them)
-    split: str = tagged("dev", COMMAND)  # `ptv2 eval` / `predict`: split to evaluate or predict
-    input: Optional[str] = tagged(None, COMMAND)  # `ptv2 predict`: a file in the task's own format instead of a split
-    output_dir: Optional[str] = tagged(
-        None, COMMAND
-    )  # `ptv2 predict`: where prediction files go (default: the run directory)
+    runs: Optional[str] = tagged(None, COMMAND)  # a folder of run folders, each checkpoint served
+    ckpt: Any = tagged(None, COMMAND)  # checkpoint files or run directories
+
+
+# conf/<command>.yaml -> its schema (the `schema` group: conf/train.yaml chooses train, the others override it)
+SCHEMAS = {
+    "train": TrainConfig,
+    "eval": EvalConfig,
+    "predict": PredictConfig,
+    "bench": BenchRunConfig,
+    "serve": ServeRunConfig,
+}
+
+
+def over_schema(values, schema=TrainConfig):
+    """A plain config (a file's, a container) over a command's schema: keys it lacks get their defaults, values their
+    types, and the prompt its method's settings (an unknown key fails there, as at composition)."""
+    cfg = OmegaConf.merge(OmegaConf.structured(schema), values)
+    name = cfg.prompt.get("method")
+    if name in METHODS:
+        cfg.prompt = OmegaConf.merge(OmegaConf.structured(METHODS[name].settings), cfg.prompt)
+    return cfg
 
 
 def _package_path(package: str, *parts: str) -> str:
@@ -286,456 +288,75 @@ def _package_path(package: str, *parts: str) -> str:
 
 
 def register() -> None:
-    """Register the schema with Hydra and the resolvers conf/ needs to compose (idempotent); the command line adds
-    the run-folder resolver and the packed launcher (cli.register)."""
+    """Register the schemas with Hydra (each command's, each method's settings as prompt_schema/NAME) and the
+    resolvers conf/ needs to compose (idempotent); the command line adds the run-folder resolver and the packed
+    launcher (cli.register)."""
     store = ConfigStore.instance()
-    if "run_schema.yaml" not in store.repo:  # storing builds the structured config again: once per process
-        store.store(name="run_schema", node=RunConfig)
+    if "schema" not in store.repo:  # storing builds the structured config again: once per process
+        for name, schema in SCHEMAS.items():
+            store.store(group="schema", name=name, node=schema, package="_global_")
+        for name, row in METHODS.items():
+            store.store(group="prompt_schema", name=name, node=row.settings)
     if not OmegaConf.has_resolver("package_path"):
         OmegaConf.register_new_resolver("package_path", _package_path)
     if not OmegaConf.has_resolver("asset"):
         OmegaConf.register_new_resolver("asset", lambda name: str(Path(__file__).parent / "assets" / name))
 
 
-# --------------------------------------------------------------------------------------------- start-up checks
-# Every numeric and enumerated setting is checked here, once, before a run writes anything (check_values, called
-# for every command's config and again for a checkpoint's); `validate` adds what needs the backbone's config.
-
-NAME = re.compile(r"[A-Za-z0-9_.-]+")  # names that become parts of file and folder names
-DTYPES = ("float32", "bfloat16", "float16")  # torch's names (modeling.backbone takes torch.<name>)
-
-
-@dataclass(frozen=True)
-class Range:
-    """The numbers a setting admits: from `low` to `high` (None: unbounded), either end excluded when *_open."""
-
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False
-    high_open: bool = False
-    integer: bool = False
-    optional: bool = False  # null is allowed (the setting is off)
-
-    def admits(self, value: Any) -> bool:
-        if value is None:
-            return self.optional
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            return False
-        if self.integer and not float(value).is_integer():
-            return False
-        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
-        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
-        return above and below
-
-    def __str__(self) -> str:
-        kind = "an integer" if self.integer else "a number"
-        low, high = (str(int(x)) if x is not None and float(x).is_integer() else f"{x}" for x in (self.low, self.high))
-        if self.low is not None and self.high is not None:
-            text = f"{kind} in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
-        elif self.low is not None:
-            text = f"{kind} {'>' if self.low_open else '>='} {low}"
-        else:
-            text = f"{kind} {'<' if self.high_open else '<='} {high}"
-        return f"null or {text}" if self.optional else text
-
-
-MAX_PROMPT_LENGTH = 4096
-COUNT, SOME_COUNT = Range(1, integer=True), Range(1, integer=True, optional=True)
-PROBABILITY = Range(0, 1, high_open=True)  # dropout
-POSITIVE = Range(0, low_open=True)
-RANGES = {
-    "backbone.dropout": Range(0, 1, high_open=True, optional=True),
-    "backbone.attention_dropout": Range(0, 1, high_open=True, optional=True),
-    # >= 1 for the prompt methods (see check_values); the bound keeps a typo (or a crafted checkpoint) from
-    # allocating until the machine gives out: the paper's longest prompts are 128-256 vectors
-    "prompt.length": Range(0, MAX_PROMPT_LENGTH, integer=True),
-    "prompt.projection_dim": COUNT,
-    "prompt.dropout": PROBABILITY,
-    "prompt.init_std": Range(0, low_open=True, optional=True),
-    "prompt.r": COUNT,
-    "prompt.alpha": POSITIVE,
-    "task.max_length": Range(8, integer=True),  # room for the special tokens and some text
-    "task.head_dropout": PROBABILITY,
-    "optimizer.lr": Range(0),  # 0 freezes the trained parameters (a check, a continuation at equal weights)
-    "optimizer.weight_decay": Range(0),
-    "optimizer.eps": POSITIVE,
-    "optimizer.momentum": Range(0),
-    "scheduler.warmup_ratio": Range(0, 1),
-    "scheduler.gamma": Range(0, 1, low_open=True),
-    "trainer.epochs": COUNT,
-    "trainer.max_steps": SOME_COUNT,
-    "trainer.batch_size": COUNT,
-    "trainer.eval_batch_size": COUNT,
-    "trainer.max_grad_norm": Range(0),  # 0 turns clipping off
-    "trainer.seed": Range(0, 2**32 - 1, integer=True),  # numpy's seed range
-    "trainer.limit_train": SOME_COUNT,
-    "trainer.limit_eval": SOME_COUNT,
-    "trainer.save_every_steps": SOME_COUNT,
-    "trainer.early_stopping_patience": SOME_COUNT,
-    "logger.init_timeout": POSITIVE,
-    "bench.batch_size": COUNT,
-    "bench.seq_length": Range(8, integer=True),
-    "bench.prompt_length": SOME_COUNT,
-    "bench.warmup_steps": Range(0, integer=True),
-    "bench.steps": COUNT,
-    "bench.eval_batches": COUNT,
-    "bench.eval_batch_size": SOME_COUNT,
-    "bench.threads": SOME_COUNT,
-    "bench.pack": SOME_COUNT,
-    "bench.jobs_per_forward": SOME_COUNT,
-    "bench.cache_layers": SOME_COUNT,
-    "bench.cache_examples": COUNT,
-    "bench.prompts": COUNT,
-    "bench.connections": COUNT,
-    "bench.requests": COUNT,
-    "bench.resident": COUNT,
-    "serve.port": Range(1, 65535, integer=True),
-    "serve.max_batch": COUNT,
-    "serve.max_wait_ms": Range(0, 10000),
-    "serve.max_tokens": COUNT,
-    "serve.max_records": COUNT,
-    "serve.max_body_bytes": Range(1024, integer=True),
-    "serve.threads": SOME_COUNT,
-    "serve.shutdown_seconds": Range(0),
-}
-CHOICES = {
-    "backbone.dtype": DTYPES,
-    "backbone.attention": ("sdpa", "eager"),
-    "prompt.method": tuple(METHODS),
-    "prompt.projection": ("none", "mlp"),
-    "prompt.encoder": ("lstm", "mlp"),
-    "task.head": HEADS,
-    "trainer.precision": ("no", "bf16", "fp16"),
-    "trainer.cache_frozen": ("auto", True, False),
-    "logger.name": ("wandb", "none"),
-    "logger.mode": ("auto", "online", "offline", "disabled"),
-    "bench.device": ("auto", "cpu", "cuda"),
-    "bench.frozen_dtype": (None, *DTYPES),
-}
-NAMES = ("backbone.name", "task.name", "task.eval_split", "task.test_split", "split")  # test_split may be null
-_ABSENT = object()
-
-
-MAX_NAME = 100  # characters: a name is one part of file names that also hold other names (255 bytes at most)
-
-
-def check_name(key: str, value: Any) -> None:
-    """A name that becomes part of a file or folder name: letters, digits, `_`, `.`, `-`; never `.` or `..`; at
-    most MAX_NAME characters."""
-    if not (isinstance(value, str) and NAME.fullmatch(value) and value not in (".", "..")):
-        raise UserError(
-            f"{key}={str(value)[:MAX_NAME]!r} is not a valid name: use letters, digits, '_', '.' and '-' only "
-            "(it names files)"
-        )
-    if len(value) > MAX_NAME:
-        raise UserError(
-            f"{key}={value[:40]}... is {len(value)} characters long; use at most {MAX_NAME} (it names files and "
-            "folders)"
-        )
-
-
-BLEU_TOKENIZERS = ("none", "zh", "13a", "intl", "char", "ja-mecab", "ko-mecab", "spm", "flores101", "flores200")
-
-
-def check_generation(shown: str, task) -> None:
-    """A generation task's options (tasks/generation.py), checked before any data is read: an answer of at least one
-    token besides the end token, room left for the prompt, a decoding budget of at least one token, a BLEU
-    tokenizer sacrebleu knows (an unknown one would end the run at the first evaluation)."""
-    options = task.get("options") or {}
-    target = options.get("max_target_length", 64)
-    if not Range(2, integer=True).admits(target):
-        raise UserError(
-            f"{shown}options.max_target_length={target} is out of range; use an integer >= 2 (the answer's tokens "
-            "and its end token: 1 leaves every answer empty)"
-        )
-    max_length = task.get("max_length")
-    if isinstance(max_length, int) and max_length - target < 4:
-        raise UserError(
-            f"{shown}max_length={max_length} leaves no room for a prompt next to {shown}options.max_target_length="
-            f"{target}; raise the one or lower the other"
-        )
-    new_tokens = options.get("max_new_tokens")
-    if not SOME_COUNT.admits(new_tokens):
-        raise UserError(f"{shown}options.max_new_tokens={new_tokens} is out of range; use {SOME_COUNT}")
-    tokenize = options.get("bleu_tokenize", "13a")
-    if tokenize not in BLEU_TOKENIZERS:
-        raise unknown(f"{shown}options.bleu_tokenize", tokenize, BLEU_TOKENIZERS)
-
-
-def check_data_dir(shown: str, data_dir: str) -> None:
-    """A task's data folder is there (checked before torch loads, and before any job of a sweep starts)."""
-    if not Path(data_dir).expanduser().is_dir():
-        raise UserError(f"{shown}data_dir={data_dir} is not a directory: pass the folder that holds the task's files")
-
-
-def check_files(shown: str, task) -> None:
-    """task.files holds file names inside task.data_dir, never paths: a path is refused with the split into the two
-    settings (it would otherwise be looked up, and reported missing, inside the data folder). A data folder that is
-    not there is refused here, before torch loads (and before any job of a sweep starts)."""
-    data_dir = task.get("data_dir")
-    if isinstance(data_dir, str) and data_dir:
-        check_data_dir(shown, data_dir)
-    for split, name in (task.get("files") or {}).items():
-        if name is not None and (not isinstance(name, str) or "/" in name or name in ("", ".", "..")):
-            path = Path(str(name)).expanduser()
-            named = "/" in str(name) and path.name not in ("", ".", "..")
-            fix = f"task.data_dir={path.parent} {shown}files.{split}={path.name}" if named else "a file name"
-            raise UserError(
-                f"{shown}files.{split}={name} is not a file name: task.files names files inside task.data_dir "
-                f"(now {task.get('data_dir')}); pass {fix}"
-            )
-
-
-def check_head(shown: str, task) -> None:
-    """task.head is one the task type admits (checked again by the engine, here before a backbone is loaded)."""
-    from ptv2.tasks import TASK_TYPES, task_type
-
-    kind = task.get("head", "linear")
-    if task.get("type") in TASK_TYPES and kind in HEADS:
-        admitted = task_type(task.type).HEAD_KINDS
-        if kind not in admitted:
-            raise UserError(
-                f"{shown}head={kind} does not fit {shown}type={task.type}; use {shown}head={' or '.join(admitted)}"
-            )
-
-
-def _settings(cfg, key: str):
-    """(shown key, value) of a setting the config holds: task.* for the task and for each multi-task member."""
-    group, _, rest = key.partition(".")
-    nodes = [("", cfg)]
-    if group == "task" and cfg.get("task") is not None:
-        members = task_members(cfg.task) if cfg.task.get("members") else []
-        nodes = [(f"task.members.{name}.", member) for name, member in members] or [("task.", cfg.task)]
-        key = rest
-    for prefix, node in nodes:
-        value = OmegaConf.select(node, key, default=_ABSENT)
-        if value is not _ABSENT:
-            yield prefix + key, value
-
-
-def check_values(cfg) -> None:
-    """Every numeric and enumerated setting of a run config against RANGES, CHOICES and NAMES; the first bad one
-    ends the run with one line naming the key, its value and what it admits. Keys a config lacks (an older
-    checkpoint's) are skipped; a multi-task config is checked member by member."""
-    from ptv2.optim import OPTIMIZERS, SCHEDULERS
-    from ptv2.tasks import TASK_TYPES
-
-    prompt = cfg.get("prompt")
-    if prompt is not None and prompt.method in METHODS:
-        _check_prompt_length(prompt)
-    for key, allowed in RANGES.items():
-        for shown, value in _settings(cfg, key):
-            if key == "prompt.length" and isinstance(value, (list, ListConfig)):
-                continue  # per-layer lengths: _check_prompt_length
-            if not allowed.admits(value):
-                raise UserError(f"{shown}={value} is out of range; use {allowed}")
-    tables = {"task.type": TASK_TYPES, "optimizer.name": tuple(OPTIMIZERS), "scheduler.name": tuple(SCHEDULERS)}
-    for key, allowed in {**CHOICES, **tables}.items():
-        for shown, value in _settings(cfg, key):
-            if value not in allowed:
-                raise unknown(shown, value, allowed)
-    for shown, value in _settings(cfg, "task.reader"):
-        from ptv2.data import readers  # imports torch and datasets: after the checks that need neither
-
-        if value not in (known := readers()):
-            raise unknown(shown, value, known)
-    for key in NAMES:
-        for shown, value in _settings(cfg, key):
-            if value is not None or key != "task.test_split":
-                check_name(shown, value)
-    for name in (cfg.task.get("members") or {}) if cfg.get("task") is not None else ():
-        check_name(f"task.members.{name}", name)
-    if cfg.get("task") is not None:
-        members = task_members(cfg.task) if cfg.task.get("members") else [(None, cfg.task)]
-        for name, task in members:
-            shown = f"task.members.{name}." if name else "task."
-            check_head(shown, task)
-            check_files(shown, task)
-            if task.get("type") == "generation":
-                check_generation(shown, task)
-    modules = OmegaConf.select(cfg, "prompt.target_modules", default=None)
-    if modules is not None and len(modules) == 0:  # would otherwise fall back to the family's default
-        raise UserError(
-            "prompt.target_modules=[] names no module; leave it out for the backbone family's default, or list the "
-            "modules (e.g. prompt.target_modules=[query,value])"
-        )
-    betas = OmegaConf.select(cfg, "optimizer.betas", default=None)
-    if betas is not None and (len(betas) != 2 or not all(PROBABILITY.admits(beta) for beta in betas)):
-        raise UserError(f"optimizer.betas={list(betas)} is out of range; use two numbers in [0, 1)")
-    for top in OmegaConf.select(cfg, "bench.cache", default=None) or []:
-        if not COUNT.admits(top):
-            raise UserError(f"bench.cache: {top} is not a layer count; give top:K depths as [K, ...] with K {COUNT}")
-    for name in OmegaConf.select(cfg, "bench.methods", default=None) or []:
-        if name not in METHODS:
-            raise UserError(f"bench.methods: {name} is unknown; choose from {', '.join(METHODS)}")
-
-
-def _check_prompt_length(prompt) -> None:
-    """prompt.length: >= 1 for the prompt methods; a list (per-layer lengths) only for deep prompts, without the
-    official-style position shift (which moves every token by one P)."""
-    chosen = method(prompt.method)
-    length = prompt.length
-    if isinstance(length, (list, ListConfig)):
-        shown = list(length)
-        if chosen.prompt != "prefix":
-            deep = ", ".join(name for name, row in METHODS.items() if row.prompt == "prefix")
-            raise UserError(
-                f"prompt.length={shown} is a list (one length per prompted layer), which only deep prompts take "
-                f"({deep}); give prompt.method={prompt.method} one number"
-            )
-        if not shown or not all(COUNT.admits(value) for value in shown):
-            raise UserError(f"prompt.length={shown}: every per-layer length must be {COUNT}")
-        if prompt.get("shift_positions"):
-            raise UserError(
-                f"prompt.shift_positions=true moves tokens by one prompt length, and prompt.length={shown} has "
-                "several; set prompt.shift_positions=false or give one number"
-            )
-    elif chosen.has_prompt and isinstance(length, (int, float)) and length < 1:
-        raise UserError(f"prompt.length={length} is out of range for prompt.method={prompt.method}; use {COUNT}")
-
-
-def _prompted_layer_count(layers, num_layers: int) -> int:
-    """How many layers prompt.layers names (already validated)."""
-    if isinstance(layers, str):
-        return num_layers if layers == "all" else int(layers.partition(":")[2])
-    return len(set(layers))
-
-
-def validate(cfg, backbone_config) -> None:
-    """check_values, then the checks that need the backbone's config; raise UserError with one clear line."""
-    from ptv2.modeling.injection import encoder_shape, family_of, positions_used
-    from ptv2.modeling.methods import parse_layers
-
-    check_values(cfg)
-    prompt = cfg.prompt
-    num_layers = encoder_shape(backbone_config)[0]
-    layers = prompt.layers
-    try:
-        side, count = parse_layers(layers)
-    except (ValueError, TypeError):
-        side, count = "invalid", 0
-    if side in ("invalid", "top", "bottom") and not 1 <= count <= num_layers:
-        raise UserError(
-            f"prompt.layers={layers} is invalid; use all, top:K or bottom:K with 1 <= K <= {num_layers}, "
-            "or a list of layer indices"
-        )
-    if side == "list":
-        bad = [layer for layer in count if not 0 <= layer < num_layers]
-        if bad or not count:
-            raise UserError(
-                f"prompt.layers={list(layers)}: the backbone has layers 0..{num_layers - 1} "
-                f"(bad: {bad or 'empty list'})"
-            )
-
-    length = prompt.length
-    if isinstance(length, (list, ListConfig)) and len(length) != (count := _prompted_layer_count(layers, num_layers)):
-        raise UserError(
-            f"prompt.length={list(length)} has {len(length)} lengths for the {count} layers of "
-            f"prompt.layers={layers if isinstance(layers, str) else list(layers)}; give one per prompted layer"
-        )
-    chosen = method(prompt.method)
-    for shown, kind in _settings(cfg, "task.type"):
-        if kind == "generation" and not chosen.generation:
-            raise UserError(
-                f"prompt.method={prompt.method} cannot train for generation ({shown}=generation): its prompt reads the "
-                "whole sequence, which token-by-token decoding never has; use prompt.method=ptv2"
-            )
-
-    if prompt.get("shift_positions") and family_of(backbone_config).causal:
-        raise UserError(
-            "prompt.shift_positions=true is for encoders; decoders number their tokens from 0 after the prefix "
-            "(set prompt.shift_positions=false)"
-        )
-    task = cfg.task
-    if chosen.peft:
-        _check_peft_method(cfg, backbone_config)
-    if cfg.trainer.get("cache_frozen") is True and (refusal := frozen_cache_refusal(cfg, backbone_config)):
-        raise UserError(f"trainer.cache_frozen=true cannot hold: {refusal}; use trainer.cache_frozen=auto or false")
-    # Input prompts occupy positions like tokens; the official-style shift moves every token by P, and PEFT's
-    # prefix (a key/value cache) always does.
-    shifted = (chosen.prompt == "prefix" and prompt.shift_positions) or chosen.peft == "prefix"
-    shift = prompt.length if shifted else 0
-    extra = prompt.length if chosen.input_prompt else 0
-    needed = positions_used(backbone_config, task.max_length + extra, shift)
-    available = backbone_config.max_position_embeddings
-    if needed > available:
-        raise UserError(
-            f"prompt length {prompt.length} + task.max_length {task.max_length} needs {needed} positions but the "
-            f"backbone has {available}; lower task.max_length or prompt.length"
-            + (" or set prompt.shift_positions=false" if shift and chosen.prompt == "prefix" else "")
-        )
-
-
-def lowest_prompted_layer(prompt, num_layers: int) -> int:
-    """The first layer that sees the prompt: 0 for an input prompt, `num_layers` when nothing is prompted (the linear
-    probe: every layer is frozen and sees no prompt)."""
-    from ptv2.modeling.methods import parse_layers
-
-    chosen = method(prompt.method)
-    if chosen.prompt == "input" or chosen.peft == "prefix":
-        return 0
-    if chosen.prompt != "prefix":
-        return num_layers
-    side, count = parse_layers(prompt.layers)
-    if side == "top":
-        return num_layers - count
-    return min(count) if side == "list" else 0
-
-
-def frozen_cache_refusal(cfg, backbone_config) -> str | None:
-    """Why the hidden states entering the lowest prompted layer cannot be cached for this run, or None."""
-    from ptv2.modeling.injection import encoder_shape, family_of
-
-    prompt, chosen = cfg.prompt, method(cfg.prompt.method)
-    if not chosen.frozen:
-        return f"prompt.method={chosen.name} trains the backbone, so no layer gives the same output twice"
-    if chosen.prompt == "input":
-        return f"prompt.method={chosen.name} puts its prompt into the input, which every layer then sees"
-    if chosen.peft:
-        what = "adapts the attention of every layer" if chosen.peft == "lora" else "puts a prefix on every layer"
-        return f"prompt.method={chosen.name} {what}, the lowest ones included"
-    if family_of(backbone_config).injection != "attention_interface":
-        return f"the {backbone_config.model_type} encoder mixes its first layer's output with its input (no layer cut)"
-    if len(set(getattr(backbone_config, "layer_types", None) or ())) > 1:
-        return "the backbone's layers differ in attention type (layer_types), which its forward reads by position"
-    kinds = sorted({task.type for _, task in task_members(cfg.task)} & {"multiple_choice", "generation"})
-    if kinds:
-        return f"task.type={kinds[0]} runs several sequences per example or decodes token by token"
-    layers = prompt.layers if isinstance(prompt.layers, str) else list(prompt.layers)
-    if lowest_prompted_layer(prompt, encoder_shape(backbone_config)[0]) == 0:
-        return f"prompt.layers={layers} prompts layer 0, so no layer lies below the prompt"
-    return None
-
-
-def _check_peft_method(cfg, backbone_config) -> None:
-    """A PEFT-built method (lora, peft_prefix): PEFT installed, and (peft_prefix) a configuration PEFT's prefix
-    tuning runs on transformers 5 (peft_methods.peft_prefix_refusal says which and why)."""
-    from ptv2.modeling.peft_methods import peft_prefix_refusal, require_peft
-
-    chosen = method(cfg.prompt.method)
-    require_peft(chosen.name)
-    if chosen.peft == "prefix":
-        heads = {task.get("head", "linear") for _, task in task_members(cfg.task)}
-        problem = peft_prefix_refusal(cfg.prompt, cfg.backbone, heads, backbone_config)
-        if problem:
-            raise UserError(f"prompt.method=peft_prefix: {problem}")
-
-
 # --------------------------------------------------------------------------------------------- keys and launchers
 
 
 def _schema_node(key: str):
-    """(node, missing part) walking `key` through the schema: missing is None when the schema holds the key or
-    admits any key there (a dict or Any setting such as task.options); else the first part it lacks."""
-    node = OmegaConf.structured(RunConfig)
-    for part in key.split("."):
-        if not OmegaConf.is_dict(node) or OmegaConf.get_type(node) is dict:
-            return node, None  # task.options.*, task.hub.*, ckpt, ...: free-form
-        if part not in node:
-            return node, part
-        node = node._get_node(part)
-        node = node if OmegaConf.is_config(node) else None
-    return node, None
+    """(node, missing part) walking `key` through the command schemas: missing is None when one holds the key or
+    admits any key there (a dict or Any setting such as task.options); else the first part train's schema lacks.
+    prompt.* keys are the methods' settings (prompt_key_problem)."""
+    if key.startswith("prompt."):
+        setting = key.split(".")[1]
+        return _prompt_node(), (None if with_setting(setting) else setting)
+    found = None
+    for schema in SCHEMAS.values():
+        node = OmegaConf.structured(schema)
+        for part in key.split("."):
+            if not OmegaConf.is_dict(node) or OmegaConf.get_type(node) is dict:
+                return node, None  # task.options.*, task.hub.*, ckpt, ...: free-form
+            if part not in node:
+                found = found or (node, part)
+                break
+            node = node._get_node(part)
+            node = node if OmegaConf.is_config(node) else None
+        else:
+            return node, None
+    return found
+
+
+def _prompt_node():
+    """Every method's prompt settings in one node (for spelling hints only)."""
+    every = {}
+    for row in METHODS.values():
+        every.update(OmegaConf.to_container(OmegaConf.structured(row.settings)))
+    return OmegaConf.create(every)
+
+
+def prompt_key_problem(key: str, method_name: str) -> str | None:
+    """Why `prompt.KEY` cannot be set for prompt.method=METHOD_NAME (a setting of other methods, or of none), or
+    None when the method has it."""
+    from dataclasses import fields as settings_fields
+
+    setting = key.removeprefix("prompt.").split(".")[0]
+    if method_name not in METHODS:
+        return None  # the unknown method is reported on its own
+    own = [item.name for item in settings_fields(METHODS[method_name].settings)]
+    if setting in own:
+        return None
+    others = with_setting(setting)
+    if others:
+        return (
+            f"prompt.{setting} is not a setting of prompt={method_name}; it is one of {', '.join(others)} "
+            f"(choose one with prompt=NAME), or drop it: prompt={method_name} has {', '.join(own)}"
+        )
+    close = close_keys(f"prompt.{setting}")
+    hint = f"did you mean {' or '.join(close)}?" if close else f"prompt={method_name} has {', '.join(own)}"
+    return f"prompt.{setting} is not a setting of any prompt method; {hint}"
 
 
 def close_keys(key: str) -> list[str]:
@@ -751,7 +372,10 @@ def close_keys(key: str) -> list[str]:
     close = difflib.get_close_matches(missing, beside, n=2, cutoff=0.7)
     if close:
         return [".".join([*parent, name]) for name in close]
-    settings = flat_keys(OmegaConf.to_container(OmegaConf.structured(RunConfig)))
+    settings = {}
+    for schema in SCHEMAS.values():
+        settings.update(flat_keys(OmegaConf.to_container(OmegaConf.structured(schema))))
+    settings.update(flat_keys({"prompt": OmegaConf.to_container(_prompt_node())}))
     last = key.rsplit(".", 1)[-1]
     return [k for k in settings if difflib.get_close_matches(last, [k.rsplit(".", 1)[-1]], cutoff=0.85)][:2]
 
@@ -762,7 +386,17 @@ def unknown_key_hint(key: str) -> str:
     close = close_keys(key)
     if close:
         return f"did you mean {' or '.join(close)}?"
+    owners = [
+        name
+        for name, schema in SCHEMAS.items()
+        if OmegaConf.select(OmegaConf.structured(schema), key, default=_NONE) is not _NONE
+    ]
+    if owners:
+        return f"it is a setting of {' and '.join(f'`ptv2 {name}`' for name in owners)} only"
     return "no setting has that name; `--cfg job` prints the config with every key"
+
+
+_NONE = object()
 
 
 def check_added_keys(overrides: list[str], groups: set[str]) -> None:

@@ -16,7 +16,8 @@ from accelerate.utils import extract_model_from_parallel
 from omegaconf import DictConfig, open_dict
 from torch.utils.data import DataLoader
 
-from ptv2.config import task_members, validate
+from ptv2.checks import validate
+from ptv2.config import task_members
 from ptv2.data import LengthGroupedBatches, Split, prepare_split, sorted_batches, timed
 from ptv2.errors import UserError
 from ptv2.modeling import backbone

@@ -26,7 +26,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save
 
-from ptv2.config import frozen_cache_refusal, lowest_prompted_layer
+from ptv2.checks import frozen_cache_refusal, lowest_prompted_layer
 from ptv2.data import cache_dir, sorted_batches
 from ptv2.engine import IndexedFeatures, Member, feature_lengths, make_collate
 from ptv2.io import atomic_write

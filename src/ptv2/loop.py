@@ -31,7 +31,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ptv2 import engine, frozen
-from ptv2.config import validate
+from ptv2.checks import validate
 from ptv2.errors import UserError
 from ptv2.io import write_json, write_text
 from ptv2.modeling import backbone

@@ -23,7 +23,8 @@ from accelerate.utils import set_seed
 from omegaconf import DictConfig
 from torch import nn
 
-from ptv2.config import task_members, validate
+from ptv2.checks import validate
+from ptv2.config import task_members
 from ptv2.errors import UserError
 from ptv2.modeling.heads import ClassificationHead
 from ptv2.modeling.injection import family_of, position_ids, run_encoder

@@ -35,7 +35,7 @@ from ptv2.commands.measure import (
     summary,
     synthetic_batch,
 )
-from ptv2.config import PromptConfig, RunConfig
+from ptv2.config import BenchRunConfig, over_schema
 from ptv2.errors import UserError
 from ptv2.io import declare, write_json, write_text
 from ptv2.modeling.methods import BASELINE, method
@@ -65,6 +65,7 @@ def method_overrides(name: str) -> dict:
         raise UserError(f"bench.methods: unknown method '{name}'")
     text = path.read_text()
     values = OmegaConf.to_container(OmegaConf.create(text)) or {}  # OmegaConf reads 2e-5 as a float; PyYAML not
+    values.pop("defaults", None)  # the method's settings schema: applied by variant_config
     return values if "@package _global_" in text else {"prompt": values}
 
 
@@ -74,7 +75,7 @@ def variant_config(cfg: DictConfig, name: str) -> DictConfig:
     variant = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     if name != cfg.prompt.method:
         overrides = method_overrides(name)
-        variant.prompt = OmegaConf.merge(OmegaConf.structured(PromptConfig), overrides.pop("prompt"))
+        variant.prompt = OmegaConf.merge(OmegaConf.structured(method(name).settings), overrides.pop("prompt"))
         variant.merge_with(overrides)
     bench = cfg.bench
     if bench.prompt_length is not None and method(name).has_prompt:
@@ -332,7 +333,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 def _worker(argv: list[str]) -> None:
     """python -m ptv2.commands.bench VARIANT.yaml RESULT.json [PROFILE.txt]: measure one method in this process."""
     # Over the schema, so keys the config lacks get their defaults and the worker sees typed values.
-    cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(argv[0]))
+    cfg = over_schema(OmegaConf.load(argv[0]), BenchRunConfig)
     profile = Path(argv[2]) if len(argv) > 2 else None
     try:
         figures = measure(cfg, profile)

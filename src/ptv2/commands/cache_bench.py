@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ptv2.checks import lowest_prompted_layer
 from ptv2.commands.measure import Clock, build_model, device_name, make_step, resolve_device, synthetic_batch
-from ptv2.config import lowest_prompted_layer
 from ptv2.io import declare, write_json, write_text
 from ptv2.modeling import backbone
 from ptv2.modeling.injection import encoder_shape, hidden_entering

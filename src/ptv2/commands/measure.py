@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from ptv2.config import validate
+from ptv2.checks import validate
 from ptv2.engine import TrainStep, train_step
 from ptv2.errors import UserError
 from ptv2.modeling import backbone

@@ -33,7 +33,7 @@ from ptv2.commands.measure import (
     resolve_device,
     synthetic_batch,
 )
-from ptv2.config import RunConfig
+from ptv2.config import BenchRunConfig, over_schema
 from ptv2.engine import TrainStep, train_step
 from ptv2.errors import UserError
 from ptv2.io import declare, write_json, write_text
@@ -206,5 +206,5 @@ def table(report: dict) -> str:
 
 
 if __name__ == "__main__":  # python -m ptv2.commands.pack_bench CONFIG.yaml packed|sequential RESULT.json
-    config = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(sys.argv[1]))
+    config = over_schema(OmegaConf.load(sys.argv[1]), BenchRunConfig)
     write_json(Path(sys.argv[3]), measure(config, sys.argv[2]))

@@ -27,7 +27,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from ptv2 import loop
-from ptv2.config import PER_JOB, flat_keys, frozen_cache_refusal, has_role, keys_with, task_members
+from ptv2.checks import frozen_cache_refusal
+from ptv2.config import PER_JOB, flat_keys, has_role, keys_with, task_members
 from ptv2.errors import UserError
 from ptv2.frozen import position_shift
 from ptv2.loop import Job, fail

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ptv2.checks import check_name
 from ptv2.commands.predict import checkpoint_paths
-from ptv2.config import check_name
 from ptv2.errors import UserError
 from ptv2.io import declare, write_json
 from ptv2.runs import checkpoint

@@ -19,10 +19,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
+from ptv2.checks import check_name
 from ptv2.commands.serve_batcher import MicroBatcher
 from ptv2.commands.serve_pool import PromptPool, RequestError
 from ptv2.commands.serve_pool import Request as PromptRequest
-from ptv2.config import check_name
 from ptv2.data.records import FIELDS
 from ptv2.errors import UserError
 

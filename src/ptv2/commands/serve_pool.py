@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from ptv2.config import check_name, task_members, validate
+from ptv2.checks import check_name, validate
+from ptv2.config import task_members
 from ptv2.data import records
 from ptv2.engine import Member
 from ptv2.errors import UserError

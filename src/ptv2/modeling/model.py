@@ -14,19 +14,9 @@ from ptv2.modeling.injection import (
     run_encoder_from,
     shifted_position_ids,
 )
-from ptv2.modeling.methods import method, parse_layers
+from ptv2.modeling.methods import method
 from ptv2.modeling.peft_methods import add_lora, add_peft_prefix
-from ptv2.modeling.prompts import InputPrompt, PrefixEncoder, official_init_
-
-
-def prompt_layers(spec, num_layers: int) -> list[int]:
-    """Layer indices from `prompt.layers` (validated in config)."""
-    side, count = parse_layers(spec)
-    if side == "all":
-        return list(range(num_layers))
-    if side == "list":
-        return count
-    return list(range(num_layers - count, num_layers)) if side == "top" else list(range(count))
+from ptv2.modeling.prompts import PrefixEncoder, official_init_, prompt_layers
 
 
 def cached_start(cached: dict | None, lowest: int) -> int | None:
@@ -55,7 +45,7 @@ class PromptModel(nn.Module):
         chosen = method(self.method)
         self.frozen = chosen.frozen
         self.trains_backbone_heads = chosen.trains_backbone_heads
-        self.shift_positions = bool(prompt_cfg.shift_positions) and chosen.prompt == "prefix"
+        self.shift_positions = bool(prompt_cfg.get("shift_positions")) and chosen.prompt == "prefix"
         config = encoder.config
         num_layers, num_heads, head_dim = encoder_shape(config)
 
@@ -63,23 +53,10 @@ class PromptModel(nn.Module):
         # the lowest layer whose computation the prompt (or a trained backbone) changes; the layers below it are the
         # frozen layers a run may cache (frozen.py)
         self.lowest_layer = 0 if (chosen.prompt == "input" or chosen.peft or not chosen.frozen) else num_layers
+        if chosen.build is not None:
+            self.prompt = chosen.build(prompt_cfg, config)
         if chosen.prompt == "prefix":
             self.lowest_layer = min(prompt_layers(prompt_cfg.layers, num_layers))
-            prefix_module = chosen.prefix_module() if chosen.prefix_module else PrefixEncoder
-            self.prompt = prefix_module(
-                layers=prompt_layers(prompt_cfg.layers, num_layers),
-                heads=num_heads,
-                head_dim=head_dim,
-                hidden_size=config.hidden_size,
-                length=prompt_cfg.length,
-                projection=prompt_cfg.projection,
-                projection_dim=prompt_cfg.projection_dim,
-                dropout=prompt_cfg.dropout,
-            )
-        elif chosen.prompt == "input":
-            encoder_kind = chosen.input_encoder or prompt_cfg.encoder
-            self.prompt = InputPrompt(config.hidden_size, prompt_cfg.length, encoder_kind, prompt_cfg.dropout)
-
         if hasattr(self.prompt, "attach"):  # a prompt that acts inside the backbone's layers (hooks on them)
             self.prompt.attach(encoder)
         # The method's training objective (objective(model, batch, head) -> loss), None: the head's loss

@@ -95,11 +95,6 @@ def peft_prefix_refusal(prompt_cfg, backbone_cfg, heads: set[str], backbone_conf
             f"backbone.dtype={backbone_cfg.dtype}: PEFT's float32 prefix meets {backbone_cfg.dtype} keys in the "
             "cache and attention refuses mixed dtypes; use backbone.dtype=float32 with trainer.precision=bf16"
         )
-    if prompt_cfg.get("layers", "all") != "all":
-        layers = prompt_cfg.layers
-        return f"prompt.layers={layers}: PEFT's prefix tuning has a prefix on every layer; set prompt.layers=all"
-    if prompt_cfg.get("dropout", 0.0) > 0:
-        return f"prompt.dropout={prompt_cfg.dropout}: PEFT's prefix tuning has no prefix dropout; set prompt.dropout=0"
     return None
 
 

@@ -6,7 +6,18 @@ import torch
 from torch import nn
 
 from ptv2.errors import UserError
-from ptv2.modeling.injection import Prefix
+from ptv2.modeling.injection import Prefix, encoder_shape
+from ptv2.modeling.methods.base import parse_layers
+
+
+def prompt_layers(spec, num_layers: int) -> list[int]:
+    """Layer indices from `prompt.layers` (validated in config)."""
+    side, count = parse_layers(spec)
+    if side == "all":
+        return list(range(num_layers))
+    if side == "list":
+        return count
+    return list(range(num_layers - count, num_layers)) if side == "top" else list(range(count))
 
 
 def official_init_(module: nn.Module, std: float, embedding_std: float | None = None) -> None:
@@ -70,6 +81,21 @@ class PrefixEncoder(nn.Module):
         self.dropout = nn.Dropout(dropout)
         # A folded prefix (the MLP's output, stored for inference) replaces embedding + MLP when present.
         self.register_buffer("folded", None, persistent=False)
+
+    @classmethod
+    def from_settings(cls, settings, config):
+        """The prefix of a deep-prompt method's settings (prompt.*) on a backbone of this HF config."""
+        num_layers, heads, head_dim = encoder_shape(config)
+        return cls(
+            layers=prompt_layers(settings.layers, num_layers),
+            heads=heads,
+            head_dim=head_dim,
+            hidden_size=config.hidden_size,
+            length=settings.length,
+            projection=settings.projection,
+            projection_dim=settings.projection_dim,
+            dropout=settings.dropout,
+        )
 
     def key_values(self) -> torch.Tensor:
         """All prefixes as one tensor (length, layers * 2 * heads * head_dim)."""

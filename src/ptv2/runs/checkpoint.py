@@ -6,7 +6,7 @@ ptv2 version; with the MLP reparameterization it also stores the folded prefix, 
 
 A checkpoint may come from elsewhere, so its metadata is read as data (`stored_config`): what defines the model is
 taken from it, never a path on the machine that trained it (data and cache folders, a local backbone folder), no
-`${...}` in it is ever resolved, and the names that become file names are checked (config.check_values).
+`${...}` in it is ever resolved, and the names that become file names are checked (checks.check_values).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open
 
 from ptv2 import __version__
-from ptv2.config import COMMAND, PATH, RunConfig, has_role, keys_with
+from ptv2.config import COMMAND, PATH, TrainConfig, has_role, keys_with
 from ptv2.errors import UserError
 from ptv2.io import write_safetensors
 
@@ -125,7 +125,8 @@ def _literal(value):
 @functools.cache  # conf/ and the installed packages do not change while ptv2 runs
 def _packaged_backbone(name: str) -> str | None:
     """name_or_path of the packaged backbone option `name` (conf/backbone/<name>.yaml) on this machine, or None."""
-    from ptv2.config import NAME, register
+    from ptv2.checks import NAME
+    from ptv2.config import register
 
     entry = importlib.resources.files("ptv2.conf") / "backbone" / f"{name}.yaml"
     if not NAME.fullmatch(name) or not entry.is_file():
@@ -182,7 +183,7 @@ def stored_config(path: str | Path) -> DictConfig:
         raise UserError(f"{path}: the stored run config is unreadable ({str(error).splitlines()[0]})") from None
     if OmegaConf.to_container(saved, resolve=True) != raw:
         raise UserError(f"{path}: the stored run config holds text that cannot be kept literally; re-create it")
-    defaults = OmegaConf.structured(RunConfig)
+    defaults = OmegaConf.structured(TrainConfig)
     for key in PATH_KEYS:
         if OmegaConf.select(saved, key) is not None:
             OmegaConf.update(saved, key, OmegaConf.select(defaults, key), force_add=True)
@@ -207,7 +208,7 @@ def stored_config(path: str | Path) -> DictConfig:
 
 def _check_names(saved: DictConfig, path: Path) -> None:
     """The stored names that become file and folder names (task, members, backbone), checked before any is used."""
-    from ptv2.config import check_name
+    from ptv2.checks import check_name
 
     names = {key: OmegaConf.select(saved, key) for key in ("task.name", "backbone.name")}
     members = OmegaConf.select(saved, "task.members") or {}
@@ -222,10 +223,10 @@ def _check_names(saved: DictConfig, path: Path) -> None:
 
 
 def _check_stored_values(saved: DictConfig, path: Path) -> None:
-    """Every stored value checked (config.check_values) before a command seeds, loads a backbone or builds a model
+    """Every stored value checked (checks.check_values) before a command seeds, loads a backbone or builds a model
     from it: a crafted prompt length would allocate until the machine gives out, a seed past numpy's range or a
     head that does not fit the task type would fail deep inside."""
-    from ptv2.config import check_values
+    from ptv2.checks import check_values
 
     try:
         check_values(saved)

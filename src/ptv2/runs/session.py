@@ -24,7 +24,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ptv2.config import check_added_keys, check_launcher, check_values
+from ptv2.checks import check_values
+from ptv2.config import check_added_keys, check_launcher
 from ptv2.errors import UserError, short_line
 from ptv2.runs import rundir, summary
 
