@@ -4,9 +4,6 @@ prefix positions first), values and the prefix's gradients; half of P-Tuning v2'
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 from conftest import TINY, padded_batch, tiny_encoder
@@ -14,13 +11,8 @@ from transformers import AutoModel, ElectraConfig
 
 from ptv2.errors import UserError
 from ptv2.modeling import injection
+from ptv2.modeling.methods.prefix_propagation.module import PrefixPropagation
 from ptv2.modeling.prompts import PrefixEncoder, official_init_
-
-MODULE = Path(injection.__file__).parent / "methods" / "prefix_propagation" / "module.py"
-_spec = importlib.util.spec_from_file_location("prefix_propagation_module", MODULE)
-module = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(module)
-PrefixPropagation = module.PrefixPropagation
 
 LENGTH = 3
 
@@ -236,3 +228,21 @@ def test_too_many_positions_are_refused():
     with pytest.raises(UserError, match="prompt.length=3"):
         through_module(prompt, encoder, input_ids, mask)
     through_module(prompt, encoder, input_ids[:, :-1], mask[:, :-1])
+
+
+def test_prompt_model_trains_only_the_prefix_and_the_head():
+    from conftest import assert_only_prompt_and_head_get_gradients
+    from omegaconf import OmegaConf
+
+    from ptv2.modeling.heads import ClassificationHead
+    from ptv2.modeling.methods import METHODS
+    from ptv2.modeling.model import PromptModel
+
+    _, encoder = tiny_encoder("bert")
+    settings = OmegaConf.structured(METHODS["prefix_propagation"].settings(length=LENGTH))
+    model = PromptModel(encoder, settings, {"t": (ClassificationHead, 3)}, head_dropout=0.0).train()
+    assert isinstance(model.prompt, PrefixPropagation) and model.lowest_layer == 0
+    input_ids, mask = padded_batch(pad_id=0)
+    model({"input_ids": input_ids, "attention_mask": mask, "labels": torch.tensor([0, 1, 2])}, loss=True).backward()
+    assert_only_prompt_and_head_get_gradients(model)
+    assert sum(p.numel() for p in model.prompt.parameters()) == LENGTH * 3 * 32
