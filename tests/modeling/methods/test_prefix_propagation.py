@@ -246,3 +246,21 @@ def test_prompt_model_trains_only_the_prefix_and_the_head():
     model({"input_ids": input_ids, "attention_mask": mask, "labels": torch.tensor([0, 1, 2])}, loss=True).backward()
     assert_only_prompt_and_head_get_gradients(model)
     assert sum(p.numel() for p in model.prompt.parameters()) == LENGTH * 3 * 32
+
+
+@pytest.mark.realdata
+def test_the_packaged_minilm_equals_the_forward_written_out(minilm_path):
+    """The same comparison on real weights (all-MiniLM-L6-v2, a BERT): trained LayerNorms and attention, not a tiny
+    random encoder's."""
+    stock = AutoModel.from_pretrained(minilm_path, attn_implementation="eager").eval()
+    encoder = AutoModel.from_pretrained(minilm_path, attn_implementation=injection.ATTENTION_KEY).eval()
+    injection.prepare_encoder(encoder)
+    prompt = built(encoder)
+    input_ids, mask = padded_batch(lengths=(12, 7), pad_id=0, vocab_size=5000)
+    with torch.no_grad():
+        got = through_module(prompt, encoder, input_ids, mask)
+        expected = reference(stock, additions_by_hand(prompt, "none"), input_ids, mask)
+        plain = injection.run_encoder(encoder, None, input_ids=input_ids, attention_mask=mask)
+    # SDPA against eager attention on 384-wide layers: about 2e-6 apart in float32
+    assert (got - expected)[mask.bool()].abs().max().item() <= 1e-5
+    assert (got - plain)[mask.bool()].abs().max().item() > 1e-2
