@@ -21,6 +21,7 @@ PACKAGES = (
     "lora",  # Hu et al., through PEFT
     "peft_prefix",  # PEFT's prefix tuning
     "apt",  # Adaptive Prefix Tuning
+    "prefix_propagation",  # Li et al.: prefix positions computed like tokens, an addition before every layer
 )
 METHODS: dict[str, Method] = {
     entry.name: entry for entry in (importlib.import_module(f"{__name__}.{name}").METHOD for name in PACKAGES)
