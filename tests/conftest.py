@@ -171,6 +171,13 @@ def assert_only_prompt_and_head_get_gradients(model) -> None:
             assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
 
 
+def markdown_rows(text: str) -> list[list[str]]:
+    """The cells of every row of the Markdown tables in `text` (header rows included, separator rows left out),
+    without their padding: `ptv2 table` pads the columns of table.md."""
+    rows = [line.strip() for line in text.splitlines() if line.startswith("|")]
+    return [[cell.strip() for cell in row.strip("|").split("|")] for row in rows if set(row) - set("|:- ")]
+
+
 def compose_config(*overrides: str, config_name: str = "train"):
     """The config `ptv2 <config_name> OVERRIDES` composes (the schema and conf/'s resolvers registered as the command
     line registers them), before any run-time check. Compositions are cached per test process (dozens of tests

@@ -6,7 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FAMILY_CONFIGS, assert_only_prompt_and_head_get_gradients, padded_batch, tiny_encoder
+from conftest import (
+    FAMILY_CONFIGS,
+    assert_only_prompt_and_head_get_gradients,
+    markdown_rows,
+    padded_batch,
+    tiny_encoder,
+)
 from omegaconf import OmegaConf
 from test_decoders import padded_batch as decoder_batch
 from test_decoders import tiny_decoder
@@ -338,7 +344,7 @@ def test_packed_apt_sweep_equals_the_jobs_run_separately(tmp_path):
     from ptv2.commands import table
 
     assert table.main([str(tmp_path / "packed"), "--out", str(tmp_path / "table")]) == 0
-    assert "| [1, 3] |" in (tmp_path / "table" / "table.md").read_text()
+    assert any("[1, 3]" in row for row in markdown_rows((tmp_path / "table" / "table.md").read_text()))
 
 
 @pytest.mark.parametrize("family", ["bert", "deberta-v2"])

@@ -20,7 +20,7 @@ from conftest import assert_only_prompt_and_head_get_gradients
 from omegaconf import OmegaConf
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
-from ptv2.modeling import injection
+from ptv2.modeling import generation, injection
 from ptv2.modeling.heads import ClassificationHead
 from ptv2.modeling.model import PromptModel
 
@@ -240,11 +240,11 @@ def test_generation_with_prefix_equals_prefix_as_cache(family):
     prefix = random_prefix(model.config)
     no_end = [-1]  # never stop early: compare all steps
     with torch.no_grad():
-        ours = injection.generate_greedy(model.base_model, model.lm_head, prefix, input_ids, mask, 6, no_end)
+        ours = generation.generate_greedy(model.base_model, model.lm_head, prefix, input_ids, mask, 6, no_end)
         expected = greedy_with_prefix_cache(stock, prefix, input_ids, mask, 6)
         assert torch.equal(ours, expected)
         # Without a prefix the loop is transformers' own greedy search.
-        plain = injection.generate_greedy(model.base_model, model.lm_head, None, input_ids, mask, 6, no_end)
+        plain = generation.generate_greedy(model.base_model, model.lm_head, None, input_ids, mask, 6, no_end)
         stock.generation_config.eos_token_id = None
         reference = stock.generate(
             input_ids=input_ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0

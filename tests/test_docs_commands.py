@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import compose_config
 
-from ptv2 import checks, cli, command_line, config
+from ptv2 import checks, cli, command_line
 from ptv2.checks import check_values
 from ptv2.commands import export, table
 

@@ -9,16 +9,15 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import compose_config
+from conftest import compose_config, markdown_rows
 
 
-def test_wandb_config_leaves_out_the_bench_block(tmp_path, monkeypatch):
+def test_wandb_config_holds_only_what_the_run_reads(tmp_path, monkeypatch):
     import wandb
 
     from ptv2.runs import tracking
 
     cfg = compose_config("backbone=tiny", "logger=wandb", "logger.mode=offline")
-    assert "bench" in cfg  # composed into every config, read only by `ptv2 bench`
     seen = {}
 
     def fake_init(**options):
@@ -27,7 +26,8 @@ def test_wandb_config_leaves_out_the_bench_block(tmp_path, monkeypatch):
 
     monkeypatch.setattr(wandb, "init", fake_init)
     tracking.Tracker(cfg, tmp_path)
-    assert "bench" not in seen["config"] and "trainer" in seen["config"]
+    assert "trainer" in seen["config"] and not {"bench", "serve", "ckpt", "split"} & set(seen["config"])
+    assert not {"r", "alpha", "target_modules", "encoder"} & set(seen["config"]["prompt"])  # no other method's keys
 
 
 def test_wandb_server_probe_names_the_address(monkeypatch):
@@ -237,15 +237,14 @@ def test_plot_y_axis_spans_at_least_ten_points_around_noise():
 
 
 def test_plot_title_names_split_and_n():
-    from types import SimpleNamespace
+    import pandas as pd
 
     from ptv2.commands.plots import plot_title
 
-    rows = [("rte", "dev", "accuracy", "4"), ("rte", "dev", "accuracy", "8")]
-    cells = {0: SimpleNamespace(scores=[1.0, 2.0, 3.0]), 1: SimpleNamespace(scores=[1.0, 2.0, 3.0])}
-    assert plot_title("length", rows, cells) == "score vs prompt length (dev; n=3 run(s) per point)"
-    cells[1] = SimpleNamespace(scores=[1.0])
-    assert plot_title("depth", rows, cells).endswith("(dev; n=1-3 run(s) per point)")
+    cells = pd.DataFrame({"split": ["dev", "dev"], "prompt.length": ["4", "8"], "n": [3, 3], "runs": [[], []]})
+    assert plot_title("length", cells) == "score vs prompt length (dev; n=3 run(s) per point)"
+    cells.loc[1, "n"] = 1
+    assert plot_title("depth", cells).endswith("(dev; n=1-3 run(s) per point)")
 
 
 def test_depth_plot_lines_are_shifted_apart_and_ticked_at_integer_k(tmp_path):
@@ -369,7 +368,8 @@ def test_the_borrowed_folder_label_reaches_results_and_the_table(tmp_path):
     ptv2("train", *SMOKE, "logger=none", f"backbone.name_or_path={mine}", f"hydra.run.dir={run}")
     assert json.loads((run / "results.json").read_text())["backbone"] == "tiny@my-bert"
     assert table.main([str(run.parent), "--plot", "none"]) == 0
-    assert "| ptv2 / tiny@my-bert |" in (run.parent / "table.md").read_text()  # the column names the folder
+    header = markdown_rows((run.parent / "table.md").read_text())[0]
+    assert "ptv2 / tiny@my-bert" in header  # the column names the folder
 
 
 def test_a_misspelt_preset_arm_or_experiment_is_refused_not_skipped(tmp_path):

@@ -167,11 +167,11 @@ def test_backbones_whose_layers_differ_in_attention_type_are_refused():
 
 def test_dropout_below_reads_modules_and_decoder_rates():
     encoder = encoder_with_dropout("bert")
-    assert injection.dropout_below(encoder, 1) == DROPOUT
+    assert frozen.dropout_below(encoder, 1) == DROPOUT
     switch_off_dropout_below(encoder, 2)
-    assert injection.dropout_below(encoder, 2) == 0.0
-    assert injection.dropout_below(encoder, 3) == DROPOUT  # layer 2 keeps its dropout
-    assert injection.dropout_below(encoder_with_dropout("llama"), 1) == DROPOUT
+    assert frozen.dropout_below(encoder, 2) == 0.0
+    assert frozen.dropout_below(encoder, 3) == DROPOUT  # layer 2 keeps its dropout
+    assert frozen.dropout_below(encoder_with_dropout("llama"), 1) == DROPOUT
 
 
 # ----------------------------------------------------------------------------------------------- refusals

@@ -59,8 +59,9 @@ def test_a_key_describes_only_the_runs_whose_cell_varies_in_it(tmp_path):
         return table.Run(tmp_path, "conll03", "minilm", method, "test", "f1", score, seed, config)
 
     runs = [run("lora", 8, 1, 80.0), run("lora", 32, 1, 81.0), run("ptv2", 8, 1, 75.0), run("ptv2", 8, 2, 76.0)]
-    rows, columns, cells, descriptors = table.build_table(runs, [])
-    assert descriptors == ["prompt.r"]
-    ptv2 = [row for row in rows if (row, ("ptv2", "minilm")) in cells]
-    assert ptv2 == [("conll03", "test", "f1", None)] and cells[(ptv2[0], ("ptv2", "minilm"))].scores == [75.0, 76.0]
-    assert sorted((row[-1] for row in rows if (row, ("lora", "minilm")) in cells), key=int) == ["8", "32"]
+    built = table.build_table(runs, [])
+    assert built.descriptors == ["prompt.r"]
+    cells = {method: built.cells[built.cells["method"] == method] for method in ("lora", "ptv2")}
+    assert cells["ptv2"][built.rows].values.tolist() == [["conll03", "test", "f1", ""]]  # one row, no rank shown
+    assert [run.score for run in cells["ptv2"]["runs"].iloc[0]] == [75.0, 76.0]
+    assert cells["lora"]["prompt.r"].tolist() == ["8", "32"]  # a row per rank, in natural order

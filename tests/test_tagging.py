@@ -9,16 +9,9 @@ from omegaconf import OmegaConf
 from seqeval.metrics import f1_score, precision_score, recall_score
 
 from ptv2.data import files, tagging
-from ptv2.data.tagging import (
-    convert_hub_rows,
-    label_set,
-    load,
-    read_conll04_json,
-    read_conll_ner,
-    read_srl_conll,
-    read_srl_pack,
-    to_bio,
-)
+from ptv2.data.bio import to_bio
+from ptv2.data.srl import read_srl_conll, read_srl_pack
+from ptv2.data.tagging import convert_hub_rows, label_set, load, read_conll04_json, read_conll_ner
 from ptv2.errors import UserError
 from ptv2.metrics.tagging import tagging_metrics
 

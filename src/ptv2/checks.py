@@ -8,7 +8,7 @@ with one line naming the key, its value and what it admits.
 from __future__ import annotations
 
 import re
-from dataclasses import fields
+from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -242,6 +242,12 @@ def check_prompt(prompt) -> None:
     name = prompt.get("method")
     if name not in METHODS:
         raise unknown("prompt.method", name, METHODS)
+    composed = OmegaConf.get_type(prompt)  # the settings the composition started from (prompt=NAME)
+    if is_dataclass(composed) and composed is not method(name).settings:
+        chosen = next((other for other, row in METHODS.items() if row.settings is composed), "another method")
+        raise UserError(
+            f"prompt.method={name} renames prompt={chosen}'s settings; choose the method with prompt={name} instead"
+        )
     for key in prompt:
         if problem := prompt_key_problem(str(key), name):
             raise UserError(problem)

@@ -299,6 +299,8 @@ def register() -> None:
             store.store(group="prompt_schema", name=name, node=row.settings)
     if not OmegaConf.has_resolver("package_path"):
         OmegaConf.register_new_resolver("package_path", _package_path)
+    if not OmegaConf.has_resolver("prompt_methods"):  # `--help`'s list of the methods: the registry's
+        OmegaConf.register_new_resolver("prompt_methods", lambda: ", ".join(METHODS))
     if not OmegaConf.has_resolver("asset"):
         OmegaConf.register_new_resolver("asset", lambda name: str(Path(__file__).parent / "assets" / name))
 

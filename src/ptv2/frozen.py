@@ -30,7 +30,7 @@ from ptv2.checks import frozen_cache_refusal, lowest_prompted_layer
 from ptv2.data import cache_dir, sorted_batches
 from ptv2.engine import IndexedFeatures, Member, feature_lengths, make_collate
 from ptv2.io import atomic_write
-from ptv2.modeling.injection import dropout_below, encoder_shape, hidden_entering, layer_stack, shifted_position_ids
+from ptv2.modeling.injection import encoder_shape, hidden_entering, layer_stack, shifted_position_ids
 from ptv2.modeling.methods import method
 
 log = logging.getLogger("ptv2")
@@ -60,6 +60,22 @@ def position_shift(cfg) -> int:
     else 0. The embeddings below the prompt depend on it, so the cache does too."""
     shifted = cfg.prompt.get("shift_positions") and method(cfg.prompt.method).prompt == "prefix"
     return int(cfg.prompt.length) if shifted else 0
+
+
+def dropout_below(encoder: torch.nn.Module, layer: int) -> float:
+    """The largest dropout rate the embeddings and the layers below `layer` apply in training: dropout modules and
+    the decoders' attention_dropout rates (a float the attention function reads)."""
+    holder, name = layer_stack(encoder)
+    above = {id(m) for block in list(getattr(holder, name))[layer:] for m in block.modules()}
+    rates = [0.0]
+    for module in encoder.modules():
+        if id(module) in above:
+            continue
+        if isinstance(module, torch.nn.Dropout):
+            rates.append(module.p)
+        elif isinstance(getattr(module, "attention_dropout", None), float):
+            rates.append(module.attention_dropout)
+    return max(rates)
 
 
 def plan(cfgs: list, backbone_config, encoder: torch.nn.Module, train_features: int | None = None) -> Plan:

@@ -397,7 +397,7 @@ class Group:
         for job, scores in zip(done, test, strict=True):
             progress = job.progress
             extra = {**job.counts, "stopped_early": stopped_early, "frozen_cache": self.frozen_plan.record()}
-            results = results_of(job.cfg, self.members, progress, extra, self.prep_seconds, scores)
+            results = summary.results_record(job.cfg, self.members, progress, extra, self.prep_seconds, scores)
             results["wall_time_seconds"] = time.perf_counter() - self.started
             job.tracker.summary(
                 {**engine.flatten("best", self.members, progress.best), "best_epoch": progress.best_epoch}
@@ -430,28 +430,3 @@ def epoch_record(progress: Progress, members: list, metrics: dict, epoch: int, t
         progress.best, progress.best_value, progress.best_epoch = metrics, value, epoch + 1
         progress.best_state = {k: v.detach().clone() for k, v in model.prompt_state_dict().items()}
     return record, improved
-
-
-def results_of(cfg: DictConfig, members: list, progress: Progress, extra: dict, prep_seconds, test) -> dict:
-    """results.json's record (the caller adds the wall time): the epochs, the parameter counts and whatever else
-    `extra` holds, the data preparation time, and the test scores at the best dev epoch when a test split is set."""
-    single = len(members) == 1
-    results = {
-        "task": cfg.task.name,
-        "backbone": checkpoint.backbone_label(cfg.backbone),
-        "method": cfg.prompt.method,
-        "select_metric": members[0].task.metric if single else {m.name: m.task.metric for m in members},
-        "best_epoch": progress.best_epoch,
-        "best": progress.best[members[0].name] if single else progress.best,
-        "best_value": progress.best_value,
-        "final": progress.history[-1],
-        "history": progress.history,
-        "train_examples": {m.name: len(m.splits["train"].examples) for m in members},
-        "evaluated": summary.evaluated(members),
-        "steps": progress.step,
-        **extra,
-        "data_prep_seconds": prep_seconds,
-    }
-    if test is not None:
-        results["test_at_best"] = test[members[0].name] if single else test
-    return results

@@ -66,3 +66,18 @@ def tagged(default: Any = None, *roles: str, admits: Range | tuple | None = None
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
+
+
+def parse_layers(spec) -> tuple[str, int | list[int]]:
+    """`prompt.layers` read once for every module: ("all", 0), ("top", K), ("bottom", K) or ("list", [i, ...]);
+    ValueError for anything else (bounds are the config check's: they need the backbone)."""
+    if isinstance(spec, str):
+        side, _, count = spec.partition(":")
+        if spec == "all":
+            return "all", 0
+        if side in ("top", "bottom") and count.isdigit():
+            return side, int(count)
+        raise ValueError(spec)
+    if isinstance(spec, (int, bool)) or not all(isinstance(layer, int) for layer in spec):
+        raise ValueError(spec)
+    return "list", sorted(spec)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from ptv2.errors import UserError
 from ptv2.io import declare
+from ptv2.modeling.methods import METHODS
 
 HEADS_FILE = "ptv2_heads.safetensors"
 ADAPTER_CONFIG, ADAPTER_MODEL = "adapter_config.json", "adapter_model.safetensors"
@@ -111,15 +112,17 @@ def export_peft(ckpt: str, out: Path, backbone: str | None = None) -> tuple[dict
     if checkpoint.backbone_hash(config) != metadata["backbone_hash"]:
         raise UserError(f"{path} was trained on backbone {metadata['backbone']}, not {location}; pass --backbone")
     method = saved.prompt.method
-    problem = None if method in ("ptv2", "lora") else f"prompt.method={method}: only ptv2 (prefix tuning) and lora do"
-    problem = problem or (prefix_refusal(saved.prompt, config) if method == "ptv2" else None)
+    exports = METHODS[method].exports if method in METHODS else None
+    exporting = " and ".join(f"{name} (as {row.exports})" for name, row in METHODS.items() if row.exports)
+    problem = None if exports else f"prompt.method={method}: only {exporting} export"
+    problem = problem or (prefix_refusal(saved.prompt, config) if exports == "prefix" else None)
     if problem:
         raise UserError(f"cannot export {path} to PEFT: {problem}")
 
     tensors = load_file(str(path))
     common = dict(task_type="FEATURE_EXTRACTION", base_model_name_or_path=portable_base(location), inference_mode=True)
     notes: list[str] = []
-    if method == "lora":
+    if exports == "lora":
         adapter = lora_to_peft(tensors)
         adapter_config = peft.LoraConfig(
             r=int(saved.prompt.r),
@@ -248,23 +251,20 @@ def import_peft(adapter: Path, settings: dict, like: str, out: Path, backbone: s
         tensors = {"prompt.embedding.weight": prefix.contiguous()}
         # PEFT numbers tokens from P: so does ptv2 with shift_positions, unless ptv2 exported a prompt trained from 0.
         shift = not rotary and family_of(config).positions != "relative" and head_info.get("positions") != "from 0"
-        run_config["prompt"].update(
-            method="ptv2", length=length, layers="all", projection="none", shift_positions=shift
-        )
+        run_config["prompt"] = settings_of("ptv2", run_config["prompt"])
+        run_config["prompt"].update(length=length, layers="all", projection="none", shift_positions=shift)
     else:
         targets = settings["target_modules"]
         targets = [targets] if isinstance(targets, str) else [str(t) for t in targets]
         r = settings["r"]
         renamed = lora_from_peft(adapter_tensors)
         tensors = checked_tensors(renamed, lora_expected_shapes(config, targets, r), str(adapter))
+        run_config["prompt"] = settings_of("lora", run_config["prompt"])
         run_config["prompt"].update(
-            method="lora",
             r=r,
             alpha=float(settings["lora_alpha"]),
             dropout=float(settings.get("lora_dropout") or 0.0),
             target_modules=targets,
-            length=0,
-            shift_positions=False,
         )
     own_heads = {name: t for name, t in load_file(str(path)).items() if name.startswith("heads.")}
     if exported_heads:
@@ -276,6 +276,19 @@ def import_peft(adapter: Path, settings: dict, like: str, out: Path, backbone: s
         target, tensors, {**metadata, "method": run_config["prompt"]["method"], "config": json.dumps(run_config)}
     )
     return target
+
+
+def settings_of(name: str, like: dict) -> dict:
+    """prompt.* of an imported method: its settings' defaults, with the values the run it imports beside had for
+    the settings it shares (the init_from of a LoRA run is not carried into a prefix and back)."""
+    from dataclasses import fields
+
+    from omegaconf import OmegaConf
+
+    keys = {item.name for item in fields(METHODS[name].settings)}
+    defaults = OmegaConf.to_container(OmegaConf.structured(METHODS[name].settings))
+    shared = like if like.get("method") == name else {}
+    return {**defaults, **{key: value for key, value in shared.items() if key in keys}, "method": name}
 
 
 def import_parser() -> argparse.ArgumentParser:

@@ -49,8 +49,11 @@ PER_JOB_KEYS = keys_with(PER_JOB)
 def unpacked_reason(cfg: DictConfig) -> str | None:
     """Why a job cannot share a backbone with others (it then runs as an ordinary job), or None."""
     row = method(cfg.prompt.method)
+    if row.mixes_in_batch and row.pack_refusal:
+        return f"prompt.method={row.name} {row.pack_refusal}"
     if not row.mixes_in_batch:
-        return f"prompt.method={row.name} changes the backbone or its input; only {', '.join(mixable())} pack"
+        packing = ", ".join(name for name in mixable() if method(name).packs)
+        return f"prompt.method={row.name} changes the backbone or its input; only {packing} pack"
     if cfg.trainer.precision == "fp16":
         return "trainer.precision=fp16 scales the loss with one scaler per optimizer; use bf16 or no"
     heads = {task.get("head", "linear") for _, task in task_members(cfg.task)}

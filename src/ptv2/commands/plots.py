@@ -1,4 +1,5 @@
-"""The plots of `ptv2 table`: figures fit for a paper, drawn from the table's cells (commands/table.py).
+"""The plots of `ptv2 table`: figures fit for a paper, drawn from the table's cells (commands/table.py: a frame
+with one row per cell, its keys, mean, std, n, runs and mean dev curve).
 
 Each plot is written as PNG (300 dpi) with a PDF and an SVG beside it. What keeps a figure honest:
 - a line at the majority class's accuracy of the evaluated examples (results.json `evaluated`), so that scores at
@@ -12,9 +13,9 @@ from __future__ import annotations
 
 import math
 import re
-import statistics
 import sys
 from collections import defaultdict
+from itertools import chain
 from pathlib import Path
 
 from ptv2.io import atomic_write
@@ -64,13 +65,10 @@ def split_text(split: str, runs) -> str:
 def floors(cells) -> dict[str, float]:
     """Task -> the majority class's accuracy (percent) on the examples its runs scored, where all agree."""
     values = defaultdict(set)
-    for cell in cells.values():
-        for run in getattr(cell, "runs", []):
-            entry = evaluated_of(run)
-            majority = entry.get("majority") if entry else None
-            values[run.task].add(
-                round(majority, 6) if isinstance(majority, (int, float)) and run.split == "dev" else None
-            )
+    for run in chain.from_iterable(cells["runs"]):
+        entry = evaluated_of(run)
+        majority = entry.get("majority") if entry else None
+        values[run.task].add(round(majority, 6) if isinstance(majority, (int, float)) and run.split == "dev" else None)
     return {task: found.pop() for task, found in sorted(values.items()) if len(found) == 1 and None not in found}
 
 
@@ -87,7 +85,7 @@ def dev_per_epoch(run) -> list[float] | None:
     return scores if all(math.isfinite(score) for score in scores) else None  # a NaN epoch: no curve to draw
 
 
-def plot_series(rows, columns, cells, descriptors, kind: str) -> dict | None:
+def plot_series(cells, descriptors: list[str], kind: str) -> dict | None:
     """The points of one plot kind: {series label: [(x, mean, std), ...]}, or None when the runs lack that axis.
 
     length: x = prompt.length, one line per task x column (x other varying keys);
@@ -96,39 +94,29 @@ def plot_series(rows, columns, cells, descriptors, kind: str) -> dict | None:
     curves: x = epoch, the dev score per epoch (mean over the cell's runs), one line per cell.
     """
     series = defaultdict(list)
-    if kind == "length" and "prompt.length" in descriptors:
-        at = descriptors.index("prompt.length")
-        for (row, column), cell in cells.items():
-            if not re.fullmatch(r"\d+", str(row[3 + at])):
+    for cell in cells.to_dict("records"):
+        column = f"{cell['method']}/{cell['backbone']}"
+        point = (cell["mean"], cell["std"])
+        others = {key: cell[key] for key in descriptors if cell[key]}  # the row's keys this cell shows
+        if kind == "length" and "prompt.length" in descriptors:
+            if not re.fullmatch(r"\d+", cell["prompt.length"]):
                 continue  # per-layer lengths ([4, 8, 16]) have no place on one length axis: the table holds them
-            others = [f"{k}={v}" for k, v in zip(descriptors, row[3:], strict=True) if k != "prompt.length" and v]
-            label = " ".join([row[0], f"{column[0]}/{column[1]}", *others])
-            series[label].append((float(row[3 + at]), cell.mean, cell.std))
-    elif kind == "depth" and "prompt.layers" in descriptors:
-        at = descriptors.index("prompt.layers")
-        for (row, column), cell in cells.items():
+            label = [cell["task"], column, *(f"{k}={v}" for k, v in others.items() if k != "prompt.length")]
+            series[" ".join(label)].append((float(cell["prompt.length"]), *point))
+        elif kind == "depth" and "prompt.layers" in descriptors:
             try:
-                side, count = parse_layers(str(row[3 + at]))
+                side, count = parse_layers(cell["prompt.layers"])
             except ValueError:
                 continue
             if side in ("top", "bottom"):
                 order = "ascending (bottom:K)" if side == "bottom" else "descending (top:K)"
-                series[f"{row[0]} {column[0]}/{column[1]} {order}"].append((float(count), cell.mean, cell.std))
-    elif kind == "curves":
-        for (row, column), cell in cells.items():
-            curves = [dev_per_epoch(run) for run in cell.runs]
-            if not all(curves) or min(map(len, curves)) < 2:
-                continue
-            others = [f"{k}={v}" for k, v in zip(descriptors, row[3:], strict=True) if v]
-            label = " ".join([row[0], f"{column[0]}/{column[1]}", *others]) + f" (n={len(curves)})"
-            for epoch in range(min(map(len, curves))):
-                values = [curve[epoch] for curve in curves]
-                std = statistics.stdev(values) if len(values) > 1 else math.nan
-                series[label].append((epoch + 1, statistics.fmean(values), std))
-    elif kind == "methods" and len({m for m, _ in columns}) > 1:
-        for (row, column), cell in cells.items():
-            others = [str(v) for v in row[3:] if v]
-            series[" ".join([row[0], column[1], *others])].append((column[0], cell.mean, cell.std))
+                series[f"{cell['task']} {column} {order}"].append((float(count), *point))
+        elif kind == "curves" and cell["curve"] and len(cell["curve"]) >= 2:
+            label = " ".join([cell["task"], column, *(f"{k}={v}" for k, v in others.items())]) + f" (n={cell['n']})"
+            series[label] += [(epoch, mean, std) for epoch, (mean, std) in enumerate(cell["curve"], start=1)]
+        elif kind == "methods" and cells["method"].nunique() > 1:
+            label = " ".join([cell["task"], cell["backbone"], *others.values()])
+            series[label].append((cell["method"], *point))
     if not series:
         return None
     return {label: sorted(points, key=lambda p: natural(str(p[0]))) for label, points in sorted(series.items())}
@@ -160,15 +148,13 @@ def y_limits(series: dict, min_span: float = MIN_Y_SPAN, lines: tuple[float, ...
     return low, high
 
 
-def plot_title(kind: str, rows, cells) -> str:
+def plot_title(kind: str, cells) -> str:
     """The plot's title: what it shows, on which split(s) (and how much of a cut one), and how many runs each point
     averages (n)."""
-    splits = sorted({row[1] for row in rows})
-    runs = {
-        split: [r for cell in cells.values() for r in getattr(cell, "runs", []) if r.split == split] for split in splits
-    }
+    splits = sorted(cells["split"].unique())
+    runs = {split: [r for r in chain.from_iterable(cells["runs"]) if r.split == split] for split in splits}
     where = "; ".join(split_text(split, runs[split]) if runs[split] else split for split in splits)
-    counts = sorted({len(cell.scores) for cell in cells.values()})
+    counts = sorted(cells["n"].unique())
     n = f"n={counts[0]}" if len(counts) == 1 else f"n={counts[0]}-{counts[-1]}"
     return f"{PLOTS[kind][1]} ({where}; {n} run(s) per point)"
 
@@ -230,12 +216,12 @@ def draw(kind: str, series: dict, out: Path, ylabel: str, title: str | None = No
     return paths
 
 
-def make_plots(rows, columns, cells, descriptors, out: Path, choice: str) -> list[dict]:
+def make_plots(cells, descriptors: list[str], out: Path, choice: str) -> list[dict]:
     """The plots `choice` names (auto: all that apply) into `out`, and plots.json with their points."""
     from ptv2.io import write_json
 
     kinds = list(AUTO_PLOTS) if choice == "auto" else [] if choice == "none" else choice.split(",")
-    wanted = {kind: plot_series(rows, columns, cells, descriptors, kind) for kind in kinds}
+    wanted = {kind: plot_series(cells, descriptors, kind) for kind in kinds}
     wanted = {kind: series for kind, series in wanted.items() if series}
     if choice not in ("auto", "none") and not wanted:
         print(f"ptv2 table: no plot '{choice}': the runs do not vary along that axis", file=sys.stderr)
@@ -246,12 +232,12 @@ def make_plots(rows, columns, cells, descriptors, out: Path, choice: str) -> lis
     except ImportError:
         print("ptv2 table: plots skipped: matplotlib is missing (pip install 'ptv2[sweeps]')", file=sys.stderr)
         return []
-    metrics = sorted({row[2] for row in rows})
+    metrics = sorted(cells["metric"].unique())
     ylabel = f"{'/'.join(metrics)} (%)"
     floor = floors(cells) if metrics == ["accuracy"] else {}
     plots = []
     for kind, series in wanted.items():
-        title = plot_title(kind, rows, cells)
+        title = plot_title(kind, cells)
         paths = draw(kind, series, out, ylabel, title, floor)
         points = {
             label: [[x, mean, None if math.isnan(std) else std] for x, mean, std in p] for label, p in series.items()

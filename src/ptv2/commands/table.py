@@ -1,7 +1,9 @@
 """`ptv2 table DIR`: collect the results.json of runs and sweeps under DIR into a results table and plots.
 
 One piece: collecting, the table, its details, the plots and the W&B upload all read the same cells (runs
-grouped by task, split, metric, method, backbone and the keys that vary), built once in `build_table`.
+grouped by task, split, metric, method, backbone and the keys that vary), built once in `build_table` with pandas:
+a frame of runs (one row per run, its flattened config keys as columns), grouped into cells (mean, sample std, n),
+pivoted into the table's layout and written as Markdown and CSV.
 
 Rows are tasks (one per split and metric), columns method x backbone. Runs that differ only in their seed are one
 config: the cell is their mean ± std (sample std) and n. When runs of the same task, method and backbone also
@@ -18,23 +20,19 @@ depth, methods side by side) and plots.json (the plotted points).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import csv
-import io
-import json
 import math
 import os
 import re
-import statistics
 import sys
-from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
 import yaml
 
 from ptv2.commands.plots import AUTO_PLOTS, PLOTS, dev_per_epoch, make_plots, natural, split_text
-from ptv2.config import ALIAS, COMMAND, FREE, REPLICATE, flat_keys, has_role, keys_with
+from ptv2.commands.table_runs import Run, collect
+from ptv2.config import ALIAS, COMMAND, FREE, REPLICATE, has_role, keys_with
 from ptv2.errors import UserError
 from ptv2.io import declare, output_folder, write_text
 from ptv2.runs.summary import in_percent
@@ -52,217 +50,63 @@ PROTOCOL = (
 )
 
 
-@dataclass
-class Run:
-    path: Path
-    task: str
-    backbone: str
-    method: str
-    split: str
-    metric: str
-    score: float  # percent
-    seed: object
-    config: dict[str, str]  # flattened, values as short strings
-    results: dict = field(repr=False, default_factory=dict)
+# ---------------------------------------------------------------------------------------------- the table
 
-    @property
-    def cell(self) -> tuple:
-        return (self.task, self.split, self.metric, self.method, self.backbone)
+CELL = ["task", "split", "metric", "method", "backbone"]  # what a cell's runs share besides their varying keys
+ROW, COLUMN = CELL[:3], CELL[3:]
+# The frame's own columns, beside the config keys (a config key of the same name is left out).
+RUN_COLUMNS = ["path", *CELL, "seed", "score", "dev", "best_epoch", "trainable_percent", "wall_time_seconds"]
+RUN_COLUMNS += ["curve", "run"]
+FIRST_KEYS = ["prompt.length", "prompt.layers", "prompt.projection", "optimizer.lr"]  # row keys shown first
 
 
-# ---------------------------------------------------------------------------------------------- collecting runs
+def dev_score(run: Run) -> float:
+    """The run's dev score at its best epoch, in percent (NaN when results.json lacks it)."""
+    try:
+        return in_percent(run.results["best_value"], run.config.get("task.type"))
+    except (KeyError, TypeError, ValueError):
+        return math.nan
 
 
-def flatten(config: dict) -> dict[str, str]:
-    """A run's config as {"dotted.key": short text} (lists as JSON)."""
+def run_record(run: Run) -> dict:
+    """A run as a row: its cell, score, seed and bookkeeping, the run itself (for the plots and details), and its
+    flattened config keys (those of IGNORED left out: they never make two runs different configs)."""
     return {
-        key: json.dumps(value) if isinstance(value, list) else str(value) for key, value in flat_keys(config).items()
+        "path": run.path,
+        **{key: getattr(run, key) for key in (*CELL, "seed", "score")},
+        "dev": dev_score(run),
+        **{key: run.results.get(key) for key in ("best_epoch", "trainable_percent", "wall_time_seconds")},
+        "curve": dev_per_epoch(run),
+        "run": run,
+        **{key: value for key, value in run.config.items() if not has_role(key, IGNORED) and key not in RUN_COLUMNS},
     }
 
 
-def _metric_of(select, member: str | None = None) -> str:
-    return select if isinstance(select, str) else select[member]
+def runs_frame(runs: list[Run]) -> pd.DataFrame:
+    """One row per run, the flattened config keys as columns. Values stay as the files give them (object columns:
+    a seed column with a missing value keeps its integers), the scores are floats."""
+    frame = pd.DataFrame(map(run_record, runs), columns=None if runs else RUN_COLUMNS, dtype=object)
+    return frame.astype({"score": float, "dev": float})
 
 
-def score_of(results: dict, config: dict) -> tuple[str, str, float]:
-    """(split, metric, score in percent) of a run under the selection protocol (see PROTOCOL)."""
-    task = config.get("task") or {}
-    if not isinstance(task, dict):
-        raise TypeError("config.yaml: task is not a mapping")
-    select = results["select_metric"]
-    metric = select if isinstance(select, str) else "/".join(sorted(set(select.values())))
-    if "test_at_best" in results:
-        tested, split = results["test_at_best"], task.get("test_split") or "test"
-        if isinstance(select, str):
-            value = tested[select]
-        else:  # one dict per member
-            value = statistics.fmean(tested[m][_metric_of(select, m)] for m in tested)
-    else:
-        split, value = task.get("eval_split") or "dev", results["best_value"]
-    return split, metric, in_percent(value, task.get("type"))  # SQuAD's metrics are percentages already
+def mean_curve(curves: pd.Series) -> list[tuple[float, float]] | None:
+    """The dev curve of a cell: (mean, sample std) over its runs at every epoch they all reached; None when a run
+    has no curve."""
+    if not all(isinstance(curve, list) and curve for curve in curves):
+        return None
+    per_epoch = pd.concat([pd.Series(curve) for curve in curves], axis=1).dropna()
+    return list(zip(per_epoch.mean(axis=1), per_epoch.std(axis=1), strict=True))
 
 
-class Unusable(ValueError):
-    """A run folder whose files the table cannot use: the reason, for its one skip line."""
+def mean_of_numbers(values: pd.Series) -> float:
+    """The mean, NaN unless every value is a number."""
+    return pd.to_numeric(values, errors="coerce").mean(skipna=False)
 
 
-def _read_mapping(path: Path, parse) -> dict:
-    """A JSON / YAML file that must hold a mapping; Unusable naming what is wrong with it."""
-    try:
-        value = parse(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as error:
-        raise Unusable(f"{path.name} is unreadable ({getattr(error, 'strerror', None) or error})") from None
-    except (ValueError, yaml.YAMLError) as error:
-        raise Unusable(f"{path.name} is not valid ({str(error).splitlines()[0][:120]})") from None
-    if not isinstance(value, dict):
-        raise Unusable(f"{path.name} holds {type(value).__name__}, not a mapping")
-    return value
-
-
-def load_run(results_path: Path) -> Run:
-    results = _read_mapping(results_path, json.loads)
-    config_path = results_path.with_name("config.yaml")
-    config = _read_mapping(config_path, yaml.safe_load) if config_path.exists() else {}
-    try:
-        split, metric, score = score_of(results, config)
-    except KeyError as error:
-        raise Unusable(f"results.json lacks {error}") from None
-    except (TypeError, ValueError, AttributeError, statistics.StatisticsError) as error:
-        raise Unusable(f"results.json has an entry of the wrong type ({error})") from None
-    if not math.isfinite(score):
-        raise Unusable(f"its score is {score} (a diverged run)")
-    names = {key: results.get(key) for key in ("task", "backbone", "method")}
-    odd = [f"{key}={value!r}" for key, value in names.items() if not isinstance(value, str) or not value]
-    if odd:
-        raise Unusable(f"results.json: {', '.join(odd)} is not a name")
-    if not isinstance(split, str) or not isinstance(metric, str):
-        raise Unusable(f"the split or metric ({split!r}, {metric!r}) is not a name")
-    trainer = config.get("trainer")
-    return Run(
-        path=results_path.parent,
-        task=results["task"],
-        backbone=results["backbone"],
-        method=results["method"],
-        split=split,
-        metric=metric,
-        score=score,
-        seed=trainer.get("seed") if isinstance(trainer, dict) else None,
-        config=flatten(config),
-        results=results,
-    )
-
-
-def failure_reason(job_dir: Path) -> str:
-    """Why a job failed: the line of its FAILED marker, else the error line of its log (the one-line user error,
-    else the exception of the traceback)."""
-    marker = ""
-    if not (job_dir / "FAILED").is_symlink():
-        try:
-            with open(job_dir / "FAILED", "rb") as file:  # a line, not whatever a received folder put there
-                marker = file.read(1000).decode("utf-8", errors="replace").strip()
-        except OSError:
-            pass
-    if marker and marker != "see the job's log":
-        return marker.splitlines()[0]
-    logs = sorted(job_dir.glob("*.log"))
-    if not logs:
-        return "no log"
-    try:
-        lines = logs[0].read_text(errors="replace").splitlines()
-    except OSError as error:
-        return f"{logs[0].name} is unreadable ({error.strerror})"
-    for line in lines:
-        if "ptv2: error:" in line:
-            return line[line.index("ptv2: error:") + len("ptv2: error: ") :]
-    if any(line.startswith("Traceback") for line in lines):
-        plain = [line for line in lines if line.strip() and not line.startswith(("[", " "))]
-        return plain[-1] if plain else "traceback in the log"
-    return f"see {logs[0].name}"
-
-
-def job_overrides(job_dir: Path) -> str:
-    overrides = job_dir / ".hydra" / "overrides.yaml"
-    if not overrides.exists():
-        return ""
-    try:
-        listed = yaml.safe_load(overrides.read_text(encoding="utf-8")) or []
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return "(unreadable .hydra/overrides.yaml)"
-    if not isinstance(listed, list):
-        return "(malformed .hydra/overrides.yaml)"
-    return " ".join(str(item) for item in listed)
-
-
-def collect(root: Path) -> tuple[list[Run], list[dict]]:
-    """(runs with results, failures) under root; W&B folders are skipped."""
-    runs, failures = [], []
-    for path in sorted(root.rglob("results.json")):
-        if "wandb" in path.relative_to(root).parts:
-            continue
-        try:
-            runs.append(load_run(path))
-        except Unusable as error:
-            print(f"ptv2 table: skipped {path.parent}: {error}", file=sys.stderr)
-            failures.append({"dir": path.parent, "reason": f"skipped: {error}"})
-    seen = {run.path for run in runs} | {failure["dir"] for failure in failures}  # each folder reported once
-    for marker in sorted(root.rglob("FAILED")):
-        if marker.parent in seen:  # a job that failed, then was resumed to the end: its results stand
-            continue
-        failures.append({"dir": marker.parent, "reason": failure_reason(marker.parent)})
-        seen.add(marker.parent)
-    # A training job folder (its train.log and config.yaml) with neither: killed, crashed hard or still running.
-    for log_file in sorted(root.rglob("train.log")):
-        job = log_file.parent
-        if job not in seen and (job / "config.yaml").exists():
-            failures.append({"dir": job, "reason": "no results.json (killed, crashed or still running)"})
-    for failure in failures:
-        failure.setdefault("overrides", job_overrides(failure["dir"]))
-    return runs, failures
-
-
-# ---------------------------------------------------------------------------------------------- the table
-
-
-def _ignored(key: str) -> bool:
-    return has_role(key, IGNORED)
-
-
-def varying_keys(runs: list[Run]) -> list[str]:
-    """Config keys whose values differ among runs of one cell (task, split, metric, method, backbone)."""
-    cells = defaultdict(list)
-    for run in runs:
-        cells[run.cell].append(run)
-    keys = set()
-    for members in cells.values():
-        for key in set().union(*(run.config for run in members)):
-            if not _ignored(key) and len({run.config.get(key) for run in members}) > 1:
-                keys.add(key)
-    first = ["prompt.length", "prompt.layers", "prompt.projection", "optimizer.lr"]
-    return [k for k in first if k in keys] + sorted(keys - set(first))
-
-
-@dataclass
-class Cell:
-    """The runs of one row and column. Grouping is a dict and mean ± sample std the standard library's statistics,
-    not pandas' groupby (installed with datasets): fmean sums exactly (fsum) where pandas sums pairwise in floating
-    point, so a published table's last digit could change with the library; and the table command stays free of a
-    frame library's import time."""
-
-    scores: list[float]
-    runs: list[Run]
-    reference: dict | None = None
-
-    @property
-    def mean(self) -> float:
-        return statistics.fmean(self.scores)
-
-    @property
-    def std(self) -> float:
-        return statistics.stdev(self.scores) if len(self.scores) > 1 else math.nan
-
-    @property
-    def delta(self) -> float:
-        return self.mean - self.reference["value"] if self.reference else math.nan
+def natural_order(column: pd.Series) -> pd.Series:
+    """A column as ranks in natural order (numbers by value: 'bottom:6' before 'bottom:12'; an empty key last)."""
+    ranks = sorted(column.unique(), key=lambda value: natural(value or None))
+    return column.map({value: rank for rank, value in enumerate(ranks)})
 
 
 def load_references(path: Path | None) -> tuple[list[dict], dict]:
@@ -291,46 +135,76 @@ def load_references(path: Path | None) -> tuple[list[dict], dict]:
     return references, sources
 
 
-def find_reference(references: list[dict], cell: tuple) -> dict | None:
-    for entry in references:
-        if (entry["task"], entry["split"], entry["metric"], entry["method"], entry["backbone"]) == cell:
-            return entry
-    return None
+@dataclass
+class Table:
+    runs: pd.DataFrame  # runs_frame
+    cells: pd.DataFrame  # one row per cell, in table order: its keys, mean, std, n, runs, reference, delta, ...
+    descriptors: list[str]  # the config keys that tell a cell's rows apart
+
+    @property
+    def rows(self) -> list[str]:
+        return [*ROW, *self.descriptors]
 
 
-def build_table(runs: list[Run], references: list[dict]):
-    """(row keys, column keys, {(row, column): Cell}, descriptor keys).
+def build_table(runs: list[Run], references: list[dict]) -> Table:
+    """The runs grouped into cells: rows are task, split, metric and the config keys that vary among the runs of
+    one cell (task, split, metric, method, backbone); columns are method x backbone.
 
     A descriptor describes a run only where it varies among the runs of that run's cell: beside LoRA at two ranks,
     ptv2's row shows no rank (its config holds the schema's default, which it never reads)."""
-    descriptors = varying_keys(runs)
-    by_cell = defaultdict(list)
-    for run in runs:
-        by_cell[run.cell].append(run)
-    shown = {cell: set(varying_keys(members)) for cell, members in by_cell.items()}
-    cells: dict[tuple, Cell] = {}
-    for run in runs:
-        values = (run.config.get(key) if key in shown[run.cell] else None for key in descriptors)
-        row = (run.task, run.split, run.metric, *values)
-        column = (run.method, run.backbone)
-        cell = cells.setdefault((row, column), Cell([], [], find_reference(references, run.cell)))
-        cell.scores.append(run.score)
-        cell.runs.append(run)
-    rows = sorted({row for row, _ in cells}, key=lambda r: (r[0], r[1], r[2], *(natural(v) for v in r[3:])))
-    columns = sorted({column for _, column in cells})
-    return rows, columns, cells, descriptors
+    frame = runs_frame(runs)
+    keys = [key for key in frame.columns if key not in RUN_COLUMNS]
+    varies = frame.groupby(CELL)[keys].transform("nunique", dropna=False) > 1 if keys else frame[[]]
+    found = set(varies.columns[varies.any()])
+    descriptors = [key for key in FIRST_KEYS if key in found] + sorted(found - set(FIRST_KEYS))
+    shown = [frame[key].where(varies[key], "").fillna("") for key in descriptors]
+    cells = (
+        frame.groupby([*(frame[key] for key in ROW), *shown, *(frame[key] for key in COLUMN)], sort=False)
+        .agg(
+            mean=("score", "mean"),
+            std=("score", "std"),
+            n=("score", "size"),
+            runs=("run", list),
+            dev_mean=("dev", "mean"),
+            dev_std=("dev", "std"),
+            best_epochs=("best_epoch", list),
+            curve=("curve", mean_curve),
+            wall=("wall_time_seconds", mean_of_numbers),
+        )
+        .reset_index()
+    )
+    published = pd.DataFrame(references, columns=[*CELL, "value", "source"], dtype=object)
+    published = published.drop_duplicates(CELL).rename(columns={"value": "reference"}).astype({"reference": float})
+    cells = cells.merge(published, on=CELL, how="left")  # the first reference of a cell, as listed
+    cells["delta"] = cells["mean"] - cells["reference"]
+    order = [*ROW, *descriptors, *COLUMN]
+    return Table(frame, cells.sort_values(order, key=natural_order, ignore_index=True), descriptors)
 
 
-def _fmt(value: float, signed: bool = False) -> str:
-    return "" if math.isnan(value) else (f"{value:+.1f}" if signed else f"{value:.1f}")
+def layout(cells: pd.DataFrame, rows: list[str], values) -> pd.DataFrame:
+    """The cells' `values` laid out as the table: one row per task, split, metric and descriptors (the cells' order),
+    one column per method x backbone (sorted) [x value]."""
+    if cells.empty:
+        return pd.DataFrame(index=pd.MultiIndex.from_tuples([], names=rows))
+    wide = cells.pivot(index=rows, columns=COLUMN, values=values).sort_index(axis=1)
+    return wide.reindex(pd.MultiIndex.from_frame(cells[rows].drop_duplicates()))
 
 
-def cell_text(cell: Cell | None) -> str:
-    if cell is None:
-        return ""
-    text = _fmt(cell.mean) if len(cell.scores) == 1 else f"{_fmt(cell.mean)} ± {_fmt(cell.std)} (n={len(cell.scores)})"
-    if cell.reference:
-        text += f" · ref {cell.reference['value']:.1f} (Δ {_fmt(cell.delta, signed=True)})"
+def spread(mean: float, std: float, n: int) -> str:
+    """`mean ± sample std` of n values, one decimal (the mean alone for one value)."""
+    return f"{mean:.1f}" if n == 1 else f"{mean:.1f} ± {std:.1f}"
+
+
+def mean_std(values) -> str:
+    """`mean ± sample std` of a list of numbers ('' for none)."""
+    values = pd.Series(values, dtype=float)
+    return spread(values.mean(), values.std(), len(values)) if len(values) else ""
+
+
+def cell_text(cell: dict) -> str:
+    text = spread(cell["mean"], cell["std"], cell["n"]) + (f" (n={cell['n']})" if cell["n"] > 1 else "")
+    if not math.isnan(cell["reference"]):
+        text += f" · ref {cell['reference']:.1f} (Δ {cell['delta']:+.1f})"
     return text
 
 
@@ -342,98 +216,102 @@ def split_label(split: str, runs=()) -> str:
     return f"{shown} (at best dev epoch)" if split.startswith("test") else f"{shown} (dev-selected: best epoch)"
 
 
-LIMIT_KEYS = ("trainer.limit_train", "trainer.limit_eval")
+def markdown(frame: pd.DataFrame) -> str:
+    return frame.to_markdown(index=False, tablefmt="pipe", disable_numparse=True)  # values as written: 1e-2 stays
 
 
-def limits_note(runs: list[Run]) -> str | None:
+def results_table(table: Table) -> pd.DataFrame:
+    """table.md's table: each cell's text (mean ± std (n) · ref (Δ)); the split says how it was selected."""
+    cells = table.cells.assign(text=[cell_text(cell) for cell in table.cells.to_dict("records")])
+    wide = layout(cells, table.rows, "text").fillna("")
+    wide.columns = [f"{method} / {backbone}" for method, backbone in wide.columns]
+    runs = cells.explode("runs").groupby(table.rows, sort=False)["runs"].agg(list)  # each row's runs
+    wide = wide.reset_index()
+    wide["split"] = [split_label(split, members) for split, members in zip(wide["split"], runs, strict=True)]
+    return wide
+
+
+def details_table(table: Table) -> pd.DataFrame:
+    """`--details`: one row per cell with how its runs were trained and how they went: learning rate, epochs,
+    trainable share, the dev score of the best epoch, the reported score, the best epochs, the mean dev curve and
+    the wall time per run. Settings are the cell's first run's."""
+    cells = table.cells
+    first = [runs[0] for runs in cells["runs"]]
+    share = [run.results.get("trainable_percent") for run in first]
+    length = [run.config.get("prompt.length") for run in first]  # P: none for a method without a prompt
+    return pd.DataFrame(
+        {
+            "task": cells["task"],
+            "method / backbone": cells["method"] + " / " + cells["backbone"],
+            **{key: cells[key] for key in table.descriptors},
+            "P": ["" if value in (None, "0") else value for value in length],
+            "lr": [run.config.get("optimizer.lr", "") for run in first],
+            "epochs": [run.config.get("trainer.epochs", "") for run in first],
+            "trainable %": [f"{s:.3f}" if isinstance(s, (int, float)) else "" for s in share],
+            "dev (best epoch)": [spread(*v) for v in zip(cells["dev_mean"], cells["dev_std"], cells["n"], strict=True)],
+            "score": [
+                f"{split_label(cell['split'], cell['runs'])}: {spread(cell['mean'], cell['std'], cell['n'])}"
+                for cell in cells.to_dict("records")
+            ],
+            "best epochs": [", ".join(map(str, epochs)) for epochs in cells["best_epochs"]],
+            "dev per epoch (mean)": [" / ".join(f"{m:.1f}" for m, _ in curve or ()) for curve in cells["curve"]],
+            "n": cells["n"],
+            "wall per run": ["" if math.isnan(wall) else f"{wall / 60:.0f} min" for wall in cells["wall"]],
+        }
+    )
+
+
+PARTS = ["mean", "std", "n", "reference", "delta"]
+
+
+def csv_table(table: Table) -> pd.DataFrame:
+    """table.csv: the table with one number per column (`method/backbone mean`, `std`, `n`, `reference`, `delta`)."""
+    numbers = table.cells.round({"mean": 4, "std": 4, "delta": 4}).astype({"n": "Int64"})
+    wide = layout(numbers, table.rows, PARTS)
+    columns = sorted({(method, backbone) for _, method, backbone in wide.columns})
+    wide = wide.reindex(columns=[(part, *column) for column in columns for part in PARTS])
+    wide.columns = [f"{method}/{backbone} {part}" for part, method, backbone in wide.columns]
+    return wide.reset_index()
+
+
+def runs_table(table: Table, root: Path) -> pd.DataFrame:
+    """runs.csv: one row per run, by folder."""
+    frame = table.runs.sort_values("path", key=lambda paths: paths.map(str))
+    return frame.assign(
+        dir=[path.relative_to(root) if path.is_relative_to(root) else path for path in frame["path"]],
+        score=frame["score"].round(4),
+        **{key: frame[key].fillna("") for key in table.descriptors},
+    )[["dir", *CELL, *table.descriptors, "seed", "score", "best_epoch", "trainable_percent", "wall_time_seconds"]]
+
+
+LIMIT_KEYS = ["trainer.limit_train", "trainer.limit_eval"]
+
+
+def limits_note(frame: pd.DataFrame) -> str | None:
     """A warning when the runs were trained or evaluated on different numbers of examples (trainer.limit_*): their
     scores sit side by side in the table but are not measured alike."""
-    groups = defaultdict(int)
-    for run in runs:
-        groups[
-            tuple(run.config.get(key) if run.config.get(key) not in (None, "", "None") else "all" for key in LIMIT_KEYS)
-        ] += 1
-    if len(groups) < 2:
+    limits = frame.reindex(columns=LIMIT_KEYS).replace({"None": None, "": None}).fillna("all")
+    counts = limits.value_counts()
+    if len(counts) < 2:
         return None
     shown = "; ".join(
-        f"{', '.join(f'{k}={v}' for k, v in zip(LIMIT_KEYS, limits, strict=True))} ({count} run(s))"
-        for limits, count in sorted(groups.items(), key=lambda item: natural(str(item[0])))
+        f"{', '.join(f'{k}={v}' for k, v in zip(LIMIT_KEYS, values, strict=True))} ({count} run(s))"
+        for values, count in sorted(counts.items(), key=lambda item: natural(str(item[0])))
     )
     return f"**Note: these runs used different data limits, so their scores are not on the same examples**: {shown}."
 
 
-def mean_std(values: list[float]) -> str:
-    if not values:
-        return ""
-    mean = statistics.fmean(values)
-    return f"{mean:.1f} ± {statistics.stdev(values):.1f}" if len(values) > 1 else f"{mean:.1f}"
-
-
-def details_lines(rows, columns, cells, descriptors) -> list[str]:
-    """`--details`: one line per cell with how its runs were trained and how they went: learning rate, epochs,
-    trainable share, the dev score of the best epoch, the reported score, the best epochs, the mean dev curve and
-    the wall time per run."""
-    header = [
-        "task",
-        "method / backbone",
-        *descriptors,
-        "P",
-        "lr",
-        "epochs",
-        "trainable %",
-        "dev (best epoch)",
-        "score",
-    ]
-    header += ["best epochs", "dev per epoch (mean)", "n", "wall per run"]
-    lines = ["## Settings and training", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in rows:
-        for column in columns:
-            cell = cells.get((row, column))
-            if cell is None:
-                continue
-            runs, first = cell.runs, cell.runs[0]
-            dev = [in_percent(run.results["best_value"], first.config.get("task.type")) for run in runs]
-            curves = [curve for curve in map(dev_per_epoch, runs) if curve]
-            width = min(map(len, curves)) if len(curves) == len(runs) else 0
-            curve = " / ".join(f"{statistics.fmean(c[i] for c in curves):.1f}" for i in range(width))
-            walls = [run.results.get("wall_time_seconds") for run in runs]
-            wall = f"{statistics.fmean(walls) / 60:.0f} min" if all(isinstance(w, (int, float)) for w in walls) else ""
-            share = first.results.get("trainable_percent")
-            values = [
-                row[0],
-                f"{column[0]} / {column[1]}",
-                *(v if v is not None else "" for v in row[3:]),
-                "" if first.config.get("prompt.length") in (None, "0") else first.config["prompt.length"],
-                first.config.get("optimizer.lr", ""),
-                first.config.get("trainer.epochs", ""),
-                f"{share:.3f}" if isinstance(share, (int, float)) else "",
-                mean_std(dev),
-                f"{split_label(row[1], cell.runs)}: {mean_std(cell.scores)}",
-                ", ".join(str(run.results.get("best_epoch")) for run in runs),
-                curve,
-                str(len(runs)),
-                wall,
-            ]
-            lines.append("| " + " | ".join(map(str, values)) + " |")
-    return [*lines, ""]
-
-
-def write_markdown(path, root, rows, columns, cells, descriptors, failures, sources, plots, details=False) -> None:
+def write_markdown(path, root, table: Table, failures, sources, plots, details=False) -> None:
     lines = [f"# Results: {root}", "", PROTOCOL, ""]
-    note = limits_note([run for cell in cells.values() for run in cell.runs])
+    note = limits_note(table.runs)
     if note:
         lines += [note, ""]
-    if any(cell.reference for cell in cells.values()):
+    used = sorted(table.cells["source"].dropna().unique())
+    if used:
         lines += ["`ref`: the published number for this task, backbone, method, split and metric; Δ = ours − ref.", ""]
-    header = ["task", "split", "metric", *descriptors, *(f"{m} / {b}" for m, b in columns)]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in rows:
-        values = [v if v is not None else "" for v in row]
-        values[1] = split_label(values[1], [run for c in columns if (row, c) in cells for run in cells[(row, c)].runs])
-        lines.append("| " + " | ".join([*values, *(cell_text(cells.get((row, c))) for c in columns)]) + " |")
+    lines.append(markdown(results_table(table)))
     if details:
-        lines += ["", *details_lines(rows, columns, cells, descriptors)]
-    used = sorted({cell.reference["source"] for cell in cells.values() if cell.reference})
+        lines += ["", "## Settings and training", "", markdown(details_table(table)), ""]
     if used:
         lines += ["", "## Reference sources", ""] + [f"- `{name}`: {sources[name]}" for name in used]
     if plots:
@@ -447,46 +325,6 @@ def write_markdown(path, root, rows, columns, cells, descriptors, failures, sour
     write_text(path, "\n".join(lines) + "\n")
 
 
-def write_csv(path, rows, columns, cells, descriptors) -> None:
-    with csv_file(path) as writer:
-        parts = ("mean", "std", "n", "reference", "delta")
-        writer.writerow(["task", "split", "metric", *descriptors, *(f"{m}/{b} {p}" for m, b in columns for p in parts)])
-        for row in rows:
-            values = [v if v is not None else "" for v in row]
-            for column in columns:
-                cell = cells.get((row, column))
-                if cell is None:
-                    values += [""] * len(parts)
-                    continue
-                reference = cell.reference["value"] if cell.reference else ""
-                values += [round(cell.mean, 4), _round(cell.std), len(cell.scores), reference, _round(cell.delta)]
-            writer.writerow(values)
-
-
-@contextlib.contextmanager
-def csv_file(path: Path):
-    """A csv writer whose rows land in `path` (through ptv2.io) when the block ends."""
-    buffer = io.StringIO(newline="")
-    yield csv.writer(buffer)
-    write_text(path, buffer.getvalue())
-
-
-def _round(value: float):
-    return "" if math.isnan(value) else round(value, 4)
-
-
-def write_runs_csv(path, runs: list[Run], descriptors: list[str], root: Path) -> None:
-    with csv_file(path) as writer:
-        writer.writerow(["dir", "task", "split", "metric", "method", "backbone", *descriptors, "seed", "score",
-                         "best_epoch", "trainable_percent", "wall_time_seconds"])  # fmt: skip
-        for run in sorted(runs, key=lambda r: str(r.path)):
-            r = run.results
-            writer.writerow([run.path.relative_to(root) if run.path.is_relative_to(root) else run.path,
-                             run.task, run.split, run.metric, run.method, run.backbone,
-                             *(run.config.get(k, "") for k in descriptors), run.seed, round(run.score, 4),
-                             r.get("best_epoch"), r.get("trainable_percent"), r.get("wall_time_seconds")])  # fmt: skip
-
-
 # ---------------------------------------------------------------------------------------------- W&B
 
 
@@ -497,10 +335,8 @@ def log_to_wandb(out: Path, root: Path, project: str, plots: list[dict]) -> None
     from ptv2.runs.tracking import _has_api_key
 
     mode = os.environ.get("WANDB_MODE") or ("online" if _has_api_key() else "offline")
-    with (out / "table.csv").open() as handle:
-        header, *data = list(csv.reader(handle))
     run = wandb.init(project=project, job_type="table", name=f"table-{root.name}", dir=str(out), mode=mode)
-    table = wandb.Table(columns=header, data=data)
+    table = wandb.Table(dataframe=pd.read_csv(out / "table.csv", dtype=str, keep_default_na=False))
     images = {f"plots/{p['kind']}": wandb.Image(p["file"]) for p in plots}
     run.log({"results": table, **images})
     artifact = wandb.Artifact(re.sub(r"[^\w.-]", "_", f"table-{root.name}"), type="results-table")
@@ -567,15 +403,13 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"no results.json under {root}")
     references, sources = load_references(None if args.no_reference else args.reference)
     out = args.out or root
-    rows, columns, cells, descriptors = build_table(runs, references)
+    table = build_table(runs, references)
     try:
         output_folder(out, "--out ")
-        plots = make_plots(rows, columns, cells, descriptors, out, args.plot)
-        write_markdown(
-            out / "table.md", root, rows, columns, cells, descriptors, failures, sources, plots, args.details
-        )
-        write_csv(out / "table.csv", rows, columns, cells, descriptors)
-        write_runs_csv(out / "runs.csv", runs, descriptors, root)
+        plots = make_plots(table.cells, table.descriptors, out, args.plot)
+        write_markdown(out / "table.md", root, table, failures, sources, plots, args.details)
+        write_text(out / "table.csv", csv_table(table).to_csv(index=False, lineterminator="\r\n"))  # as csv writes
+        write_text(out / "runs.csv", runs_table(table, root).to_csv(index=False, lineterminator="\r\n"))
     except OSError as error:  # a read-only or full folder: one line, no traceback
         where = error.filename or out
         raise UserError(
@@ -584,8 +418,9 @@ def run(args: argparse.Namespace) -> int:
         ) from None
     if args.wandb:
         log_to_wandb(out, root, args.project, plots)
-    print(f"ptv2 table: {len(runs)} run(s), {len(rows)} row(s), {len(failures)} failure(s) -> {out / 'table.md'}")
-    if limits_note(runs):
+    rows = len(table.cells[table.rows].drop_duplicates())
+    print(f"ptv2 table: {len(runs)} run(s), {rows} row(s), {len(failures)} failure(s) -> {out / 'table.md'}")
+    if limits_note(table.runs):
         print("  note: the runs used different trainer.limit_train / limit_eval (table.md lists them)")
     for plot in plots:
         print(f"  plot: {plot['file']}")

@@ -1,7 +1,8 @@
-"""Sequence-tagging readers (NER and SRL): every supported layout becomes word-level BIO examples.
+"""Sequence-tagging data (NER and SRL): every supported layout becomes word-level BIO examples.
 
-One module for every layout on purpose: the layouts differ only in how a file is cut into sentences and columns,
-and share the BIO conversion, the span checks and the file finding that follow.
+Here: the entry point (`load`), the file finding, the NER readers and the hub rows; the SRL readers are in srl.py.
+The layouts differ only in how a file is cut into sentences and columns; the BIO conversion, the sentence blocks
+and the canonical example they share are in bio.py.
 
 Canonical example: ``{"idx": int, "tokens": [str], "tags": [str] (BIO), "predicate": int}``; ``predicate`` is the
 0-based word index of the predicate for SRL (one example per sentence and predicate) and -1 for NER.
@@ -43,11 +44,12 @@ Pin a full commit sha as ``hub.revision`` once it can be looked up; ``options.la
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
+from ptv2.data.bio import canonical_example, check_lengths, sentences, spans_to_bio, to_bio
 from ptv2.data.files import field, hub_rows, local_split, read_json, read_jsonl
+from ptv2.data.srl import read_srl_conll, read_srl_pack
 from ptv2.errors import UserError
 
 SRL_TASKS = ("conll05", "conll12")  # configs written before task.options.srl (is_srl)
@@ -98,17 +100,6 @@ HUB_LABEL_NAMES = {
     ],
 }  # fmt: skip
 HUB_LABEL_NAMES["conll2003"] = HUB_LABEL_NAMES["eriktks/conll2003"]
-
-# Tag prefixes each scheme may use; "auto" accepts them all (the conversion below is the same for every scheme).
-SCHEME_PREFIXES = {
-    "auto": "BIESLU",
-    "iob1": "BI",
-    "iob2": "BI",
-    "bio": "BI",
-    "bioes": "BIES",
-    "iobes": "BIES",
-    "bilou": "BILU",
-}
 
 DEFAULT_HUB_SPLITS = {"train": "train", "dev": "validation", "test": "test"}
 
@@ -200,57 +191,6 @@ def _cfg(node: Any, key: str, default: Any = None) -> Any:
     return default if value is None else value
 
 
-# ---------------------------------------------------------------- tag schemes
-
-
-def to_bio(tags: list[str], where: str = "tags", scheme: str = "auto") -> list[str]:
-    """Convert IOB1 / IOB2 / BIOES / BILOU tags to BIO (IOB2): each entity starts with B-, continues with I-.
-
-    One rule serves every scheme: a tag continues an entity only when it is I-, E- or L- of the same type right
-    after a B- or I- tag; otherwise it begins one. IOB1's sentence-initial or after-O I- thus becomes B-.
-    """
-    allowed = SCHEME_PREFIXES.get(str(scheme).lower())
-    if allowed is None:
-        raise UserError(f"unknown tag scheme '{scheme}'; expected one of {', '.join(SCHEME_PREFIXES)}")
-    bio: list[str] = []
-    previous = "O"
-    for position, tag in enumerate(tags):
-        prefix, kind = _split_tag(tag, where, position, allowed)
-        if prefix is None:
-            bio.append("O")
-        elif prefix in "IEL" and previous[:1] in "BI" and previous[2:] == kind:
-            bio.append(f"I-{kind}")
-        else:
-            bio.append(f"B-{kind}")
-        # Track the raw prefix: after E-/L-/S-/U- the entity has ended even if the next tag is I- of the same type.
-        previous = tag if prefix is None or prefix in "BI" else "O"
-    return bio
-
-
-def _split_tag(tag: str, where: str, position: int, allowed: str) -> tuple[str | None, str]:
-    if tag == "O":
-        return None, ""
-    if len(tag) < 3 or tag[1] != "-" or tag[0] not in allowed:
-        raise UserError(
-            f"{where}: tag {tag!r} (word {position + 1}) is not O or one of {'/'.join(allowed)}-TYPE; "
-            "check the tag column (task.options.tag_column) and the scheme (task.options.scheme)"
-        )
-    return tag[0], tag[2:]
-
-
-def spans_to_bio(length: int, spans: list[tuple[int, int, str]], where: str) -> list[str]:
-    """BIO tags for non-overlapping (start, end exclusive, type) spans over `length` words."""
-    tags = ["O"] * length
-    for start, end, kind in sorted(spans):
-        if not (0 <= start < end <= length):
-            raise UserError(f"{where}: entity {kind} [{start}, {end}) lies outside the {length} tokens")
-        if any(tag != "O" for tag in tags[start:end]):
-            raise UserError(f"{where}: entity {kind} [{start}, {end}) overlaps another one; BIO cannot encode that")
-        tags[start] = f"B-{kind}"
-        tags[start + 1 : end] = [f"I-{kind}"] * (end - start - 1)
-    return tags
-
-
 # ---------------------------------------------------------------- NER readers
 
 
@@ -259,7 +199,7 @@ def read_conll_ner(
 ) -> list[dict]:
     """NER examples from a CoNLL column file (see the module docstring); `separator` None splits on whitespace."""
     examples: list[dict] = []
-    for first_line, rows in _sentences(path):
+    for first_line, rows in sentences(path):
         tokens, tags = [], []
         for line_number, line in rows:
             columns = line.split(separator) if separator else line.split()
@@ -267,26 +207,8 @@ def read_conll_ner(
             tokens.append(_column(columns, token_column, where, "token"))
             tags.append(_column(columns, tag_column, where, "tag").strip())
         tags = to_bio(tags, f"{path}:{first_line}", scheme)
-        examples.append(_example(len(examples), tokens, tags))
+        examples.append(canonical_example(len(examples), tokens, tags))
     return examples
-
-
-def _sentences(path: str | Path):
-    """Yield (first line number, [(line number, line)]) per blank-line separated block, skipping -DOCSTART-."""
-    rows: list[tuple[int, str]] = []
-    with open(path, encoding="utf-8") as handle:
-        for line_number, raw in enumerate(handle, start=1):
-            line = raw.rstrip("\r\n")
-            if line.strip() and not line.startswith("-DOCSTART-"):
-                rows.append((line_number, line))
-                continue
-            # A blank or -DOCSTART- line closes the current sentence, as in the official readers.
-            if rows:
-                yield rows[0][0], rows
-            rows = []
-    # The official conll04 / ontonotes readers drop a last sentence with no blank line after it; we keep it.
-    if rows:
-        yield rows[0][0], rows
 
 
 def _column(columns: list[str], index: int, where: str, what: str) -> str:
@@ -320,11 +242,11 @@ def json_example(where: str, record: dict, idx: int, scheme: str = "auto", label
         tags = ["O"] * len(tokens)
     else:
         raise UserError(f"{where}: missing field 'entities' or 'tags' (fields present: {', '.join(record)})")
-    _check_lengths(tokens, tags, where)
+    check_lengths(tokens, tags, where)
     predicate = -1 if labelled else record.get("predicate", -1)
     if isinstance(predicate, bool) or not isinstance(predicate, int) or not -1 <= predicate < len(tokens):
         raise UserError(f"{where}: 'predicate' must be the index of a word (0 to {len(tokens) - 1}), got {predicate!r}")
-    return _example(idx, tokens, tags, predicate)
+    return canonical_example(idx, tokens, tags, predicate)
 
 
 def _json_records(path: str | Path):
@@ -374,8 +296,8 @@ def convert_hub_rows(rows: list[dict], label_names: list[str] | None = None, whe
             column = "ner_tags" if "ner_tags" in row else "tags"
             raw = field(row, column, row_where)
             tags = to_bio([_tag_name(value, label_names, row_where) for value in raw], row_where)
-        _check_lengths(tokens, tags, row_where)
-        examples.append(_example(position, tokens, tags))
+        check_lengths(tokens, tags, row_where)
+        examples.append(canonical_example(position, tokens, tags))
     return examples
 
 
@@ -387,120 +309,6 @@ def _tag_name(value: Any, label_names: list[str] | None, where: str) -> str:
     if not isinstance(value, int) or not 0 <= value < len(label_names):
         raise UserError(f"{where}: tag id {value!r} is outside the {len(label_names)} label names")
     return label_names[value]
-
-
-# ---------------------------------------------------------------- SRL readers
-
-
-def read_srl_pack(path: str | Path) -> list[dict]:
-    """SRL examples from the official pack's lines: ``<predicate index> tokens ||| BIO tags``."""
-    examples = []
-    with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_number}"
-            words, separator, tag_text = line.partition("|||")
-            if not separator:
-                raise UserError(f"{where}: expected '<predicate index> tokens ||| tags' (no '|||' found)")
-            if len(words.split()) < 2:
-                raise UserError(f"{where}: expected '<predicate index> tokens ||| tags' (no tokens before '|||')")
-            index_text, *tokens = words.split()
-            tags = tag_text.split()
-            _check_lengths(tokens, tags, where)
-            predicate = _predicate_index(index_text, len(tokens), where)
-            examples.append(_example(len(examples), tokens, to_bio(tags, where, "bio"), predicate))
-    return examples
-
-
-def _predicate_index(text: str, length: int, where: str) -> int:
-    if not text.isdigit() or int(text) >= length:
-        raise UserError(f"{where}: predicate index {text!r} is not a word position in 0..{length - 1}")
-    return int(text)
-
-
-# One cell of a bracket-notation column: opening "(LABEL"s, a "*", an optional repeated label, closing ")"s.
-_BRACKET_CELL = re.compile(r"^((?:\([^()*\s]+)*)\*[^()*\s]*(\)*)$")
-
-
-def read_srl_conll(path: str | Path, word_column: int | None = None) -> list[dict]:
-    """SRL examples from CoNLL-2005/2012 column files, one per argument column (predicate) of each sentence."""
-    examples = []
-    for _, rows in _sentences(path):
-        rows = [(number, line) for number, line in rows if not line.startswith(("#begin", "#end"))]
-        if not rows:
-            continue
-        table = _table(rows, path)
-        words = [row[_word_column(table, word_column)] for row in table]
-        for cells in _argument_columns(table):
-            tags = _bracket_to_bio(cells, path, rows)
-            examples.append(_example(len(examples), words, tags, tags.index("B-V")))
-    return examples
-
-
-def _table(rows: list[tuple[int, str]], path: str | Path) -> list[list[str]]:
-    table = [line.split() for _, line in rows]
-    width = len(table[0])
-    for (line_number, _), columns in zip(rows, table, strict=True):
-        if len(columns) != width:
-            raise UserError(f"{path}:{line_number}: {len(columns)} columns where the sentence's first line has {width}")
-    return table
-
-
-def _word_column(table: list[list[str]], word_column: int | None) -> int:
-    if word_column is not None:
-        return word_column
-    # OntoNotes *_gold_conll rows: document id, part number, word number, word, ... (12 columns or more).
-    first = table[0]
-    return 3 if len(first) >= 12 and first[1].isdigit() and first[2].isdigit() else 0
-
-
-def _argument_columns(table: list[list[str]]) -> list[list[str]]:
-    """Columns in bracket notation holding exactly one V span: one per predicate, in column order."""
-    columns = []
-    for index in range(len(table[0])):
-        cells = [row[index] for row in table]
-        if all(_BRACKET_CELL.match(cell) for cell in cells):
-            openings = [label for cell in cells for label in re.findall(r"\(([^()*\s]+)", cell)]
-            if openings.count("V") == 1:
-                columns.append(cells)
-    return columns
-
-
-def _bracket_to_bio(cells: list[str], path: str | Path, rows: list[tuple[int, str]]) -> list[str]:
-    """BIO tags for one argument column; arguments of one predicate never nest, so depth stays <= 1."""
-    tags = []
-    label = None
-    for cell, (line_number, _) in zip(cells, rows, strict=True):
-        match = _BRACKET_CELL.match(cell)
-        openings = re.findall(r"\(([^()*\s]+)", match.group(1))
-        closings = len(match.group(2))
-        if len(openings) > 1 or (openings and label) or closings > len(openings) + (label is not None):
-            raise UserError(f"{path}:{line_number}: argument cell {cell!r} nests or closes a span that is not open")
-        if openings:
-            label = openings[0]
-            tags.append(f"B-{label}")
-        else:
-            tags.append(f"I-{label}" if label else "O")
-        if closings:
-            label = None
-    if label is not None:
-        raise UserError(f"{path}:{rows[-1][0]}: argument {label} is still open at the end of the sentence")
-    return tags
-
-
-# ---------------------------------------------------------------- shared helpers
-
-
-def _example(idx: int, tokens: list[str], tags: list[str], predicate: int = -1) -> dict:
-    return {"idx": idx, "tokens": tokens, "tags": tags, "predicate": predicate}
-
-
-def _check_lengths(tokens: list[str], tags: list[str], where: str) -> None:
-    if not tokens:
-        raise UserError(f"{where}: empty sentence (no tokens)")
-    if len(tokens) != len(tags):
-        raise UserError(f"{where}: {len(tokens)} tokens but {len(tags)} tags")
 
 
 def _string_list(value: Any, where: str, name: str) -> list[str]:

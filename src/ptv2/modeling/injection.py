@@ -29,7 +29,6 @@ hook does nothing.
 
 from __future__ import annotations
 
-import inspect
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ptv2.errors import UserError
+from ptv2.modeling.generation import decoder_inputs
 
 ATTENTION_KEY = "ptv2_prefix_sdpa"
 # backbone.attention=eager: the same prefix handling with the attention written out (matmul, softmax, dropout,
@@ -316,70 +316,6 @@ def run_encoder(encoder: torch.nn.Module, prefix: Prefix | None, **inputs) -> to
     return encoder(**inputs).last_hidden_state
 
 
-def decoder_inputs(input_ids=None, attention_mask=None, position_ids=None, token_type_ids=None, **inputs) -> dict:
-    """A decoder's forward inputs: positions counted from the mask, so a left-padded row numbers its tokens as an
-    unpadded one (transformers numbers columns); segment ids dropped (GPT-2 would add them as token embeddings);
-    no cache outside generation."""
-    if position_ids is None and attention_mask is not None:
-        position_ids = mask_positions(attention_mask)
-    return dict(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **inputs
-    )
-
-
-def mask_positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Each real token's position among the real tokens of its row (padding gets 0): left padding shifts nothing."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-@torch.no_grad()
-def generate_greedy(
-    decoder: torch.nn.Module,
-    lm_head: torch.nn.Module,
-    prefix: Prefix | None,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    max_new_tokens: int,
-    eos_token_ids: list[int],
-) -> torch.Tensor:
-    """Greedy continuation (B, <= max_new_tokens) of left-padded prompts by a decoder with `prefix` on its layers.
-
-    The prompt runs once into a DynamicCache (which holds token keys/values only: the prefix joins inside
-    attention at every step); then one token per step. Rows that produced an end token continue with end tokens
-    until every row has, or `max_new_tokens` is reached.
-    """
-    from transformers import DynamicCache
-
-    # transformers renamed `past_key_values` to `cache` during 5.x; an unknown name would be swallowed by **kwargs.
-    cache_name = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
-    cache = DynamicCache(config=decoder.config)
-    extra = {"prefix_key_values": prefix} if prefix else {}
-    mask = attention_mask.long()
-    positions = mask_positions(mask)
-    tokens, step_ids = [], input_ids
-    done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-    eos = torch.tensor(eos_token_ids, device=input_ids.device)
-    for _ in range(max_new_tokens):
-        hidden = decoder(
-            input_ids=step_ids,
-            attention_mask=mask,
-            position_ids=positions,
-            use_cache=True,
-            **{cache_name: cache},
-            **extra,
-        ).last_hidden_state
-        chosen = lm_head(hidden[:, -1]).argmax(-1)
-        chosen = torch.where(done, eos[0], chosen)
-        tokens.append(chosen)
-        done |= torch.isin(chosen, eos)
-        if done.all():
-            break
-        step_ids = chosen[:, None]
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-        positions = positions[:, -1:] + 1
-    return torch.stack(tokens, dim=1)
-
-
 def encoder_shape(config: PretrainedConfig) -> tuple[int, int, int]:
     """(layers, key/value heads, head_dim) of a backbone config: the shape of one layer's prefix keys. Grouped-query
     decoders have fewer key/value heads than query heads; some set head_dim apart from hidden_size / heads."""
@@ -500,22 +436,6 @@ def run_encoder_from(encoder: torch.nn.Module, prefix: Prefix | None, start: int
         setattr(holder, name, layers)
         for module in paused:
             module.train()
-
-
-def dropout_below(encoder: torch.nn.Module, layer: int) -> float:
-    """The largest dropout rate the embeddings and the layers below `layer` apply in training: dropout modules and
-    the decoders' attention_dropout rates (a float the attention function reads)."""
-    holder, name = layer_stack(encoder)
-    above = {id(m) for block in list(getattr(holder, name))[layer:] for m in block.modules()}
-    rates = [0.0]
-    for module in encoder.modules():
-        if id(module) in above:
-            continue
-        if isinstance(module, torch.nn.Dropout):
-            rates.append(module.p)
-        elif isinstance(getattr(module, "attention_dropout", None), float):
-            rates.append(module.attention_dropout)
-    return max(rates)
 
 
 def config_dropout(config: PretrainedConfig) -> float:

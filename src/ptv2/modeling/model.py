@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ptv2.modeling.generation import generate_greedy
 from ptv2.modeling.heads import LanguageModelHead, VerbalizerHead
 from ptv2.modeling.injection import (
     encoder_shape,
     family_of,
-    generate_greedy,
     run_encoder,
     run_encoder_from,
     shifted_position_ids,

@@ -7,7 +7,7 @@ from torch import nn
 
 from ptv2.errors import UserError
 from ptv2.modeling.injection import Prefix, encoder_shape
-from ptv2.modeling.methods.base import parse_layers
+from ptv2.schema import parse_layers
 
 
 def prompt_layers(spec, num_layers: int) -> list[int]:

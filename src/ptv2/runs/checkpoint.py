@@ -18,6 +18,7 @@ import json
 import os
 import pwd
 import re
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -31,6 +32,7 @@ from ptv2 import __version__
 from ptv2.config import COMMAND, PATH, TrainConfig, has_role, keys_with
 from ptv2.errors import UserError
 from ptv2.io import write_safetensors
+from ptv2.modeling.methods import METHODS
 
 FILENAME = "prompt.safetensors"
 FOLDED_KEY = "prompt.folded"
@@ -183,6 +185,7 @@ def stored_config(path: str | Path) -> DictConfig:
         raise UserError(f"{path}: the stored run config is unreadable ({str(error).splitlines()[0]})") from None
     if OmegaConf.to_container(saved, resolve=True) != raw:
         raise UserError(f"{path}: the stored run config holds text that cannot be kept literally; re-create it")
+    _own_prompt_settings(saved)
     defaults = OmegaConf.structured(TrainConfig)
     for key in PATH_KEYS:
         if OmegaConf.select(saved, key) is not None:
@@ -204,6 +207,16 @@ def stored_config(path: str | Path) -> DictConfig:
     if tokenizer and (not HUB_ID.fullmatch(tokenizer) or ".." in tokenizer):  # a folder: never the checkpoint's
         OmegaConf.update(saved, "backbone.tokenizer", None)
     return saved
+
+
+def _own_prompt_settings(saved: DictConfig) -> None:
+    """Checkpoints written while one prompt schema held every method's keys carry keys their method never read
+    (a ptv2 run's LoRA rank): only the method's own settings are kept."""
+    name = OmegaConf.select(saved, "prompt.method")
+    if name in METHODS and OmegaConf.is_dict(saved.prompt):
+        own = {item.name for item in fields(METHODS[name].settings)}
+        for key in [key for key in saved.prompt if key not in own]:
+            del saved.prompt[key]
 
 
 def _check_names(saved: DictConfig, path: Path) -> None:

@@ -76,3 +76,30 @@ def evaluated(members) -> dict:
         count = len(split.examples)
         facts[member.name] = {"split": split.name, "examples": count, "of": split.total or count, "majority": majority}
     return facts
+
+
+def results_record(cfg, members: list, progress, extra: dict, prep_seconds, test) -> dict:
+    """results.json's record (the caller adds the wall time): the epochs, the parameter counts and whatever else
+    `extra` holds, the data preparation time, and the test scores at the best dev epoch when a test split is set."""
+    from ptv2.runs import checkpoint  # torch: only for the end of a run
+
+    single = len(members) == 1
+    results = {
+        "task": cfg.task.name,
+        "backbone": checkpoint.backbone_label(cfg.backbone),
+        "method": cfg.prompt.method,
+        "select_metric": members[0].task.metric if single else {m.name: m.task.metric for m in members},
+        "best_epoch": progress.best_epoch,
+        "best": progress.best[members[0].name] if single else progress.best,
+        "best_value": progress.best_value,
+        "final": progress.history[-1],
+        "history": progress.history,
+        "train_examples": {m.name: len(m.splits["train"].examples) for m in members},
+        "evaluated": evaluated(members),
+        "steps": progress.step,
+        **extra,
+        "data_prep_seconds": prep_seconds,
+    }
+    if test is not None:
+        results["test_at_best"] = test[members[0].name] if single else test
+    return results

@@ -28,9 +28,6 @@ def _has_api_key() -> bool:
         return False
 
 
-# Config blocks that no tracked command reads (`ptv2 bench`'s settings, present in every composed config): left out of
-# a run's W&B config, where they would look like settings of the run.
-UNTRACKED_KEYS = ("bench",)
 PROBE_TIMEOUT_S = 3.0
 
 
@@ -105,7 +102,7 @@ class Tracker:
             job_type=job_type or ("sweep-job" if sweeping else "train"),
             tags=list(settings.tags),
             config={
-                **{k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in UNTRACKED_KEYS},
+                **OmegaConf.to_container(cfg, resolve=True),  # the command's own schema: only what the run reads
                 **{k: job[k] for k in ("overrides", "sweep_dir") if k in job},
             },
             dir=str(run_dir),

@@ -21,6 +21,7 @@ PACKAGES = (
     "lora",  # Hu et al., through PEFT
     "peft_prefix",  # PEFT's prefix tuning
     "apt",  # Adaptive Prefix Tuning
+    "prefix_propagation",  # Li et al.: prefix positions computed like tokens, an addition before every layer
     "ptp",  # P-Tuning v2 trained with a perturbation-based regularizer
 )
 METHODS: dict[str, Method] = {

@@ -12,7 +12,9 @@ from typing import Any, Optional
 
 from omegaconf import MISSING
 
-from ptv2.schema import COUNT, MAX_PROMPT_LENGTH, PATH, PER_JOB, PROBABILITY, Range, tagged
+from ptv2.schema import COUNT, MAX_PROMPT_LENGTH, PATH, PER_JOB, PROBABILITY, Range, parse_layers, tagged
+
+__all__ = ["parse_layers"]  # read by the config checks and the modules through the registry
 
 PROMPT_LENGTH = Range(1, MAX_PROMPT_LENGTH, integer=True)  # the paper's longest prompts are 128-256 vectors
 
@@ -89,21 +91,6 @@ class Method:
     def packs(self) -> bool:
         """Jobs of this method may train packed on one backbone forward."""
         return self.mixes_in_batch and self.pack_refusal is None
-
-
-def parse_layers(spec) -> tuple[str, int | list[int]]:
-    """`prompt.layers` read once for every module: ("all", 0), ("top", K), ("bottom", K) or ("list", [i, ...]);
-    ValueError for anything else (bounds are the config check's: they need the backbone)."""
-    if isinstance(spec, str):
-        side, _, count = spec.partition(":")
-        if spec == "all":
-            return "all", 0
-        if side in ("top", "bottom") and count.isdigit():
-            return side, int(count)
-        raise ValueError(spec)
-    if isinstance(spec, (int, bool)) or not all(isinstance(layer, int) for layer in spec):
-        raise ValueError(spec)
-    return "list", sorted(spec)
 
 
 def prefix_encoder(settings, config):
