@@ -240,7 +240,7 @@ def test_evaluation_never_perturbs_and_inference_is_ptv2(values):
 def test_registry_entry_mixes_at_inference_and_refuses_packing():
     row = method("ptp")
     assert row.prompt == "prefix" and row.mixes_in_batch and row.objective is not None
-    assert not row.packs and "packed forward" in row.pack_refusal
+    assert not row.packs and "shared forward" in row.pack_refusal
     settings_fields = set(METHODS["ptp"].settings.__dataclass_fields__)
     assert set(METHODS["ptv2"].settings.__dataclass_fields__) < settings_fields  # P-Tuning v2's, and PTP's own
     assert {"perturbation", "noise_std", "adv_steps", "adv_step_size", "adv_init", "adv_bound"} < settings_fields
@@ -323,3 +323,20 @@ def test_a_killed_ptp_run_resumes_to_the_uninterrupted_run(tmp_path):
     resumed = train(*args, f"hydra.run.dir={run}", "trainer.resume=true")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert_same_run(run, reference)
+
+
+def test_a_packed_sweep_trains_ptp_jobs_one_by_one(tmp_path):
+    """hydra/launcher=packed runs each PTP job alone, saying why, and each trains with PTP's loss: the same history
+    as the job run by itself."""
+    from conftest import SMOKE, ptv2
+
+    common = [*SMOKE, "logger=none", "prompt=ptp", "prompt.perturbation=adv", "prompt.adv_steps=2"]
+    sweep = tmp_path / "sweep"
+    swept = ptv2("train", "-m", *common, "optimizer.lr=1e-2,3e-2", "hydra/launcher=packed", f"hydra.sweep.dir={sweep}")
+    said = swept.stdout + swept.stderr + "".join((sweep / job / "train.log").read_text() for job in ("0", "1"))
+    assert said.count(f"runs alone: prompt.method=ptp {method('ptp').pack_refusal}") == 2
+    assert "packed group of" not in said
+    single = tmp_path / "single"
+    ptv2("train", *common, "optimizer.lr=1e-2", f"hydra.run.dir={single}")
+    ours, theirs = (json.loads((folder / "results.json").read_text())["history"] for folder in (sweep / "0", single))
+    assert [epoch["train_loss"] for epoch in ours] == [epoch["train_loss"] for epoch in theirs]

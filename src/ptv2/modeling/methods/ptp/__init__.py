@@ -44,7 +44,9 @@ METHOD = Method(
     prompt="prefix",
     build=_build,
     mixes_in_batch=True,
-    # a packed group's one backbone forward for several jobs has no room for each job's own extra forwards
-    pack_refusal="its loss needs forwards of its own on perturbed inputs, which a shared packed forward cannot run",
+    # read as "prompt.method=ptp <reason>" when a packed sweep runs its jobs one by one
+    pack_refusal=(
+        "trains with forwards of its own on perturbed inputs, which a packed group's one shared forward cannot run"
+    ),
     objective=_objective,
 )
