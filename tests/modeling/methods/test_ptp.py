@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -239,7 +240,7 @@ def test_evaluation_never_perturbs_and_inference_is_ptv2(values):
 
 def test_registry_entry_mixes_at_inference_and_refuses_packing():
     row = method("ptp")
-    assert row.prompt == "prefix" and row.mixes_in_batch and row.objective is not None
+    assert row.prompt == "prefix" and row.mixes_in_batch and row.exports == "prefix" and row.objective is not None
     assert not row.packs and "shared forward" in row.pack_refusal
     settings_fields = set(METHODS["ptp"].settings.__dataclass_fields__)
     assert set(METHODS["ptv2"].settings.__dataclass_fields__) < settings_fields  # P-Tuning v2's, and PTP's own
@@ -340,3 +341,28 @@ def test_a_packed_sweep_trains_ptp_jobs_one_by_one(tmp_path):
     ptv2("train", *common, "optimizer.lr=1e-2", f"hydra.run.dir={single}")
     ours, theirs = (json.loads((folder / "results.json").read_text())["history"] for folder in (sweep / "0", single))
     assert [epoch["train_loss"] for epoch in ours] == [epoch["train_loss"] for epoch in theirs]
+
+
+def test_a_ptp_prefix_exports_to_peft_and_imports_back_bit_for_bit(tmp_path):
+    """`ptv2 export --to peft` writes a PTP run as the P-Tuning v2 prefix it is; imported back, the same tensors."""
+    from conftest import TINY_BERT, ptv2
+    from safetensors.torch import load_file
+    from test_peft_export import RTE as RTE_TASK
+    from test_peft_export import export, train_tiny
+    from transformers import AutoConfig
+
+    saved_tiny_bert = tmp_path / "tiny-bert-weights"  # the packaged tiny BERT with saved random weights
+    torch.manual_seed(0)
+    AutoModel.from_config(AutoConfig.from_pretrained(TINY_BERT)).save_pretrained(saved_tiny_bert)
+    for file in TINY_BERT.iterdir():
+        if file.name != "config.json":
+            shutil.copy(file, saved_tiny_bert / file.name)
+
+    run = train_tiny(saved_tiny_bert, tmp_path / "run", RTE_TASK, "prompt=ptp")
+    out, back = tmp_path / "adapter", tmp_path / "back"
+    export(run, out, saved_tiny_bert)
+    assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "PREFIX_TUNING"
+    ptv2("import", str(out), "--from", "peft", str(back), "--like", str(run), "--backbone", str(saved_tiny_bert))
+    original, imported = (load_file(str(folder / "prompt.safetensors")) for folder in (run, back))
+    assert imported.keys() == original.keys()
+    assert all(torch.equal(imported[key], original[key]) for key in imported)

@@ -1,8 +1,7 @@
 """PTP (Chen et al., EMNLP 2023, arXiv 2305.02423): P-Tuning v2's deep prompt (prompts.PrefixEncoder, unchanged)
 trained on clean and perturbed input embeddings: random noise (PTP-RN) or a FreeLB-style adversarial ascent
 (PTP-ADV). Only the training loss changes (objective.py, with the formulas and what was and was not checked), so a
-checkpoint evaluates, predicts, serves and mixes in a batch as a P-Tuning v2 one does (`ptv2 export` takes ptv2 and
-lora runs only)."""
+checkpoint evaluates, predicts, serves, mixes in a batch and exports as a P-Tuning v2 one does."""
 
 from dataclasses import dataclass
 
@@ -44,6 +43,7 @@ METHOD = Method(
     prompt="prefix",
     build=_build,
     mixes_in_batch=True,
+    exports="prefix",  # the checkpoint is a P-Tuning v2 prefix
     # read as "prompt.method=ptp <reason>" when a packed sweep runs its jobs one by one
     pack_refusal=(
         "trains with forwards of its own on perturbed inputs, which a packed group's one shared forward cannot run"
