@@ -357,7 +357,8 @@ def test_export_refuses_methods_peft_has_no_format_for(saved_tiny_bert, tmp_path
     run = train_tiny(saved_tiny_bert, tmp_path / "run", CONLL03, "prompt=prompt_tuning")
     result = export(run, tmp_path / "out", saved_tiny_bert, check=False)
     assert result.returncode == 2 and not (tmp_path / "out").exists()
-    assert "prompt.method=prompt_tuning: only ptv2 (as prefix) and lora (as lora) export" in result.stderr
+    exporting = "ptv2 (as prefix) and lora (as lora) and ptp (as prefix)"
+    assert f"prompt.method=prompt_tuning: only {exporting} export" in result.stderr
 
 
 @pytest.mark.parametrize("kind", ["prefix", "lora"])
