@@ -381,6 +381,8 @@ def frozen_cache_refusal(cfg, backbone_config) -> str | None:
         return f"prompt.method={chosen.name} trains the backbone, so no layer gives the same output twice"
     if chosen.prompt == "input":
         return f"prompt.method={chosen.name} puts its prompt into the input, which every layer then sees"
+    if chosen.objective:
+        return f"prompt.method={chosen.name} trains through an objective of its own that runs the whole backbone"
     if chosen.peft:
         what = "adapts the attention of every layer" if chosen.peft == "lora" else "puts a prefix on every layer"
         return f"prompt.method={chosen.name} {what}, the lowest ones included"

@@ -152,8 +152,8 @@ def measure_isolated(cfg: DictConfig, mode: str, run_dir: Path) -> dict:
 
 def run(cfg: DictConfig, variant: DictConfig, run_dir: Path) -> dict:
     """The packed-vs-sequential comparison for `variant` (the command's method, with the bench's sizes)."""
-    if not method(variant.prompt.method).mixes_in_batch:
-        packing = " or ".join(mixable())
+    if not method(variant.prompt.method).packs:
+        packing = " or ".join(name for name in mixable() if method(name).packs)
         raise UserError(f"bench.pack: prompt.method={variant.prompt.method} does not pack; use {packing}")
     sides = {mode: measure_isolated(variant, mode, run_dir) for mode in ("sequential", "packed")}
     report = {

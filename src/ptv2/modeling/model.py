@@ -60,7 +60,7 @@ class PromptModel(nn.Module):
         if hasattr(self.prompt, "attach"):  # a prompt that acts inside the backbone's layers (hooks on them)
             self.prompt.attach(encoder)
         # The method's training objective (objective(model, batch, head) -> loss), None: the head's loss
-        self.objective = chosen.objective() if chosen.objective else None
+        self.objective = chosen.objective(prompt_cfg) if chosen.objective else None
         self.heads = nn.ModuleDict({name: self._build_head(spec, config, head_dropout) for name, spec in heads.items()})
         if self.prompt is not None:
             official_init_(self.prompt, config.initializer_range, embedding_std=prompt_cfg.get("init_std"))

@@ -73,9 +73,9 @@ class Method:
     # Can train an LM head for generation (task.type=generation): False when the prompt reads the whole sequence,
     # which token-by-token decoding never has
     generation: bool = True
-    # The training loss, through a function so that the config layer stays free of torch: objective() gives
-    # f(model, batch, head) -> loss (see PromptModel.forward); None: the head's loss on the model's output
-    objective: Callable[[], Callable] | None = None
+    # The training loss, through a function so that the config layer stays free of torch: objective(settings)
+    # gives f(model, batch, head) -> loss (see PromptModel.forward); None: the head's loss on the model's output
+    objective: Callable[[Any], Callable] | None = None
 
     @property
     def has_prompt(self) -> bool:

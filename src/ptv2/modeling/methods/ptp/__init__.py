@@ -23,25 +23,17 @@ class Settings(DeepPromptSettings):
     adv_bound: float = tagged(1.0, PER_JOB, admits=AT_LEAST_ZERO)  # adv: eps, per-example Frobenius bound on delta
 
 
-def _build(settings, config):
-    """P-Tuning v2's prefix, carrying the run's PTP objective: Method.objective() takes no settings, so the
-    objective below finds them on the prompt module (a plain attribute: nothing in the checkpoint)."""
+def _objective(settings):
     from ptv2.modeling.methods.ptp.objective import ptp_objective
 
-    prompt = prefix_encoder(settings, config)
-    prompt.training_objective = ptp_objective(settings)
-    return prompt
-
-
-def _objective():
-    return lambda model, batch, head: model.prompt.training_objective(model, batch, head)
+    return ptp_objective(settings)
 
 
 METHOD = Method(
     "ptp",
     Settings,
     prompt="prefix",
-    build=_build,
+    build=prefix_encoder,
     mixes_in_batch=True,
     exports="prefix",  # the checkpoint is a P-Tuning v2 prefix
     # read as "prompt.method=ptp <reason>" when a packed sweep runs its jobs one by one
