@@ -6,6 +6,7 @@ import contextlib
 import copy
 import functools
 import io
+import json
 import os
 import subprocess
 import sys
@@ -237,3 +238,16 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     """Tokenized-data cache and W&B files of tests stay in a temporary folder."""
     monkeypatch.setenv("PTV2_CACHE", str(tmp_path_factory.getbasetemp() / "ptv2-cache"))
     monkeypatch.setenv("WANDB_SILENT", "true")
+
+
+def evaluate_and_predict(run: Path, tmp_path: Path, data_dir: Path = RTE) -> None:
+    """`ptv2 eval` of a finished RTE run scores its best dev epoch's accuracy again; `ptv2 predict` writes files."""
+    best = json.loads((run / "results.json").read_text())["best"]["accuracy"]
+    evaluated = tmp_path / "eval"
+    ptv2("eval", f"ckpt={run}", f"task.data_dir={data_dir}", f"hydra.run.dir={evaluated}")
+    assert json.loads((evaluated / "eval.json").read_text())["metrics"]["accuracy"] == best
+    out = tmp_path / "predict"
+    ptv2(
+        "predict", f"ckpt={run}", "split=test", f"task.data_dir={data_dir}", f"output_dir={out}", f"hydra.run.dir={out}"
+    )
+    assert [p for p in out.iterdir() if p.suffix == ".jsonl"]

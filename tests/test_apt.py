@@ -277,7 +277,7 @@ def test_train_eval_predict_apt_with_per_layer_lengths(tmp_path):
     the gates and the head; `ptv2 eval` reproduces the best epoch from the checkpoint; `ptv2 predict` writes."""
     import json
 
-    from conftest import RTE, SMOKE, ptv2
+    from conftest import SMOKE, evaluate_and_predict, ptv2
 
     run = tmp_path / "run"
     ptv2(
@@ -293,12 +293,7 @@ def test_train_eval_predict_apt_with_per_layer_lengths(tmp_path):
     rows, hidden, layers, labels = 2 + 5, 32, 2, 2
     assert results["method"] == "apt"
     assert results["trainable_params"] == rows * 2 * hidden + rows * (hidden + 1) + layers + hidden * labels + labels
-    evaluated = tmp_path / "eval"
-    ptv2("eval", f"ckpt={run}", f"task.data_dir={RTE}", f"hydra.run.dir={evaluated}")
-    assert json.loads((evaluated / "eval.json").read_text())["metrics"]["accuracy"] == results["best"]["accuracy"]
-    out = tmp_path / "predict"
-    ptv2("predict", f"ckpt={run}", "split=test", f"task.data_dir={RTE}", f"output_dir={out}", f"hydra.run.dir={out}")
-    assert [p for p in out.iterdir() if p.suffix == ".jsonl"]
+    evaluate_and_predict(run, tmp_path)
 
 
 def test_refusals_name_the_fix(tmp_path):

@@ -1,10 +1,8 @@
-"""Structured configs: the schema behind conf/, registered with Hydra so wrong keys and types fail at start-up.
+"""Structured configs: one schema per command (train, eval, predict, bench, serve; the `schema` group), registered
+with Hydra so wrong keys and types fail at start-up, and the roles of their keys (keys_with).
 
-One piece on purpose: every key, its default, its roles (`tagged`) and its allowed values are declared here
-once, so the schema and the checks of its values cannot drift apart.
-
-Value checks Hydra cannot express (a prompt length below 1, a layer the backbone lacks, positions past the
-backbone's table) live in `validate`, which needs the backbone's HF config.
+`prompt` holds the chosen method's settings: each method's dataclass (modeling/methods/NAME/) is registered as
+prompt_schema/NAME and conf/prompt/NAME.yaml starts from it. The values are checked in checks.py.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import RTE, SMOKE, ptv2
+from conftest import RTE, SMOKE, evaluate_and_predict, ptv2
 
 from ptv2.commands import table
 
@@ -28,13 +28,7 @@ def test_train_eval_predict_and_table(tmp_path):
     assert results["method"] == "prefix_propagation"
     assert results["trainable_params"] == length * layers * hidden + hidden * labels + labels
 
-    evaluated = tmp_path / "eval"
-    ptv2("eval", f"ckpt={run}", f"task.data_dir={RTE}", f"hydra.run.dir={evaluated}")
-    assert json.loads((evaluated / "eval.json").read_text())["metrics"]["accuracy"] == results["best"]["accuracy"]
-
-    out = tmp_path / "predict"
-    ptv2("predict", f"ckpt={run}", "split=test", f"task.data_dir={RTE}", f"output_dir={out}", f"hydra.run.dir={out}")
-    assert [p for p in out.iterdir() if p.suffix == ".jsonl"]
+    evaluate_and_predict(run, tmp_path)
 
     assert table.main([str(tmp_path / "runs"), "--out", str(tmp_path / "table"), "--plot", "none"]) == 0
     assert "prefix_propagation" in (tmp_path / "table" / "table.md").read_text()
