@@ -52,7 +52,7 @@ def train_error(tmp_path: Path, *args: str, env: dict | None = None) -> str:
         ("backbone=nope", "available options in 'backbone': bert-base-uncased, bert-large-cased,"),
         (
             "prompt=nope",
-            "available options in 'prompt': apt, finetune, linear_probe, lora, peft_prefix, prompt_tuning,",
+            "available options in 'prompt': apt, finetune, linear_probe, lora, peft_prefix, prefix_propagation,",
         ),
         ("trainer.epoch=3", "Could not override 'trainer.epoch' (Key 'epoch' not in 'TrainerConfig')"),
         ("trainer.epochs=abc", "(Value 'abc' of type 'str' could not be converted to Integer)"),

@@ -272,7 +272,8 @@ def test_pack_bench_times_both_sides_for_the_same_steps(tmp_path):
     """Both sides of `ptv2 bench bench.pack=K` in this process, on the tiny backbone: K jobs x steps timed each."""
     from ptv2.commands import pack_bench
 
-    cfg = composed("bench.pack=3", "bench.batch_size=2", "bench.seq_length=8", "bench.steps=2", "bench.warmup_steps=1")
+    bench = ("bench.pack=3", "bench.batch_size=2", "bench.seq_length=8", "bench.steps=2", "bench.warmup_steps=1")
+    cfg = compose_config("backbone=tiny", *bench, config_name="bench")
     cfg.bench.device = "cpu"
     sides = {mode: pack_bench.measure(cfg, mode) for mode in ("sequential", "packed")}
     assert sides["sequential"]["steps_timed"] == 6 and sides["packed"]["steps_timed"] == 2  # 3 jobs x 2 steps
