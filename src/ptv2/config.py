@@ -16,7 +16,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from ptv2.errors import UserError
-from ptv2.modeling.methods import METHODS, with_setting
+from ptv2.modeling.methods import METHODS, setting_names, with_setting
 from ptv2.schema import ALIAS, COMMAND, COUNT, FREE, PATH, PER_JOB, REPLICATE, tagged
 
 __all__ = ["ALIAS", "COMMAND", "FREE", "PATH", "PER_JOB", "REPLICATE", "tagged"]  # the roles, for the modules here
@@ -340,12 +340,10 @@ def _prompt_node():
 def prompt_key_problem(key: str, method_name: str) -> str | None:
     """Why `prompt.KEY` cannot be set for prompt.method=METHOD_NAME (a setting of other methods, or of none), or
     None when the method has it."""
-    from dataclasses import fields as settings_fields
-
     setting = key.removeprefix("prompt.").split(".")[0]
     if method_name not in METHODS:
         return None  # the unknown method is reported on its own
-    own = [item.name for item in settings_fields(METHODS[method_name].settings)]
+    own = setting_names(method_name)
     if setting in own:
         return None
     others = with_setting(setting)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ptv2.errors import UserError
 from ptv2.io import declare
-from ptv2.modeling.methods import METHODS
+from ptv2.modeling.methods import METHODS, setting_names
 
 HEADS_FILE = "ptv2_heads.safetensors"
 ADAPTER_CONFIG, ADAPTER_MODEL = "adapter_config.json", "adapter_model.safetensors"
@@ -281,11 +281,9 @@ def import_peft(adapter: Path, settings: dict, like: str, out: Path, backbone: s
 def settings_of(name: str, like: dict) -> dict:
     """prompt.* of an imported method: its settings' defaults, with the values the run it imports beside had for
     the settings it shares (the init_from of a LoRA run is not carried into a prefix and back)."""
-    from dataclasses import fields
-
     from omegaconf import OmegaConf
 
-    keys = {item.name for item in fields(METHODS[name].settings)}
+    keys = set(setting_names(name))
     defaults = OmegaConf.to_container(OmegaConf.structured(METHODS[name].settings))
     shared = like if like.get("method") == name else {}
     return {**defaults, **{key: value for key, value in shared.items() if key in keys}, "method": name}

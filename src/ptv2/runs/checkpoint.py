@@ -18,7 +18,6 @@ import json
 import os
 import pwd
 import re
-from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -32,7 +31,7 @@ from ptv2 import __version__
 from ptv2.config import COMMAND, PATH, TrainConfig, has_role, keys_with
 from ptv2.errors import UserError
 from ptv2.io import write_safetensors
-from ptv2.modeling.methods import METHODS
+from ptv2.modeling.methods import METHODS, setting_names
 
 FILENAME = "prompt.safetensors"
 FOLDED_KEY = "prompt.folded"
@@ -214,7 +213,7 @@ def _own_prompt_settings(saved: DictConfig) -> None:
     (a ptv2 run's LoRA rank): only the method's own settings are kept."""
     name = OmegaConf.select(saved, "prompt.method")
     if name in METHODS and OmegaConf.is_dict(saved.prompt):
-        own = {item.name for item in fields(METHODS[name].settings)}
+        own = set(setting_names(name))
         for key in [key for key in saved.prompt if key not in own]:
             del saved.prompt[key]
 

@@ -6,11 +6,12 @@ export) instead of listing method names of its own; a new method is a package he
 from __future__ import annotations
 
 import importlib
+from dataclasses import fields
 
 from ptv2.errors import unknown
 from ptv2.modeling.methods.base import Method, parse_layers
 
-__all__ = ["BASELINE", "METHODS", "Method", "method", "mixable", "parse_layers", "with_setting"]
+__all__ = ["BASELINE", "METHODS", "Method", "method", "mixable", "parse_layers", "setting_names", "with_setting"]
 
 PACKAGES = (
     "ptv2",  # P-Tuning v2 (deep prompt tuning)
@@ -42,8 +43,11 @@ def mixable() -> list[str]:
     return [name for name, row in METHODS.items() if row.mixes_in_batch]
 
 
+def setting_names(name: str) -> list[str]:
+    """The prompt.* keys method `name` has: its settings' fields, in their order."""
+    return [item.name for item in fields(METHODS[name].settings)]
+
+
 def with_setting(key: str) -> list[str]:
     """The methods whose settings have `key` (a prompt.* key without the prefix)."""
-    from dataclasses import fields
-
-    return [name for name, row in METHODS.items() if key in {item.name for item in fields(row.settings)}]
+    return [name for name in METHODS if key in setting_names(name)]
